@@ -1,0 +1,414 @@
+"""Typed, frozen experiment configuration: YAML in, dotted `key=value` overrides, validation up front.
+
+Every mistake a person can make in a config fails here, before any work starts, with a
+`ConfigError` that names the key and the value (the CLI turns it into exit code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run: the message says which key, which value, and what to do."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: bool = False  # random horizontal flip, p = 0.5
+    crop_padding: int = 0  # random crop back to the input size after zero-padding by this much
+    cutout: int = 0  # side of a random square set to zero (0 = off)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None  # folder / zip / where downloads go (default ~/.cache/cnnlab/<name>)
+    val_split: float | int = 0.1  # fraction (< 1) or count of the training split held out
+    test_split: float | int | None = None  # carve a test split from train when the set has none
+    limit_train: int | None = None  # use only this many (stratified) training images
+    image_size: int | None = None  # resize to this square side (None = keep)
+    channels: int | None = None  # force 1 (grey) or 3 (RGB); None = the data set's own
+    mean: tuple[float, ...] | None = None  # None = computed on the training split
+    std: tuple[float, ...] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loader: str = "auto"  # auto | memory | stream: memory = decoded uint8 cache, stream = DataLoader
+    num_workers: int = 0  # DataLoader workers on the stream path
+    download: bool = True  # fetch official files when missing (never in tests)
+    check: bool = True  # run the fast data checks before step 0
+    options: dict = field(default_factory=dict)  # data-set specific keyword arguments
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lenet5"
+    layers: tuple | None = None  # for name: layers, a list of layer specs
+    batchnorm: bool | None = None  # None = the model's default
+    dropout: float | None = None
+    padding: int | None = None
+    init: str = "default"  # default | kaiming_uniform | kaiming_normal | xavier_uniform | xavier_normal
+    pretrained: str | None = None  # torchvision weights name or a local weights file
+    freeze: str = "none"  # none | backbone | <n first stages>
+    options: dict = field(default_factory=dict)  # further keyword arguments of the builder
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "none"  # none | step | cosine | onecycle
+    step_size: int = 1  # epochs between decays (step)
+    gamma: float = 0.1  # decay factor (step)
+    warmup_epochs: float = 0.0  # linear warm-up (cosine)
+    min_lr: float = 0.0  # floor (cosine)
+    pct_start: float = 0.25  # onecycle
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    patience: int | None = None  # epochs without improvement before stopping; None = off
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    monitor: str = "val_acc"  # val_acc | val_loss: picks the best epoch
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    label_smoothing: float = 0.0
+    log_every: int = 20  # steps between training-loss rows in steps.csv
+    limit_batches: int | None = None  # debugging: at most this many batches per epoch
+    amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
+    compile: bool = False
+    channels_last: bool = False
+    ema: float | None = None  # EMA decay of weights (e.g. 0.999); None = off
+    tta_flip: bool = False  # average logits of the image and its mirror at evaluation
+    deterministic: bool = False
+    checkpoint_every_steps: int | None = None  # also save last.pt every N steps
+    progress: str = "auto"  # auto | bar | lines | off
+    threads: int | None = None  # torch.set_num_threads; None = PyTorch's choice
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None  # default: the config file's stem
+    report: bool = True  # write plots + report.html at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # studies (see experiment.py): named override sets, a grid, and seeds per variation
+    variations: dict = field(default_factory=dict)
+    grid: dict = field(default_factory=dict)
+    repeats: int = 1
+    baseline: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: must not be empty (null)")
+        errors = []
+        # try bool/int before float so that 5000 stays an int count
+        for opt in sorted((o for o in options if o is not type(None)), key=lambda o: o is float):
+            try:
+                return _coerce(value, opt, key)
+            except ConfigError as e:
+                errors.append(e)
+        names = " or ".join(_type_name(o) for o in options if o is not type(None))
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, args[i] if args and args[-1] is not Ellipsis else item_tp, f"{key}[{i}]")
+                     for i, v in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and tp is int and abs(value) >= 1:
+            return int(value)
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected text, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r}.{hint} Known keys here: {', '.join(names)}.")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists for tuples) of a config, for YAML and JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def parse_value(text: str) -> Any:
+    """`key=value` on the command line: the value is read as YAML (`0.1`, `true`, `[1, 2]`, `null`)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
+    if not overrides:
+        return tree
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        parsed = []
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r} is not of the form key=value (e.g. optim.lr=0.05)")
+            k, v = o.split("=", 1)
+            parsed.append((k.strip(), parse_value(v)))
+        items = parsed
+    for k, v in items:
+        if not k or any(not part for part in k.split(".")):
+            raise ConfigError(f"override key {k!r} is not a dotted key such as optim.lr")
+        set_dotted(tree, k, v)
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML (only plain YAML is read, no Python tags): {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
+    return tree
+
+
+def from_dict(tree: dict, *, where: str = "config") -> Config:
+    try:
+        cfg = _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def load(source: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """A Config from a YAML path, a dict or a Config, with dotted overrides applied."""
+    if isinstance(source, Config):
+        tree, where = to_dict(source), "config"
+    elif isinstance(source, dict):
+        tree, where = dict(source), "config"
+    elif source is None:
+        tree, where = {}, "config"
+    else:
+        tree, where = read_yaml(source), str(source)
+        tree.setdefault("output", {})
+        if isinstance(tree["output"], dict):
+            tree["output"].setdefault("name", Path(source).stem)
+    import copy
+
+    tree = apply_overrides(copy.deepcopy(tree), overrides)
+    return from_dict(tree, where=where)
+
+
+def replace(cfg: Config, overrides: dict | list[str]) -> Config:
+    """A new Config with dotted overrides applied (validated)."""
+    return load(cfg, overrides)
+
+
+def _check(cond: bool, key: str, value: Any, what: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {what}")
+
+
+def _check_choice(key: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; names from the registries are checked too."""
+    from cnnlab.data import DATASETS
+    from cnnlab.models import MODELS
+
+    d, m, o, s, t = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train
+    if d.name not in DATASETS:
+        raise ConfigError(f"data.name={d.name!r}: {DATASETS.unknown_message(d.name)}")
+    if m.name not in MODELS and not m.name.startswith(("torchvision:", "timm:")):
+        raise ConfigError(f"model.name={m.name!r}: {MODELS.unknown_message(m.name)}")
+    if m.name == "layers":
+        _check(bool(m.layers), "model.layers", m.layers, "model 'layers' needs a non-empty list of layers")
+    for key, val in (("data.val_split", d.val_split), ("data.test_split", d.test_split)):
+        if val is not None:
+            _check(val >= 0, key, val, "must be >= 0 (a fraction below 1 or a count)")
+            if isinstance(val, float):
+                _check(val < 1, key, val, "a fraction must be below 1 (or give a whole count)")
+    _check(d.limit_train is None or d.limit_train > 0, "data.limit_train", d.limit_train, "must be > 0")
+    _check(d.image_size is None or d.image_size > 0, "data.image_size", d.image_size, "must be > 0")
+    _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
+    _check_choice("data.loader", d.loader, ["auto", "memory", "stream"])
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")
+    _check(d.augment.cutout >= 0, "data.augment.cutout", d.augment.cutout, "must be >= 0")
+    if d.std is not None:
+        _check(all(v > 0 for v in d.std), "data.std", d.std, "every std must be > 0")
+    if d.mean is not None and d.std is not None:
+        _check(len(d.mean) == len(d.std), "data.mean", d.mean, "needs one value per channel, as data.std")
+
+    _check(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    _check(m.padding is None or m.padding >= 0, "model.padding", m.padding, "must be >= 0")
+    _check_choice("model.init", m.init,
+                  ["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"])
+    if m.freeze not in ("none", "backbone"):
+        _check(m.freeze.isdigit(), "model.freeze", m.freeze, "must be none, backbone or a number of stages")
+
+    _check_choice("optim.name", o.name, ["sgd", "adam", "adamw"])
+    _check(o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(not (o.nesterov and (o.name != "sgd" or o.momentum == 0)), "optim.nesterov", o.nesterov,
+           "Nesterov needs optim.name=sgd and momentum > 0")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "each beta must be in [0, 1)")
+
+    _check_choice("schedule.name", s.name, ["none", "step", "cosine", "onecycle"])
+    _check(s.step_size > 0, "schedule.step_size", s.step_size, "must be > 0")
+    _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must be in (0, 1]")
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _check(0 < s.pct_start < 1, "schedule.pct_start", s.pct_start, "must be in (0, 1)")
+
+    _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
+    _check(t.batch_size > 0, "train.batch_size", t.batch_size, "the batch size must be > 0")
+    _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "must be > 0")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
+           "train.device", t.device, "must be auto, cpu, cuda or cuda:N")
+    _check_choice("train.monitor", t.monitor, ["val_acc", "val_loss"])
+    _check(t.early_stop.patience is None or t.early_stop.patience > 0, "train.early_stop.patience",
+           t.early_stop.patience, "must be > 0 (or null for off)")
+    _check(t.early_stop.min_delta >= 0, "train.early_stop.min_delta", t.early_stop.min_delta, "must be >= 0")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+    _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
+    _check(t.limit_batches is None or t.limit_batches > 0, "train.limit_batches", t.limit_batches, "must be > 0")
+    _check_choice("train.amp", t.amp, ["auto", "off", "bf16", "fp16"])
+    _check(t.ema is None or 0 < t.ema < 1, "train.ema", t.ema, "the EMA decay must be in (0, 1)")
+    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
+           t.checkpoint_every_steps, "must be > 0")
+    _check_choice("train.progress", t.progress, ["auto", "bar", "lines", "off"])
+    _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
+    _check(cfg.repeats > 0, "repeats", cfg.repeats, "must be > 0")
+    for name, ov in cfg.variations.items():
+        _check(isinstance(ov, dict) or ov is None, f"variations.{name}", ov, "must be a mapping of key: value")
+    for key, vals in cfg.grid.items():
+        _check(isinstance(vals, list) and len(vals) > 0, f"grid.{key}", vals, "must be a non-empty list")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,116 @@
+"""The two shapes a data set split can take: decoded uint8 images in memory, or files decoded on demand."""
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
+
+
+@dataclass
+class ImageSet:
+    """One split. Exactly one of `images` (N, C, H, W) uint8 or `files` (N paths) is set.
+
+    `ids` name each sample for the report (a file path, or "<split>/<index>").
+    """
+
+    labels: np.ndarray  # (N,) int64
+    classes: list[str]
+    images: torch.Tensor | None = None  # (N, C, H, W) uint8
+    files: list[str] | None = None
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if (self.images is None) == (self.files is None):
+            raise ValueError("ImageSet needs exactly one of images or files")
+        if self.images is not None:
+            assert self.images.dtype == torch.uint8 and self.images.ndim == 4, "images must be (N, C, H, W) uint8"
+            assert len(self.images) == len(self.labels)
+        else:
+            assert len(self.files) == len(self.labels)
+        if not self.ids:
+            self.ids = list(self.files) if self.files is not None else [str(i) for i in range(len(self.labels))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ImageSet(
+            labels=self.labels[idx],
+            classes=self.classes,
+            images=self.images[torch.from_numpy(idx)] if self.images is not None else None,
+            files=[self.files[i] for i in idx] if self.files is not None else None,
+            ids=[self.ids[i] for i in idx],
+        )
+
+
+@dataclass
+class DataSource:
+    """What a registered data set function returns: its splits as the files define them."""
+
+    train: ImageSet
+    classes: list[str]
+    val: ImageSet | None = None
+    test: ImageSet | None = None
+    description: str = ""
+
+
+@lru_cache(maxsize=16)
+def _open_zip(path: str) -> zipfile.ZipFile:
+    return zipfile.ZipFile(path)
+
+
+def read_bytes(ref: str) -> bytes:
+    if ZIP_SEP in ref:
+        archive, member = ref.split(ZIP_SEP, 1)
+        return _open_zip(archive).read(member)
+    return Path(ref).read_bytes()
+
+
+def open_image(ref: str) -> Image.Image:
+    """Open an image file (or zip member) and load it; raises on unreadable or truncated data."""
+    img = Image.open(io.BytesIO(read_bytes(ref)))
+    img.load()
+    return img
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any Pillow mode (L, LA, P, RGBA, CMYK, I;16, ...) to 'L' or 'RGB'."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1 else 1.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):  # composite on white rather than dropping alpha to black
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    target = "L" if channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def decode(ref: str, channels: int, size: int | None) -> torch.Tensor:
+    """A file as a (C, H, W) uint8 tensor, converted to `channels` and resized to `size` x `size`."""
+    img = to_mode(open_image(ref), channels)
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
