@@ -33,6 +33,7 @@ class DataConfig:
     root: str | None = None  # folder / zip / where downloads go (default ~/.cache/cnnlab/<name>)
     val_split: float | int = 0.1  # fraction (< 1) or count of the training split held out
     test_split: float | int | None = None  # carve a test split from train when the set has none
+    split_seed: int = 0  # seed of the val/test carving: fixed apart from train.seed, so repeats share splits
     limit_train: int | None = None  # use only this many (stratified) training images
     image_size: int | None = None  # resize to this square side (None = keep)
     channels: int | None = None  # force 1 (grey) or 3 (RGB); None = the data set's own

@@ -1,0 +1,94 @@
+"""The `cnnlab` command: thin subcommands over the Python API. Bad input exits 2 with a clear message."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _train(args) -> int:
+    from cnnlab import config as C
+
+    if args.resume:
+        if not (Path(args.resume) / "config.yaml").is_file():
+            raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no config.yaml in it)")
+        cfg = C.load(Path(args.resume) / "config.yaml", args.overrides)
+    else:
+        if not args.config:
+            raise C.ConfigError("cnnlab train needs a config file (or --resume RUN_DIR)")
+        cfg = C.load(args.config, args.overrides)
+    if args.print_config:
+        print(C.dump_yaml(cfg), end="")
+        return 0
+    if cfg.variations or cfg.grid or cfg.repeats > 1:
+        from cnnlab import study
+
+        study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides)
+        return 0
+    from cnnlab import experiment
+
+    experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
+    return 0
+
+
+def _eval(args) -> int:
+    from cnnlab import evaluate
+
+    evaluate.main(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare and explain image-classification CNNs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a config (a study when it has variations/grid/repeats)")
+    t.add_argument("config", nargs="?", help="the experiment YAML")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where it left off")
+    t.add_argument("--jobs", type=int, default=1, help="studies: run this many variations in parallel")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
+    e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=other.zip")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.set_defaults(func=_eval)
+
+    for mod in ("cnnlab.report", "cnnlab.data.cli", "cnnlab.models.cli", "cnnlab.study"):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ImportError:
+            continue
+        if hasattr(module, "register"):
+            module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cnnlab.config import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    # `cnnlab train exp.yaml --resume X` and overrides mixed with flags: argparse handles the order.
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"cnnlab: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"cnnlab: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # Stopped by a signal after saving: 143 / 130
+        return int(e.code) if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

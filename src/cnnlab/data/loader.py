@@ -1,0 +1,136 @@
+"""Batches for training and evaluation, with whole-batch tensor augmentation.
+
+Both paths yield uint8 (B, C, H, W) batches in the same seeded order; augmentation and
+normalisation then run on the whole batch, on the training device, through `augment_batch` and
+`normalize`. So the in-memory path and the DataLoader (stream) path share one definition of every
+augmentation, by construction rather than by keeping two implementations in step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cnnlab.config import AugmentConfig
+from cnnlab.data.base import ImageSet, decode
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a permutation that depends only on (seed, epoch), so a run
+    resumed mid-epoch, or split across ranks, sees exactly the same order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image.
+
+    Semantics match torchvision's RandomHorizontalFlip(0.5) and RandomCrop(size, padding=p) with zero
+    fill, and Cutout (DeVries & Taylor 2017) with the square's centre uniform over the image.
+    Random numbers come from `gen` on the CPU, so results do not depend on the device.
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+    if aug.hflip:
+        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    p = aug.crop_padding
+    if p:
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(dev)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(dev)
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
+        cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
+        bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        ci = torch.arange(c, device=dev).view(1, c, 1, 1)
+        x = padded[bi, ci, rows, cols]  # (B, C, H, W)
+    if aug.cutout:
+        s = aug.cutout
+        cy = torch.randint(0, h, (b,), generator=gen).to(dev).view(b, 1, 1)
+        cx = torch.randint(0, w, (b,), generator=gen).to(dev).view(b, 1, 1)
+        yy = torch.arange(h, device=dev).view(1, h, 1)
+        xx = torch.arange(w, device=dev).view(1, 1, w)
+        inside = ((yy >= cy - s // 2) & (yy < cy - s // 2 + s) & (xx >= cx - s // 2) & (xx < cx - s // 2 + s))
+        x = x.masked_fill(inside.unsqueeze(1), 0)
+    return x
+
+
+class Normalizer:
+    """uint8 (B, C, H, W) -> float (x / 255 - mean) / std, on the batch's device and memory format."""
+
+    def __init__(self, mean, std, device, channels_last: bool = False):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class _FileDataset(Dataset):
+    def __init__(self, s: ImageSet, channels: int, size: int | None):
+        self.s, self.channels, self.size = s, channels, size
+
+    def __len__(self) -> int:
+        return len(self.s)
+
+    def __getitem__(self, i: int):
+        return decode(self.s.files[i], self.channels, self.size), int(self.s.labels[i]), i
+
+
+class Batches:
+    """Yields (images uint8 (B,C,H,W), labels int64 (B,), index int64 (B,)) for one epoch.
+
+    `order` is the epoch's sample order (all ranks), `rank`/`world` shard it: a training batch of the
+    global size B is split so that rank r takes its slice of every global batch, which makes a
+    W-process run step for step the same as a 1-process run with the same global batch.
+    Evaluation (`shard_eval`) gives each rank a contiguous, unpadded block: every sample once.
+    """
+
+    def __init__(self, s: ImageSet, *, batch_size: int, device: torch.device, channels: int, size: int,
+                 num_workers: int = 0, rank: int = 0, world: int = 1, drop_last: bool = False):
+        self.s, self.bs, self.device = s, batch_size, device
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.channels, self.size, self.num_workers = channels, size, num_workers
+        self.images = s.images.to(device) if s.images is not None else None
+        self.labels = torch.as_tensor(s.labels, dtype=torch.int64)
+        self.labels_dev = self.labels.to(device)
+
+    def num_batches(self) -> int:
+        n = len(self.s)
+        return n // self.bs if self.drop_last and n >= self.bs else math.ceil(n / self.bs)
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    def _local(self, gidx: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return gidx
+        per = math.ceil(len(gidx) / self.world)
+        return gidx[self.rank * per:(self.rank + 1) * per]
+
+    def iterate(self, order: torch.Tensor, start_batch: int = 0):
+        nb = self.num_batches()
+        batches = [order[i * self.bs:(i + 1) * self.bs] for i in range(start_batch, nb)]
+        local = [self._local(b) for b in batches]
+        if self.images is not None:
+            for idx in local:
+                dev_idx = idx.to(self.device)
+                yield self.images[dev_idx], self.labels_dev[dev_idx], idx
+            return
+        # stream path: decode in DataLoader workers, batches in exactly the same order
+        ds = _FileDataset(self.s, self.channels, self.size)
+        dl = DataLoader(ds, batch_sampler=[b.tolist() for b in local], num_workers=self.num_workers,
+                        persistent_workers=False, pin_memory=self.device.type == "cuda")
+        for x, y, idx in dl:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+
+
+def eval_indices(n: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous block of range(n): blocks differ in size by at most one, none is padded."""
+    per, extra = divmod(n, world)
+    start = rank * per + min(rank, extra)
+    return torch.arange(start, start + per + (1 if rank < extra else 0))
+

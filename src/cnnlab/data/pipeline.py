@@ -1,0 +1,260 @@
+"""From a DataConfig to ready splits: load, carve val/test (seeded, stratified, disjoint), decode, stats.
+
+The result, `Splits`, holds every split as decoded uint8 (N, C, H, W) in memory when it fits (the
+fast path), else as files that `loader.py` streams through a DataLoader.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from cnnlab.config import DataConfig
+from cnnlab.data import DATASETS
+from cnnlab.data.base import DataSource, ImageSet, decode, open_image
+
+MEMORY_BUDGET = int(os.environ.get("CNNLAB_MEMORY_BUDGET", 6 * 2**30))  # bytes of uint8 pixels kept resident
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    classes: list[str]
+    channels: int
+    size: int  # square side of every image
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eval_split: str  # "test" when there is a test split, else "val"
+    description: str = ""
+    indices: dict = field(default_factory=dict)  # split name -> indices into the source's train split
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def eval_set(self) -> ImageSet:
+        return self.test if self.test is not None else self.val
+
+    def summary(self) -> dict:
+        sets = {"train": self.train, "val": self.val, "test": self.test}
+        counts = {k: {c: int(n) for c, n in zip(self.classes, np.bincount(s.labels, minlength=len(self.classes)))}
+                  for k, s in sets.items() if s is not None}
+        return {"classes": self.classes, "num_classes": len(self.classes), "in_channels": self.channels,
+                "input_size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "sizes": {k: len(s) for k, s in sets.items() if s is not None}, "counts": counts,
+                "eval_split": self.eval_split, "description": self.description, "notes": self.notes}
+
+
+def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of range(len(labels)) into (keep, held_out); `amount` a fraction or a count."""
+    n = len(labels)
+    idx = np.arange(n)
+    if not amount:
+        return idx, idx[:0]
+    k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k >= n:
+        raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
+    counts = np.bincount(labels)
+    stratify = labels if (counts[counts > 0].min() >= 2 and k >= len(counts[counts > 0])
+                          and n - k >= len(counts[counts > 0])) else None
+    keep, held = train_test_split(idx, test_size=k, random_state=seed, shuffle=True, stratify=stratify)
+    return np.sort(keep), np.sort(held)
+
+
+def _file_key(files: list[str], channels: int, size: int | None) -> str:
+    h = hashlib.sha256(f"v1|{channels}|{size}|{len(files)}".encode())
+    for f in files:
+        h.update(f.encode())
+        h.update(b"\0")
+    stamps = set()
+    for f in {f.split("::")[0] if "::" in f else f for f in files[:: max(1, len(files) // 64)]} | ({files[-1].split("::")[0]} if files else set()):
+        try:
+            st = os.stat(f)
+            stamps.add((f, st.st_size, int(st.st_mtime)))
+        except OSError:
+            pass
+    h.update(repr(sorted(stamps)).encode())
+    return h.hexdigest()[:24]
+
+
+def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None) -> torch.Tensor:
+    """Decode files into one (N, C, S, S) uint8 tensor; cached on disk, keyed by the files and preprocessing."""
+    key = _file_key(files, channels, size)
+    path = cache_dir() / "decoded" / f"{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    if size is None:
+        first = open_image(files[0]).size
+        size_hw = (first[1], first[0])
+    else:
+        size_hw = (size, size)
+    out = torch.empty(len(files), channels, *size_hw, dtype=torch.uint8)
+
+    def work(i: int) -> None:
+        t = decode(files[i], channels, size)
+        if t.shape[1:] != out.shape[2:]:
+            raise ValueError(f"{files[i]}: image is {t.shape[2]}x{t.shape[1]} but the first image is "
+                             f"{size_hw[1]}x{size_hw[0]}; set data.image_size to resize them all")
+        out[i] = t
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        for _ in pool.map(work, range(len(files)), chunksize=256):
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if images.shape[1] == channels:
+        return images
+    if channels == 3 and images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if channels == 1 and images.shape[1] == 3:  # ITU-R 601-2 luma, as Pillow's convert("L")
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over every pixel, in one streaming pass with float64 sums."""
+    c = images.shape[1]
+    s = torch.zeros(c, dtype=torch.float64)
+    ss = torch.zeros(c, dtype=torch.float64)
+    n = 0
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].to(torch.float64).div_(255.0)
+        s += x.sum(dim=(0, 2, 3))
+        ss += (x * x).sum(dim=(0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = (ss / n - mean * mean).clamp_min(0).sqrt()
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def stream_stats(files: list[str], channels: int, size: int | None, chunk: int = 2048):
+    """channel_stats for data that does not fit in memory: decode chunk by chunk, sum in float64."""
+    c = channels
+    s, ss, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        for i in range(0, len(files), chunk):
+            for t in pool.map(lambda f: decode(f, channels, size), files[i:i + chunk]):
+                x = t.to(torch.float64).div_(255.0)
+                s += x.sum(dim=(1, 2))
+                ss += (x * x).sum(dim=(1, 2))
+                n += x.shape[1] * x.shape[2]
+    mean = s / n
+    std = (ss / n - mean * mean).clamp_min(0).sqrt()
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def _channels_of(s: ImageSet) -> int:
+    if s.images is not None:
+        return int(s.images.shape[1])
+    mode = open_image(s.files[0]).mode
+    return 1 if mode in ("L", "I;16", "I", "F", "1") else 3
+
+
+def load_source(d: DataConfig) -> DataSource:
+    fn = DATASETS.get(d.name)
+    return fn(d.root, download=d.download, **d.options)
+
+
+def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = None) -> Splits:
+    """Load the data set a DataConfig names and return its train/val/test splits, decoded where they fit."""
+    src = load_source(d)
+    notes = []
+    train = src.train
+    base_index = np.arange(len(train))
+    indices: dict[str, np.ndarray] = {}
+    test = src.test
+    if test is None and d.test_split:
+        keep, held = carve(train.labels, d.test_split, split_seed, "test_split")
+        test, train, base_index = train.subset(held), train.subset(keep), base_index[keep]
+        indices["test"] = held
+    val = src.val
+    if val is None:
+        if not d.val_split:
+            raise ValueError("data.val_split is 0 and the data set has no val split: a validation split is needed "
+                             "to choose the best epoch")
+        keep, held = carve(train.labels, d.val_split, split_seed + 1, "val_split")
+        indices["val"] = base_index[held]
+        val, train, base_index = train.subset(held), train.subset(keep), base_index[keep]
+    if d.limit_train and d.limit_train < len(train):
+        keep, _ = carve(train.labels, len(train) - d.limit_train, split_seed + 2, "limit_train")
+        train, base_index = train.subset(keep), base_index[keep]
+        notes.append(f"training on a stratified subset of {d.limit_train} images (data.limit_train)")
+    indices["train"] = base_index
+    if test is None:
+        notes.append("this data set has no test split: the final evaluation uses the validation split")
+
+    channels = d.channels or _channels_of(src.train)
+    sets = {"train": train, "val": val, "test": test}
+    pixels = sum(len(s) for s in sets.values() if s is not None) * channels * (d.image_size or 64) ** 2
+    memory = want_memory if want_memory is not None else (
+        d.loader == "memory" or (d.loader == "auto" and pixels <= MEMORY_BUDGET))
+    for k, s in sets.items():
+        if s is None:
+            continue
+        if s.images is not None:
+            imgs = to_channels(s.images, channels)
+            if d.image_size:
+                imgs = resize_images(imgs, d.image_size)
+            sets[k] = ImageSet(labels=s.labels, classes=s.classes, images=imgs, ids=s.ids)
+        elif memory:
+            sets[k] = ImageSet(labels=s.labels, classes=s.classes, ids=s.ids,
+                               images=decode_all(s.files, channels, d.image_size))
+    train = sets["train"]
+    if train.images is not None:
+        size = int(train.images.shape[-1])
+    else:
+        size = d.image_size or open_image(train.files[0]).size[0]
+    if d.mean is not None and d.std is not None:
+        mean, std = tuple(d.mean), tuple(d.std)
+    elif train.images is not None:
+        mean, std = channel_stats(train.images)
+    else:
+        mean, std = stream_stats(train.files, channels, d.image_size)
+    if len(mean) != channels:
+        raise ValueError(f"data.mean has {len(mean)} values but the images have {channels} channels")
+    return Splits(train=train, val=sets["val"], test=sets["test"], classes=src.classes, channels=channels,
+                  size=size, mean=mean, std=std, eval_split="test" if sets["test"] is not None else "val",
+                  description=src.description, indices={k: np.asarray(v) for k, v in indices.items()}, notes=notes)
+
+
+def save_splits(splits: Splits, path: Path) -> None:
+    """The split indices (into the data set's own train split) and ids, so a split can be audited."""
+    arrays = {f"{k}_index": v for k, v in splits.indices.items()}
+    for k in ("train", "val", "test"):
+        s = getattr(splits, k)
+        if s is not None:
+            arrays[f"{k}_ids"] = np.array(s.ids)
+    np.savez_compressed(path, **arrays)
+
+
+def describe(splits: Splits) -> str:
+    return json.dumps(splits.summary(), indent=1)

@@ -1,0 +1,362 @@
+"""What went wrong (or right) in a run, in plain words: pure functions from saved curves and metrics to findings.
+
+Each finding has a severity, a title, a sentence or two of text and what to try next. Nothing here
+trains or reads files; `report.py` loads a run folder and calls `diagnose(...)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SEVERITIES = ("error", "warning", "info", "ok")
+
+
+@dataclass
+class Finding:
+    severity: str  # error | warning | info | ok
+    kind: str  # overfitting, dead_class, confusion, underfitting, divergence, duplicates, weak_class, ...
+    title: str
+    text: str
+    next: str = ""  # what to try next
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _arr(history: dict, key: str) -> np.ndarray | None:
+    v = history.get(key) if history else None
+    if v is None or len(v) == 0:
+        return None
+    return np.asarray(v, dtype=np.float64)
+
+
+def smooth(x: np.ndarray, width: int = 3) -> np.ndarray:
+    """Centred moving average; windows shrink at the ends (so the ends are not pulled towards zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    h = width // 2
+    return np.array([x[max(0, i - h): i + h + 1].mean() for i in range(len(x))])
+
+
+# ----------------------------------------------------------------------------------------------
+# Overfitting
+
+
+def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
+    """The epoch from which the model overfits, or None.
+
+    Definition. Let v be the validation loss per epoch, t the training loss, g = v - t the gap.
+      1. The onset is the validation-loss minimum, located robustly: the arg-min of v smoothed by a
+         centred 3-epoch mean, refined to the lowest raw v within one epoch of it (so a single noisy
+         dip elsewhere cannot move it, and the answer is never more than one epoch from the raw minimum).
+      2. It counts as overfitting only when, over the >= `min_after` epochs after the onset,
+         (a) v rises: the mean of the last (up to 3) epochs exceeds v[onset] by more than both 3x the
+             epoch-to-epoch noise (1.4826 x median |v - smooth(v)|) and 2% of v[onset];
+         (b) the gap keeps widening: its least-squares slope after the onset is positive and its
+             mean over the last epochs exceeds g[onset] by more than the same noise margin;
+         (c) the training loss has not risen (rising training loss is instability, not overfitting).
+    Returns {"epoch", "index", "val_loss", "val_loss_end", "gap_onset", "gap_end", "train_loss_onset",
+    "train_loss_end"} with 1-based epochs as in history.csv.
+    """
+    v, t = _arr(history, "val_loss"), _arr(history, "train_loss")
+    if v is None or t is None or len(v) != len(t) or len(v) < min_after + 2:
+        return None
+    if not (np.all(np.isfinite(v)) and np.all(np.isfinite(t))):
+        return None
+    epochs = _arr(history, "epoch")
+    epochs = epochs.astype(int) if epochs is not None else np.arange(1, len(v) + 1)
+    n = len(v)
+    s = smooth(v)
+    m = int(np.argmin(s))
+    lo, hi = max(0, m - 1), min(n - 1, m + 1)
+    k = lo + int(np.argmin(v[lo: hi + 1]))
+    after = n - 1 - k
+    if after < min_after:
+        return None
+    noise = 1.4826 * float(np.median(np.abs(v - s)))
+    tail = min(3, after)
+    g = v - t
+    v_end, g_end, t_end = v[-tail:].mean(), g[-tail:].mean(), t[-tail:].mean()
+    margin = max(3 * noise, 0.02 * abs(v[k]), 1e-6)
+    rises = v_end - v[k] > margin
+    gap_slope = np.polyfit(np.arange(after + 1), g[k:], 1)[0]
+    widens = gap_slope > 0 and g_end - g[k] > max(3 * noise, 1e-6)
+    train_ok = t_end <= t[k] + max(noise, 1e-6)
+    if not (rises and widens and train_ok):
+        return None
+    return {"epoch": int(epochs[k]), "index": k, "val_loss": float(v[k]), "val_loss_end": float(v[-1]),
+            "gap_onset": float(g[k]), "gap_end": float(g[-1]), "train_loss_onset": float(t[k]),
+            "train_loss_end": float(t[-1])}
+
+
+def _overfitting(history: dict, best_epoch: int | None) -> list[Finding]:
+    o = overfitting_onset(history)
+    if o is None:
+        return []
+    text = (f"Validation loss was lowest at epoch {o['epoch']} ({o['val_loss']:.3f}) and rose to "
+            f"{o['val_loss_end']:.3f} by the last epoch, while training loss kept falling "
+            f"({o['train_loss_onset']:.3f} → {o['train_loss_end']:.3f}): from epoch {o['epoch']} on the model "
+            f"memorises the training images rather than learning what generalises. The gap between "
+            f"validation and training loss grew from {o['gap_onset']:.3f} to {o['gap_end']:.3f}.")
+    if best_epoch is not None:
+        text += f" The evaluated checkpoint is the one from epoch {best_epoch}."
+    return [Finding("warning", "overfitting", f"Overfitting from epoch {o['epoch']}", text,
+                    "Stop earlier (train.early_stop.patience: 3, or train.monitor: val_loss), add augmentation "
+                    "(data.augment.hflip / crop_padding / cutout), weight decay (optim.weight_decay: 5e-4), "
+                    "dropout, or more training data.", o)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Classes: never predicted, confused, weak
+
+
+def _names(summary: dict) -> list[str]:
+    return [r["name"] for r in summary["per_class"]]
+
+
+def _dead_classes(summary: dict) -> list[Finding]:
+    cm = np.asarray(summary["confusion"])
+    names = _names(summary)
+    support, predicted = cm.sum(1), cm.sum(0)
+    out = []
+    for i, name in enumerate(names):
+        if support[i] == 0:
+            continue
+        row = cm[i].copy()
+        row[i] = -1
+        j = int(np.argmax(row))
+        went = f"most of its {support[i]} images were predicted as '{names[j]}' ({cm[i, j]})" if cm[i, j] > 0 else ""
+        if predicted[i] == 0:
+            out.append(Finding(
+                "error", "dead_class", f"Class '{name}' is never predicted",
+                f"No image of the evaluated split is labelled '{name}' by the model; {went}. A class that is "
+                "never predicted (a column of zeros in the confusion matrix) is the classic sign of a "
+                "label-mapping bug: labels shifted by one, a class folder mapped to the wrong index, or a class "
+                "missing from the training split.",
+                "Check that the training labels of this class are right (data.json counts per split, the class "
+                "order in data.json against the folder names) and look at the confusion matrix column.",
+                {"class": name, "index": i, "support": int(support[i]), "predicted_as": names[j]}))
+        elif support[i] >= 10 and predicted[i] <= 0.1 * support[i]:
+            out.append(Finding(
+                "warning", "rare_class", f"Class '{name}' is almost never predicted",
+                f"The model labels only {predicted[i]} images '{name}' although {support[i]} are; {went}.",
+                "Check this class's labels and its share of the training set; class weights or resampling "
+                "help when it is rare.", {"class": name, "index": i, "support": int(support[i]),
+                                          "predicted": int(predicted[i])}))
+    return out
+
+
+def confused_pairs(summary: dict, top: int = 5) -> list[dict]:
+    """The largest off-diagonal cells: {"true", "pred", "count", "share"} (share of the true class's images)."""
+    cm = np.asarray(summary["confusion"])
+    names = _names(summary)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:top]
+    rows = cm.sum(1)
+    out = []
+    for f in flat:
+        i, j = divmod(int(f), cm.shape[1])
+        if off[i, j] == 0:
+            break
+        out.append({"true": names[i], "pred": names[j], "count": int(off[i, j]),
+                    "share": float(off[i, j] / rows[i]) if rows[i] else 0.0})
+    return out
+
+
+def _confusions(summary: dict) -> list[Finding]:
+    pairs = confused_pairs(summary, top=3)
+    if not pairs:
+        return []
+    parts = [f"'{p['true']}' → '{p['pred']}' ({p['count']}, {_pct(p['share'])} of '{p['true']}')" for p in pairs]
+    worst = max(p["share"] for p in pairs)
+    sev = "warning" if worst >= 0.3 else "info"
+    return [Finding(sev, "confusion", "Most confused classes",
+                    "The most frequent mistakes (true → predicted): " + "; ".join(parts) + ".",
+                    "Look at these pairs in the failure gallery: similar-looking classes need more capacity or "
+                    "resolution; mislabelled images need cleaning.", {"pairs": pairs})]
+
+
+def _weak_classes(summary: dict, skip: set[int]) -> list[Finding]:
+    acc = np.array([r["accuracy"] for r in summary["per_class"]])
+    sup = np.array([r["support"] for r in summary["per_class"]])
+    names = _names(summary)
+    cm = np.asarray(summary["confusion"])
+    ok = sup >= 5
+    out = []
+    if ok.sum() < 3:
+        return out
+    for i in np.argsort(acc):
+        if not ok[i] or i in skip:
+            continue
+        others = acc[ok & (np.arange(len(acc)) != i)]
+        med = float(np.median(others))
+        spread = 1.4826 * float(np.median(np.abs(others - med)))
+        if acc[i] >= med - max(0.2, 3 * spread):
+            break  # sorted ascending: no weaker class below
+        row = cm[i].copy()
+        row[i] = -1
+        j = int(np.argmax(row))
+        out.append(Finding(
+            "warning", "weak_class", f"Class '{names[i]}' is much harder than the rest",
+            f"Only {_pct(acc[i])} of '{names[i]}' images are classified correctly, against a median of {_pct(med)} "
+            f"for the other classes; it is most often mistaken for '{names[j]}' ({_pct(cm[i, j] / sup[i])}).",
+            "Look at this class in the failure gallery and the Grad-CAM maps: check its labels, how many training "
+            "images it has, and whether it needs more resolution or augmentation.",
+            {"class": names[i], "accuracy": float(acc[i]), "median_others": med}))
+        if len(out) >= 3:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training dynamics
+
+
+def _underfitting(history: dict, num_classes: int) -> list[Finding]:
+    tl, ta, va = _arr(history, "train_loss"), _arr(history, "train_acc"), _arr(history, "val_acc")
+    out = []
+    if tl is None or len(tl) < 2 or not np.all(np.isfinite(tl)):
+        return out
+    drop = (tl[0] - tl.min()) / abs(tl[0]) if tl[0] else 0.0
+    chance = 1.0 / max(num_classes, 1)
+    best_train = float(np.nanmax(ta)) if ta is not None else None
+    if len(tl) >= 3 and drop < 0.1:
+        out.append(Finding(
+            "warning", "underfitting", "Training loss barely falls",
+            f"The training loss fell by only {_pct(drop)} over {len(tl)} epochs ({tl[0]:.3f} → {tl[-1]:.3f}; "
+            f"chance level for {num_classes} classes is ln {num_classes} = {math.log(max(num_classes, 2)):.3f}). "
+            "The model is not learning.",
+            "Try a learning rate 3-10x larger (or smaller, if the loss jumps about), check that inputs are "
+            "normalised and labels are right, and overfit a single batch first (train.limit_batches: 1).",
+            {"drop": float(drop)}))
+    elif best_train is not None and best_train < max(0.6, 2 * chance) and (va is None or best_train <= np.nanmax(va) + 0.05):
+        out.append(Finding(
+            "warning", "underfitting", "Underfitting: low training accuracy",
+            f"Training accuracy never passed {_pct(best_train)}, and validation accuracy is as high: the model "
+            "cannot yet fit even the training images.",
+            "Train longer, use a larger model or a higher learning rate, or reduce regularisation "
+            "(dropout, weight decay, heavy augmentation).", {"best_train_acc": best_train}))
+    if va is not None and len(va) >= 3 and np.all(np.isfinite(va)) and int(np.argmax(va)) == len(va) - 1 \
+            and va[-1] - va[-3] > 0.005:
+        out.append(Finding(
+            "info", "still_improving", "Still improving when training stopped",
+            f"Validation accuracy was still rising at the last epoch ({_pct(va[-3])} → {_pct(va[-1])} over the "
+            "last two epochs).", "More epochs will probably help (train.epochs).", {}))
+    return out
+
+
+def divergence(steps: dict | None, history: dict | None = None) -> dict | None:
+    """Where the training loss became non-finite or exploded, or None.
+
+    Exploded = a logged step loss above 3x the median of the first five logged losses (after those five).
+    """
+    src = steps if steps and _arr(steps, "loss") is not None else None
+    loss = _arr(src, "loss") if src else _arr(history or {}, "train_loss")
+    if loss is None or len(loss) == 0:
+        return None
+    where = _arr(src, "step") if src else _arr(history, "epoch")
+    where = where if where is not None else np.arange(len(loss))
+    lr = _arr(src or history or {}, "lr")
+    unit = "step" if src else "epoch"
+    bad = ~np.isfinite(loss)
+    if bad.any():
+        i = int(np.argmax(bad))
+        return {"kind": "non-finite", "unit": unit, "at": int(where[i]), "loss": str(loss[i]),
+                "lr": float(lr[i]) if lr is not None else None}
+    head = loss[: min(5, len(loss))]
+    ref = float(np.median(head))
+    later = loss[len(head):]
+    if len(later) and ref > 0 and later.max() > 3 * ref:
+        i = len(head) + int(np.argmax(later > 3 * ref))
+        return {"kind": "exploding", "unit": unit, "at": int(where[i]), "loss": float(loss[i]), "start": ref,
+                "lr": float(lr[i]) if lr is not None else None}
+    return None
+
+
+def _divergence(steps: dict | None, history: dict | None) -> list[Finding]:
+    d = divergence(steps, history)
+    if d is None:
+        return []
+    lr = f" (learning rate {d['lr']:.3g})" if d.get("lr") is not None else ""
+    if d["kind"] == "non-finite":
+        text = f"The training loss became {d['loss']} at {d['unit']} {d['at']}{lr}: training diverged."
+    else:
+        text = (f"The training loss exploded to {d['loss']:.3g} at {d['unit']} {d['at']}{lr}, more than 3x its "
+                f"starting value ({d['start']:.3g}): the learning rate is too high for this model.")
+    return [Finding("error", "divergence", "The loss diverges", text,
+                    "Lower optim.lr by 3-10x, add warm-up (schedule.warmup_epochs: 1) or batchnorm, and check "
+                    "the inputs for extreme values.", d)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and calibration
+
+
+def _data(data_info: dict | None) -> list[Finding]:
+    findings = (data_info or {}).get("findings") or []
+    out = []
+    dups = [f for f in findings if f.get("kind") == "duplicate_across_splits"]
+    if dups:
+        shown = "; ".join(str(f.get("message", "")) for f in dups[:3])
+        more = f" (and {len(dups) - 3} more)" if len(dups) > 3 else ""
+        out.append(Finding(
+            "warning", "duplicates", f"{len(dups)} duplicate image(s) across splits",
+            f"The data checks found images that appear in more than one split: {shown}{more}. "
+            "Duplicates between training and test images inflate the test accuracy.",
+            "Remove the duplicates from the evaluation split (or deduplicate before splitting) and re-run.",
+            {"count": len(dups)}))
+    rest = [f for f in findings if f.get("kind") != "duplicate_across_splits"
+            and f.get("severity") in ("error", "warning")]
+    if rest:
+        shown = "; ".join(f"{f.get('kind', '?')}: {f.get('message', '')}" for f in rest[:4])
+        more = f" (and {len(rest) - 4} more)" if len(rest) > 4 else ""
+        out.append(Finding("warning", "data_check", f"{len(rest)} data-check finding(s)", shown + more,
+                           "See the Data section for the full list.", {"count": len(rest)}))
+    return out
+
+
+def _calibration(summary: dict) -> list[Finding]:
+    ece = summary.get("ece")
+    if ece is None or ece < 0.1:
+        return []
+    return [Finding("info", "calibration", f"Confidence is poorly calibrated (ECE {ece:.3f})",
+                    f"On average the model's confidence and its accuracy differ by {_pct(ece)} (expected "
+                    "calibration error over 15 bins); see the reliability diagram.",
+                    "If probabilities matter, try label smoothing (train.label_smoothing: 0.1) or temperature "
+                    "scaling on the validation split.", {"ece": ece})]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def diagnose(history: dict | None, summary: dict | None, *, steps: dict | None = None,
+             data_info: dict | None = None, best_epoch: int | None = None) -> list[Finding]:
+    """All findings for a run, most severe first.
+
+    history / steps: columns of history.csv / steps.csv as {name: sequence}; summary: metrics.summary(...).
+    """
+    out: list[Finding] = []
+    out += _divergence(steps, history)
+    if history:
+        out += _overfitting(history, best_epoch)
+        out += _underfitting(history, len(summary["per_class"]) if summary else 2)
+    if summary:
+        dead = _dead_classes(summary)
+        out += dead
+        out += _weak_classes(summary, {f.data["index"] for f in dead})
+        out += _confusions(summary)
+        out += _calibration(summary)
+    out += _data(data_info)
+    if not any(f.severity in ("error", "warning") for f in out):
+        out.insert(0, Finding("ok", "healthy", "No problems found",
+                              "No divergence, overfitting, underfitting, dead or weak classes or leaked duplicates "
+                              "were detected.", ""))
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    return sorted(out, key=lambda f: order.get(f.severity, 9))

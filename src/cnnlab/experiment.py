@@ -1,0 +1,243 @@
+"""Run folders: create one (auto-numbered, never overwritten), train into it, evaluate the best
+checkpoint, and write everything a report or a comparison later reads."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnlab import checkpoint as ckpt
+from cnnlab import config as C
+from cnnlab import dist
+from cnnlab.data.pipeline import Splits, prepare, save_splits
+
+
+@dataclass
+class Run:
+    """A finished (or resumed) run: its folder, config and headline metrics."""
+
+    dir: Path
+    config: C.Config
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def history(self) -> list[dict]:
+        import csv
+
+        with open(self.dir / "history.csv", newline="") as f:
+            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def new_run_dir(cfg: C.Config) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... : an existing folder is never reused."""
+    base = Path(cfg.output.dir)
+    name = cfg.output.name or f"{cfg.data.name}-{cfg.model.name}".replace(":", "-")
+    base.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 100_000):
+        path = base / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {base}")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(cfg: C.Config, device: str) -> dict:
+    import torchvision
+
+    import cnnlab
+
+    return {"cnnlab": getattr(cnnlab, "__version__", "0"), "python": sys.version.split()[0],
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": device,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "world_size": dist.world()[2], "seed": cfg.train.seed, "git_commit": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o)}")
+
+
+def data_summary(splits: Splits, cfg: C.Config) -> dict:
+    return {"name": cfg.data.name, "root": cfg.data.root, **splits.summary(),
+            "findings": [f if isinstance(f, dict) else f.to_dict() for f in getattr(splits, "findings", [])]}
+
+
+def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
+    """predictions.csv (one row per sample), predictions.npz (logits, targets) and samples.npz (a seeded
+    pick of images plus the highest-loss failures, raw uint8) so every plot can be redrawn later."""
+    import csv
+
+    s = splits.eval_set
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    classes = splits.classes
+    with open(run_dir / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"])
+        for i in range(len(targets)):
+            t, p = int(targets[i]), int(pred[i])
+            w.writerow([i, s.ids[i], t, classes[t], p, classes[p], f"{conf[i].item():.6f}", f"{losses[i].item():.6f}"])
+    np.savez_compressed(run_dir / "predictions.npz", logits=logits.numpy().astype(np.float32),
+                        targets=targets.numpy().astype(np.int64))
+    if s.images is None and not s.files:
+        return
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(targets))[:48]
+    wrong = torch.nonzero(pred != targets).flatten()
+    worst = wrong[losses[wrong].argsort(descending=True)][:64].numpy()
+    index = np.unique(np.concatenate([pick, worst])).astype(np.int64)
+    if s.images is not None:
+        imgs = s.images[torch.from_numpy(index)].cpu()
+    else:
+        from cnnlab.data.base import decode
+
+        imgs = torch.stack([decode(s.files[i], splits.channels, splits.size) for i in index]) if len(index) else \
+            torch.zeros(0, splits.channels, splits.size, splits.size, dtype=torch.uint8)
+    np.savez_compressed(run_dir / "samples.npz", images=imgs.numpy(), index=index)
+
+
+def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -> Run:
+    """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it."""
+    from cnnlab import training as T
+
+    say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    elif dist.is_main():
+        run_dir = new_run_dir(cfg)
+    else:
+        run_dir = None
+    if dist.world()[2] > 1:
+        dist.init(T.pick_device(cfg.train.device))
+        run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
+
+    splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+    main = dist.is_main()
+    t_start = time.perf_counter()
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(C.dump_yaml(cfg))
+        write_json(run_dir / "data.json", data_summary(splits, cfg))
+        save_splits(splits, run_dir / "splits.npz")
+        say(f"run folder: {run_dir}")
+        say(f"data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val"
+            f"{f' / {len(splits.test)} test' if splits.test is not None else ''}, {len(splits.classes)} classes, "
+            f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
+        for note in splits.notes:
+            say(f"note: {note}")
+    model, state = T.fit(cfg, run_dir, splits, resume=resume_dir is not None)
+    device = T.pick_device(cfg.train.device)
+    if main:
+        env = environment(cfg, str(device))
+        env["train_seconds"] = round(time.perf_counter() - t_start, 3)
+        write_json(run_dir / "env.json", env)
+        _write_model_json(run_dir, model, splits)
+
+    # evaluate the best checkpoint on the test split (val where there is none)
+    best = ckpt.load(run_dir / "checkpoints" / "best.pt") if (run_dir / "checkpoints" / "best.pt").exists() else None
+    eval_model = T.build_for(cfg, splits)
+    eval_model.load_state_dict(best["model"] if best else T._unwrap(model).state_dict())
+    eval_model.to(device)
+    from cnnlab.data.loader import Batches, Normalizer
+
+    b = Batches(splits.eval_set, batch_size=cfg.train.eval_batch_size, device=device, channels=splits.channels,
+                size=splits.size, num_workers=cfg.data.num_workers)
+    logits, targets = T.evaluate(eval_model, b, Normalizer(splits.mean, splits.std, device, cfg.train.channels_last),
+                                 device=device, dtype=T.amp_dtype(cfg, device), tta_flip=cfg.train.tta_flip)
+    metrics = {}
+    if main:
+        save_predictions(run_dir, splits, logits, targets, cfg.train.seed)
+        metrics = headline(cfg, state, splits, logits, targets)
+        write_json(run_dir / "metrics.json", metrics)
+        test = metrics["test"]
+        where = "test" if splits.eval_split == "test" else "validation (no test split)"
+        say(f"best epoch {state.best_epoch}: val acc {metrics['best_val_acc']:.4f}; "
+            f"{where} accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}")
+        if cfg.output.report:
+            _report(run_dir, say)
+    dist.barrier()
+    return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
+    try:
+        from cnnlab.metrics import summary
+        test = summary(logits.numpy(), targets.numpy(), splits.classes)
+    except ImportError:  # pragma: no cover - metrics module absent
+        from sklearn.metrics import confusion_matrix
+
+        test = {"accuracy": float((logits.argmax(1) == targets).float().mean()),
+                "loss": float(F.cross_entropy(logits, targets)),
+                "confusion_matrix": confusion_matrix(targets, logits.argmax(1), labels=range(len(splits.classes))).tolist()}
+    hist = state.history
+    best_row = next((r for r in hist if r["epoch"] == state.best_epoch), hist[-1] if hist else {})
+    return {"best_epoch": state.best_epoch, "monitor": cfg.train.monitor,
+            "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"),
+            "epochs_run": state.epoch, "stopped_early": state.stopped_early, "steps": state.step,
+            "eval_split": splits.eval_split, "test": test}
+
+
+def _write_model_json(run_dir: Path, model, splits: Splits) -> None:
+    from cnnlab import training as T
+
+    m = T._unwrap(model)
+    info = {"name": cfg_name(run_dir), "class": type(m).__name__, "total_params": sum(p.numel() for p in m.parameters()),
+            "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad)}
+    try:
+        from cnnlab.models.summary import summarize
+
+        s = summarize(m, (splits.channels, splits.size, splits.size))
+        info["summary_text"] = s.text()
+        info["summary"] = s.to_dict()
+    except Exception as e:  # the summary is a nicety; training results must not depend on it
+        info["summary_text"] = f"(summary unavailable: {e})"
+    write_json(run_dir / "model.json", info)
+
+
+def _report(run_dir: Path, say) -> None:
+    try:
+        from cnnlab import report
+    except ImportError:
+        return
+    path = report.build(run_dir)
+    say(f"report: {path}")
+
+
+def cfg_name(run_dir: Path) -> str:
+    return C.load(run_dir / "config.yaml").model.name
