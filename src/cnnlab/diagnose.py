@@ -52,14 +52,17 @@ def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
     """The epoch from which the model overfits, or None.
 
     Definition. Let v be the validation loss per epoch, t the training loss, g = v - t the gap.
-      1. The onset is the validation-loss minimum, located robustly: the arg-min of v smoothed by a
-         centred 3-epoch mean, refined to the lowest raw v within one epoch of it (so a single noisy
-         dip elsewhere cannot move it, and the answer is never more than one epoch from the raw minimum).
-      2. It counts as overfitting only when, over the >= `min_after` epochs after the onset,
-         (a) v rises: the mean of the last (up to 3) epochs exceeds v[onset] by more than both 3x the
-             epoch-to-epoch noise (1.4826 x median |v - smooth(v)|) and 2% of v[onset];
+      1. The onset candidate is the epoch of lowest v (the checkpoint that `train.monitor: val_loss`
+         would keep).
+      2. It counts as overfitting only when there are >= `min_after` epochs after it and, with
+         margin = max(3 sigma, 2% of v[onset]) where sigma is the epoch-to-epoch noise of v (a robust
+         estimate from its residuals around a centred 3-epoch mean, skipping the steep first epochs),
+         (a) v rises beyond noise: the mean of the last (up to 3) epochs exceeds the 3-epoch mean around
+             the onset by > margin,
+             and so does the rise of a least-squares line fitted to v from the onset on (a trend, not
+             one noisy epoch);
          (b) the gap keeps widening: its least-squares slope after the onset is positive and its
-             mean over the last epochs exceeds g[onset] by more than the same noise margin;
+             mean over the last epochs exceeds g[onset] by > margin;
          (c) the training loss has not risen (rising training loss is instability, not overfitting).
     Returns {"epoch", "index", "val_loss", "val_loss_end", "gap_onset", "gap_end", "train_loss_onset",
     "train_loss_end"} with 1-based epochs as in history.csv.
@@ -72,21 +75,23 @@ def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
     epochs = _arr(history, "epoch")
     epochs = epochs.astype(int) if epochs is not None else np.arange(1, len(v) + 1)
     n = len(v)
-    s = smooth(v)
-    m = int(np.argmin(s))
-    lo, hi = max(0, m - 1), min(n - 1, m + 1)
-    k = lo + int(np.argmin(v[lo: hi + 1]))
+    k = int(np.argmin(v))
     after = n - 1 - k
     if after < min_after:
         return None
-    noise = 1.4826 * float(np.median(np.abs(v - s)))
+    sv = smooth(v)
+    # noise of one epoch's value, from the residuals around a centred 3-epoch mean (std sqrt(2/3) sigma
+    # for white noise), over the epochs from half-way to the onset on: the steep first epochs are curvature
+    noise = 1.4826 * float(np.median(np.abs(v - sv)[k // 2:])) / math.sqrt(2 / 3)
     tail = min(3, after)
     g = v - t
     v_end, g_end, t_end = v[-tail:].mean(), g[-tail:].mean(), t[-tail:].mean()
     margin = max(3 * noise, 0.02 * abs(v[k]), 1e-6)
-    rises = v_end - v[k] > margin
-    gap_slope = np.polyfit(np.arange(after + 1), g[k:], 1)[0]
-    widens = gap_slope > 0 and g_end - g[k] > max(3 * noise, 1e-6)
+    x = np.arange(after + 1)
+    v_slope, gap_slope = np.polyfit(x, v[k:], 1)[0], np.polyfit(x, g[k:], 1)[0]
+    # measured from the 3-epoch mean around the minimum, not the minimum itself, which is biased low by noise
+    rises = v_end - sv[k] > margin and v_slope * after > margin
+    widens = gap_slope > 0 and g_end - g[k] > margin
     train_ok = t_end <= t[k] + max(noise, 1e-6)
     if not (rises and widens and train_ok):
         return None

@@ -1,0 +1,59 @@
+"""`cnnlab eval RUN_DIR [data.key=value ...]`: re-evaluate a saved run's checkpoint, optionally on other data.
+
+Results go to RUN_DIR/evals/<n>/ (metrics.json, predictions.csv/.npz, samples.npz): the run's own
+files are never overwritten.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cnnlab import checkpoint as ckpt
+from cnnlab import config as C
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
+    from cnnlab import experiment, training
+    from cnnlab.data.loader import Batches, Normalizer
+    from cnnlab.data.pipeline import prepare
+    from cnnlab.metrics import summary
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    bad = [o for o in overrides or [] if not o.startswith("data.")]
+    if bad:
+        raise C.ConfigError(f"cnnlab eval takes only data.* overrides, got {', '.join(bad)}")
+    cfg = C.load(run_dir / "config.yaml", overrides)
+    saved = json.loads((run_dir / "data.json").read_text())
+    # evaluate with the training run's normalisation, not the new data's statistics
+    cfg = C.replace(cfg, {"data.mean": saved["mean"], "data.std": saved["std"], "data.check": False})
+    splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+    if splits.classes != saved["classes"]:
+        raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
+    c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
+    model = training.build_for(cfg, splits)
+    model.load_state_dict(c["model"])
+    device = training.pick_device(cfg.train.device)
+    model.to(device)
+    b = Batches(splits.eval_set, batch_size=cfg.train.eval_batch_size, device=device, channels=splits.channels,
+                size=splits.size)
+    logits, targets = training.evaluate(model, b, Normalizer(splits.mean, splits.std, device), device=device,
+                                        dtype=training.amp_dtype(cfg, device), tta_flip=cfg.train.tta_flip)
+    out = run_dir / "evals"
+    out.mkdir(exist_ok=True)
+    n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])
+    dest = out / str(n)
+    dest.mkdir()
+    experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
+    result = {"checkpoint": which, "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
+              "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
+    experiment.write_json(dest / "metrics.json", result)
+    return {"dir": str(dest), **result}
+
+
+def main(args) -> None:
+    r = evaluate_run(args.run_dir, args.overrides, which=args.checkpoint)
+    t = r["test"]
+    print(f"{args.checkpoint} checkpoint (epoch {r['epoch']}) on {r['data']['name']} {r['eval_split']}: "
+          f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}  -> {r['dir']}")
