@@ -193,6 +193,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads `off` / `on` as booleans: `amp: off` means "off"
+            return "on" if value else "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected text, got {value!r}")

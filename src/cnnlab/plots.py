@@ -1,0 +1,430 @@
+"""Figures drawn from a run's saved results (matplotlib, Agg); each function returns a Figure, `save` writes it.
+
+Nothing here recomputes metrics; the model-based figures (filters, feature maps, Grad-CAM) take a
+rebuilt model and the saved sample images. Grad-CAM uses plain forward hooks and tensor hooks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+TRAIN, VAL, BEST, BAD, GOOD, INK = "#2563eb", "#ea580c", "#16a34a", "#dc2626", "#16a34a", "#334155"
+plt.rcParams.update({
+    "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.color": "#e5e7eb",
+    "grid.linewidth": 0.6, "axes.edgecolor": "#94a3b8", "axes.labelcolor": INK, "xtick.color": INK,
+    "ytick.color": INK, "legend.frameon": False, "figure.dpi": 110, "savefig.dpi": 110,
+})
+
+
+def save(fig: Figure, path: str | Path, dpi: int | None = None) -> Path:
+    """Write `fig` as PNG (no timestamp metadata, so reruns give identical bytes) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _col(d: dict, key: str) -> np.ndarray | None:
+    v = d.get(key) if d else None
+    return None if v is None or len(v) == 0 else np.asarray(v, dtype=np.float64)
+
+
+def _short(name: str, n: int = 14) -> str:
+    name = str(name)
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves
+
+
+def curves(history: dict, *, best_epoch: int | None = None, onset: int | None = None) -> Figure:
+    """Training vs validation loss and accuracy per epoch; the best epoch and any overfitting onset marked."""
+    ep = _col(history, "epoch")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    for ax, what, scale in ((axes[0], "loss", 1.0), (axes[1], "acc", 100.0)):
+        for split, colour in (("train", TRAIN), ("val", VAL)):
+            y = _col(history, f"{split}_{what}")
+            if y is not None:
+                ax.plot(ep, y * scale, color=colour, lw=1.8, marker="o", ms=3,
+                        label="training" if split == "train" else "validation")
+        if onset is not None:
+            ax.axvline(onset, color=BAD, ls="--", lw=1.2)
+            ax.axvspan(onset, ep.max(), color=BAD, alpha=0.06, lw=0)
+            ax.annotate(f"overfitting from epoch {onset}", (onset, 1), xycoords=("data", "axes fraction"),
+                        xytext=(4, -12), textcoords="offset points", color=BAD, fontsize=8)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color=BEST, ls=":", lw=1.4)
+            y = _col(history, f"val_{what}")
+            if y is not None and best_epoch in ep:
+                ax.plot([best_epoch], [y[list(ep).index(best_epoch)] * scale], marker="*", ms=13, color=BEST,
+                        mec="white", zorder=5, label=f"best (epoch {best_epoch})")
+        ax.set_xlabel("epoch")
+        ax.set_title("Loss" if what == "loss" else "Accuracy (%)")
+        if ep is not None and len(ep) <= 20:
+            ax.set_xticks(ep)
+    axes[1].legend(loc="lower right")
+    return fig
+
+
+def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
+    """Training loss at every logged step, with an exponential moving average over it."""
+    s, loss = _col(steps, "step"), _col(steps, "loss")
+    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+    ax.plot(s, loss, color=TRAIN, alpha=0.3, lw=0.9, label="logged")
+    finite = np.isfinite(loss)
+    if finite.any():
+        alpha = min(0.5, 10.0 / max(len(loss), 1))
+        ema, m = np.empty_like(loss), loss[finite][0]
+        for i, v in enumerate(loss):
+            m = m if not np.isfinite(v) else (1 - alpha) * m + alpha * v
+            ema[i] = m
+        ax.plot(s, ema, color=TRAIN, lw=2, label="smoothed (EMA)")
+        lo, hi = np.nanmin(loss[finite]), np.nanmax(loss[finite])
+        if lo > 0 and hi / lo > 30:
+            ax.set_yscale("log")
+    ep = _col(steps, "epoch")
+    if ep is not None:
+        for b in s[1:][np.diff(ep) > 0]:
+            ax.axvline(b, color="#cbd5e1", lw=0.7, zorder=0)
+    if diverged_at is not None:
+        ax.axvline(diverged_at, color=BAD, ls="--", lw=1.2, label=f"diverged (step {diverged_at})")
+    ax.set(xlabel="step (grey lines: epoch boundaries)", title="Training loss per step")
+    ax.legend(loc="upper right")
+    return fig
+
+
+def learning_rate(steps: dict | None = None, history: dict | None = None) -> Figure:
+    """The learning rate over steps (or epochs when no step log exists)."""
+    x, lr, unit = (_col(steps, "step"), _col(steps, "lr"), "step") if _col(steps, "lr") is not None else \
+        (_col(history, "epoch"), _col(history, "lr"), "epoch")
+    fig, ax = plt.subplots(figsize=(5, 3.2), constrained_layout=True)
+    ax.plot(x, lr, color="#7c3aed", lw=1.8)
+    ax.set(xlabel=unit, title="Learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Confusion, per-class, calibration
+
+
+def _cm_layout(k: int) -> tuple[float, float, float]:
+    """(cell size in inches, tick-label font size, figure side) for a K x K matrix."""
+    cell = float(np.clip(6.0 / k, 0.17, 0.75))
+    tick = float(np.clip(cell * 72 * 0.55, 5.0, 9.0))
+    return cell, tick, k * cell + 2.6
+
+
+def confusion(cm, classes: list[str], *, normalize: bool = False) -> Figure:
+    """Confusion matrix (rows true, columns predicted). Raw counts in blues; row-normalised shares with the
+    correct fraction in blues and the mistakes in reds on their own scale, so small confusions show.
+    Numbers are printed only when they fit in a cell; zero cells stay blank."""
+    cm = np.asarray(cm, dtype=np.float64)
+    k = cm.shape[0]
+    cell, tick, side = _cm_layout(k)
+    fig, ax = plt.subplots(figsize=(side + (1.1 if normalize else 0.6), side), constrained_layout=True)
+    ax.grid(False)
+    if normalize:
+        rows = cm.sum(1, keepdims=True)
+        val = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+        diag = np.eye(k, dtype=bool)
+        off_max = max(float(val[~diag].max()) if k > 1 else 0.0, 1e-9)
+        im1 = ax.imshow(np.ma.masked_where(~diag, val), cmap="Blues", vmin=0, vmax=1)
+        im2 = ax.imshow(np.ma.masked_where(diag | (val == 0), val), cmap="Reds", vmin=0, vmax=off_max)
+        fig.colorbar(im1, ax=ax, shrink=0.6, pad=0.01, label="correct (share of true class)")
+        fig.colorbar(im2, ax=ax, shrink=0.6, pad=0.01, label="confused as (share of true class)")
+        text = [[f"{100 * v:.0f}" if v >= 0.005 else "" for v in row] for row in val]
+        colour = np.where(diag, val > 0.55, val > 0.55 * off_max)
+        title = "Confusion matrix, normalised by true class (%)"
+    else:
+        im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(cm.max(), 1))
+        fig.colorbar(im, ax=ax, shrink=0.6, pad=0.01, label="images")
+        text = [[f"{int(v)}" if v else "" for v in row] for row in cm]
+        colour = cm > 0.55 * max(cm.max(), 1)
+        title = "Confusion matrix (counts)"
+    width = max((len(t) for row in text for t in row), default=1)
+    size = min(9.0, cell * 72 * 0.8 / max(0.62 * width, 1.2))
+    if size >= 4.5:
+        for i in range(k):
+            for j in range(k):
+                if text[i][j]:
+                    ax.text(j, i, text[i][j], ha="center", va="center", fontsize=size,
+                            color="white" if colour[i, j] else INK)
+    names = [_short(c) for c in classes]
+    ax.set_xticks(range(k), names, rotation=90 if k > 8 or max(map(len, names)) > 6 else 0, fontsize=tick)
+    ax.set_yticks(range(k), names, fontsize=tick)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    ax.tick_params(length=0)
+    return fig
+
+
+def per_class_accuracy(per_class: list[dict], *, highlight: set[str] = frozenset()) -> Figure:
+    """Accuracy of each class (share of its images classified right); `highlight` names drawn in red."""
+    names = [r["name"] for r in per_class]
+    acc = np.array([r["accuracy"] for r in per_class]) * 100
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(0.2 * k + 2.5, 24)), 3.6), constrained_layout=True)
+    colours = [BAD if n in highlight else TRAIN for n in names]
+    ax.bar(range(k), acc, color=colours, width=0.75)
+    mean = float(np.mean(acc)) if k else 0.0
+    ax.axhline(mean, color=INK, ls="--", lw=1, label=f"mean {mean:.1f}%")
+    ax.set_xticks(range(k), [_short(n) for n in names], rotation=90 if k > 10 else 0,
+                  fontsize=float(np.clip(500 / max(k, 1), 5, 9)))
+    ax.set(ylim=(0, 105), ylabel="accuracy (%)", title="Accuracy per class", xlim=(-0.7, k - 0.3))
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def reliability(bins: dict) -> Figure:
+    """Reliability diagram: accuracy against confidence per bin, with how many images fall in each."""
+    edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
+    mid, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 4.6), sharex=True, height_ratios=(3, 1), constrained_layout=True)
+    has = count > 0
+    ax.bar(mid[has], np.asarray(bins["accuracy"])[has], width=width[has] * 0.92, color=TRAIN, alpha=0.85,
+           label="accuracy")
+    ax.bar(mid[has], (np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))[has], width=width[has] * 0.92,
+           bottom=np.asarray(bins["accuracy"])[has], color=BAD, alpha=0.25, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], color=INK, ls="--", lw=1, label="perfect calibration")
+    ax.set(ylabel="accuracy", title="Reliability (confidence vs accuracy)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    axn.bar(mid, count, width=width * 0.92, color="#94a3b8")
+    axn.set(xlabel="confidence (top softmax probability)", ylabel="images")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def _show(ax, img: np.ndarray, frame: str | None = None) -> None:
+    """Draw a (C, H, W) uint8 image; an optional coloured frame."""
+    img = np.asarray(img)
+    if img.shape[0] == 3:
+        ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
+    else:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for sp in ax.spines.values():
+        sp.set_visible(frame is not None)
+        if frame:
+            sp.set_edgecolor(frame)
+            sp.set_linewidth(3)
+
+
+def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *, max_pairs: int = 6,
+                    per_pair: int = 6) -> Figure | None:
+    """Misclassified images, highest loss first, one row per (true -> predicted) pair.
+
+    rows: the predictions.csv records of `images` (target_name, pred_name, confidence, loss);
+    pair_totals: {(true, pred): count over the whole split} to order the pairs and say how many there are.
+    """
+    wrong = [(r, im) for r, im in zip(rows, images) if r["target"] != r["pred"]]
+    if not wrong:
+        return None
+    groups: dict = {}
+    for r, im in sorted(wrong, key=lambda t: -t[0]["loss"]):
+        groups.setdefault((r["target_name"], r["pred_name"]), []).append((r, im))
+    totals = pair_totals or {p: len(g) for p, g in groups.items()}
+    order = sorted(groups, key=lambda p: (-totals.get(p, 0), -groups[p][0][0]["loss"]))[:max_pairs]
+    ncol = min(per_pair, max(len(groups[p]) for p in order))
+    fig = plt.figure(figsize=(1.55 * ncol + 0.4, 1.95 * len(order)), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(len(order), 1))
+    for sf, pair in zip(subfigs, order):
+        sf.suptitle(f"true '{_short(pair[0], 24)}'  →  predicted '{_short(pair[1], 24)}'   "
+                    f"({totals.get(pair, len(groups[pair]))} in total)", fontsize=9, fontweight="bold",
+                    x=0.01, ha="left", color=INK)
+        axes = np.atleast_1d(sf.subplots(1, ncol))
+        for ax, item in zip(axes, groups[pair] + [None] * ncol):
+            if item is None:
+                ax.axis("off")
+                continue
+            r, im = item
+            _show(ax, im, BAD)
+            ax.set_title(f"{100 * r['confidence']:.0f}% sure · loss {r['loss']:.2f}", fontsize=7.5,
+                         fontweight="normal", color=INK)
+    return fig
+
+
+def prediction_grid(images, rows: list[dict], *, max_images: int = 32, ncol: int = 8) -> Figure | None:
+    """Sample images with the predicted class and confidence; green frame right, red frame wrong."""
+    n = min(len(rows), max_images)
+    if n == 0:
+        return None
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.45 * ncol, 1.75 * nrow), squeeze=False, constrained_layout=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, r, im in zip(axes.flat, rows[:n], images[:n]):
+        ok = r["target"] == r["pred"]
+        _show(ax, im, GOOD if ok else BAD)
+        label = f"{_short(r['pred_name'], 12)} {100 * r['confidence']:.0f}%"
+        if not ok:
+            label += f"\n(true {_short(r['target_name'], 10)})"
+        ax.set_title(label, fontsize=7.5, fontweight="normal", color=GOOD if ok else BAD)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside the model
+
+
+def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+
+
+def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
+    """The first conv layer's kernels: RGB when it reads 3 channels, else a diverging map (blue -, red +)."""
+    conv = first_conv(model)
+    if conv is None:
+        return None
+    w = conv.weight.detach().cpu().float().numpy()[:max_filters]  # (O, I, kh, kw)
+    n = len(w)
+    ncol = min(16, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(0.62 * ncol + 0.3, 0.62 * nrow + 0.5), squeeze=False,
+                             constrained_layout=True)
+    lim = float(np.abs(w).max()) or 1.0
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, f in zip(axes.flat, w):
+        if f.shape[0] == 3:
+            ax.imshow(((f - f.min()) / (np.ptp(f) or 1.0)).transpose(1, 2, 0), interpolation="nearest")
+        else:
+            ax.imshow(f.mean(0), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    fig.suptitle(f"First-layer filters ({w.shape[0]} of {conv.out_channels}, {w.shape[2]}x{w.shape[3]}"
+                 f"{', mean over input channels' if w.shape[1] not in (1, 3) else ''})", fontsize=10,
+                 fontweight="bold")
+    return fig
+
+
+def conv_stages(model: torch.nn.Module, x: torch.Tensor, *, max_stages: int = 6) -> list[tuple[str, torch.Tensor]]:
+    """Activations after each conv stage for input x (1, C, H, W).
+
+    A stage starts at a Conv2d and takes the output of the last module after it (batchnorm, activation)
+    with the same shape, before the next conv. With more than `max_stages`, the last stage at each
+    resolution is kept, then an even sample.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    stages: list[list] = []
+    hooks = []
+
+    def hook(mod, _inp, out):
+        if not isinstance(out, torch.Tensor) or out.ndim != 4 or len(list(mod.children())):
+            return
+        if isinstance(mod, torch.nn.Conv2d):
+            stages.append([names.get(mod, "conv"), out.detach()])
+        elif stages and out.shape == stages[-1][1].shape:
+            stages[-1][1] = out.detach()
+
+    for m in model.modules():
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = [(n, t[0].clone()) for n, t in stages]
+    if len(out) > max_stages:
+        last_per_res = {}
+        for n, t in out:
+            last_per_res[tuple(t.shape[1:])] = (n, t)
+        out = list(last_per_res.values())
+        if len(out) > max_stages:
+            out = [out[i] for i in np.linspace(0, len(out) - 1, max_stages).round().astype(int)]
+    return out
+
+
+def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: int = 8) -> Figure | None:
+    """The input image, then for each conv stage its most active channels (by mean activation)."""
+    stages = conv_stages(model, x)
+    if not stages:
+        return None
+    fig, axes = plt.subplots(len(stages), channels + 1, figsize=(1.25 * (channels + 1), 1.45 * len(stages)),
+                             squeeze=False, constrained_layout=True)
+    for row, (name, act) in zip(axes, stages):
+        _show(row[0], image)
+        row[0].set_title("input", fontsize=7.5, fontweight="normal")
+        top = torch.argsort(act.flatten(1).mean(1), descending=True)[:channels]
+        for j, ax in enumerate(row[1:]):
+            ax.axis("off")
+            if j < len(top):
+                ax.imshow(act[top[j]].numpy(), cmap="viridis", interpolation="nearest")
+                ax.set_title(f"ch {int(top[j])}", fontsize=7, fontweight="normal")
+        row[1].text(-0.12, 0.5, f"{name}\n{tuple(act.shape)}", transform=row[1].transAxes, ha="right",
+                    va="center", fontsize=7, rotation=90, color=INK)
+    return fig
+
+
+def cam_layer(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, torch.nn.Module] | None:
+    """The last Conv2d (in execution order) whose output is larger than 1x1: Grad-CAM's target layer."""
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, mod, tuple(o.shape))))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    ok = [(n, m) for n, m, shape in seen if shape[-1] * shape[-2] > 1]
+    return ok[-1] if ok else None
+
+
+def gradcam(model: torch.nn.Module, x: torch.Tensor, layer: torch.nn.Module, target: torch.Tensor | None = None):
+    """Grad-CAM (Selvaraju et al. 2017) maps (N, H, W) in [0, 1] for x (N, C, H, W) and the `target` classes
+    (default: predicted). Returns (maps, logits)."""
+    store: dict = {}
+
+    def fwd(mod, inp, out):
+        store["act"] = out
+        out.register_hook(lambda g: store.__setitem__("grad", g))
+        return out.clone()  # an in-place activation after the layer must not overwrite what we keep
+
+    h = layer.register_forward_hook(fwd)
+    try:
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)  # a graph even when the weights are frozen
+            logits = model(x)
+            target = logits.argmax(1) if target is None else target
+            model.zero_grad(set_to_none=True)
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        h.remove()
+    act, grad = store["act"].detach(), store["grad"].detach()
+    cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))  # (N, 1, h, w)
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+    return (cam / peak).numpy(), logits.detach()
+
+
+def gradcam_grid(images, maps: np.ndarray, rows: list[dict], layer_name: str) -> Figure:
+    """Each image above its Grad-CAM overlay (for the predicted class)."""
+    n = len(rows)
+    fig, axes = plt.subplots(2, n, figsize=(1.5 * n + 0.3, 3.5), squeeze=False, constrained_layout=True)
+    for j, (r, im, cam) in enumerate(zip(rows, images, maps)):
+        ok = r["target"] == r["pred"]
+        _show(axes[0, j], im, GOOD if ok else BAD)
+        axes[0, j].set_title(f"true {_short(r['target_name'], 10)}", fontsize=7.5, fontweight="normal")
+        _show(axes[1, j], im)
+        axes[1, j].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        axes[1, j].set_title(f"pred {_short(r['pred_name'], 10)} {100 * r['confidence']:.0f}%", fontsize=7.5,
+                             fontweight="normal", color=GOOD if ok else BAD)
+    fig.suptitle(f"Grad-CAM on layer '{layer_name}': where the evidence for the predicted class lies",
+                 fontsize=10, fontweight="bold")
+    return fig

@@ -1,0 +1,362 @@
+"""The report of a run, drawn only from the files in its folder (never retrains): plots/, failures.csv,
+findings.json, report.html (one self-contained page) and report.md; plus TensorBoard scalars and the
+`cnnlab report RUN_DIR` subcommand.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab import diagnose as dg
+from cnnlab import metrics as M
+
+INT_COLS = {"epoch", "step", "index", "target", "pred"}
+TEXT_COLS = {"id", "target_name", "pred_name"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a run folder (every file optional except what the caller needs)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing."""
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            out = {}
+            for k, v in r.items():
+                if k in TEXT_COLS or v is None:
+                    out[k] = v
+                elif k in INT_COLS:
+                    out[k] = int(float(v)) if v not in ("", None) else None
+                else:
+                    try:
+                        out[k] = float(v) if v != "" else float("nan")
+                    except ValueError:
+                        out[k] = v
+            rows.append(out)
+    return rows
+
+
+def columns(rows: list[dict]) -> dict:
+    """Rows -> {column: list of values}."""
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything the report needs from a run folder, as plain values; missing files give None / []."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"run folder {str(d)!r} does not exist")
+    r: dict = {"dir": d, "name": d.name, "notes": []}
+    r["config_text"] = (d / "config.yaml").read_text(encoding="utf-8") if (d / "config.yaml").is_file() else None
+    r["cfg"] = None
+    if r["config_text"] is not None:
+        try:
+            from cnnlab import config
+
+            r["cfg"] = config.load(d / "config.yaml")
+        except Exception as e:  # the report still shows what it can
+            r["notes"].append(f"config.yaml could not be read back: {e}")
+    for key in ("env", "data", "model", "metrics"):
+        r[key] = _json(d / f"{key}.json" if key != "model" else d / "model.json")
+    r["history"] = columns(read_csv(d / "history.csv"))
+    r["steps"] = columns(read_csv(d / "steps.csv"))
+    r["pred_rows"] = read_csv(d / "predictions.csv")
+    r["logits"] = r["targets"] = r["images"] = r["sample_index"] = None
+    if (d / "predictions.npz").is_file():
+        with np.load(d / "predictions.npz") as z:
+            r["logits"], r["targets"] = z["logits"], z["targets"]
+    if (d / "samples.npz").is_file():
+        with np.load(d / "samples.npz") as z:
+            r["images"], r["sample_index"] = z["images"], z["index"]
+    data = r["data"] or {}
+    k = data.get("num_classes") or (r["logits"].shape[1] if r["logits"] is not None else 0)
+    r["classes"] = list(data.get("classes") or [str(i) for i in range(k)])
+    summ = (r["metrics"] or {}).get("test")
+    if summ is None and r["logits"] is not None:  # metrics.json missing: the same numbers from the logits
+        summ = M.summary(r["logits"], r["targets"], r["classes"])
+    r["summary"] = summ
+    if not r["pred_rows"] and r["logits"] is not None:
+        r["pred_rows"] = _rows_from_logits(r["logits"], r["targets"], r["classes"])
+    r["checkpoint"] = d / "checkpoints" / "best.pt" if (d / "checkpoints" / "best.pt").is_file() else None
+    return r
+
+
+def _rows_from_logits(logits, targets, classes) -> list[dict]:
+    prob = M.softmax(logits)
+    pred = prob.argmax(1)
+    nll = -np.log(np.clip(prob[np.arange(len(targets)), targets], 1e-45, None))
+    return [{"index": i, "id": str(i), "target": int(t), "target_name": classes[t], "pred": int(p),
+             "pred_name": classes[p], "confidence": float(prob[i, p]), "loss": float(nll[i])}
+            for i, (t, p) in enumerate(zip(targets, pred))]
+
+
+def load_model(run: dict):
+    """The best checkpoint's model, rebuilt from config.yaml and data.json; (model, None) or (None, why)."""
+    if run["checkpoint"] is None:
+        return None, "no checkpoints/best.pt"
+    if run["cfg"] is None or not run["data"]:
+        return None, "config.yaml or data.json missing"
+    try:
+        import torch
+
+        from cnnlab.models import build_model
+
+        d = run["data"]
+        model = build_model(run["cfg"].model, num_classes=d["num_classes"], in_channels=d["in_channels"],
+                            input_size=d["input_size"])
+        state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"] if "model" in state else state)
+        return model.eval(), None
+    except Exception as e:
+        return None, f"could not rebuild the model from the checkpoint: {type(e).__name__}: {e}"
+
+
+def normalise(images: np.ndarray, data: dict):
+    """uint8 (N, C, H, W) -> float tensor normalised with data.json's mean/std."""
+    import torch
+
+    x = torch.from_numpy(np.asarray(images)).float() / 255.0
+    mean = torch.tensor(data.get("mean") or [0.0] * x.shape[1]).view(1, -1, 1, 1)
+    std = torch.tensor(data.get("std") or [1.0] * x.shape[1]).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def findings(run: dict) -> list[dg.Finding]:
+    best = (run["metrics"] or {}).get("best_epoch")
+    return dg.diagnose(run["history"] or None, run["summary"], steps=run["steps"] or None,
+                       data_info=run["data"], best_epoch=best)
+
+
+def write_failures(run: dict, path: Path) -> int:
+    """failures.csv: every misclassified sample of the evaluated split, highest loss first."""
+    wrong = sorted((r for r in run["pred_rows"] if r["target"] != r["pred"]), key=lambda r: -r["loss"])
+    cols = ["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(wrong)
+    return len(wrong)
+
+
+def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]:
+    """Every figure the run's files allow, written to `out`; {key: {"path", "title", "caption"}}."""
+    from cnnlab import plots as P
+
+    figs: dict[str, dict] = {}
+
+    def add(key, fig, title, caption, dpi=None):
+        if fig is not None:
+            figs[key] = {"path": P.save(fig, out / f"{key}.png", dpi=dpi), "title": title, "caption": caption}
+
+    h, steps, summ = run["history"], run["steps"], run["summary"]
+    onset = next((f.data["epoch"] for f in found if f.kind == "overfitting"), None)
+    best = (run["metrics"] or {}).get("best_epoch")
+    if h.get("epoch"):
+        add("curves", P.curves(h, best_epoch=best, onset=onset), "Loss and accuracy per epoch",
+            "Training (blue) and validation (orange); the star marks the best epoch"
+            + (f", the red band the epochs after the overfitting onset (epoch {onset})." if onset else "."))
+    div = next((f.data for f in found if f.kind == "divergence" and f.data.get("unit") == "step"), None)
+    if steps.get("loss"):
+        add("steps", P.step_loss(steps, diverged_at=div["at"] if div else None), "Training loss per step",
+            "Every logged step, with an exponential moving average.")
+    if steps.get("lr") or h.get("lr"):
+        add("lr", P.learning_rate(steps or None, h), "Learning rate", "The schedule as applied.")
+    if summ:
+        cm, k = summ["confusion"], len(run["classes"])
+        dpi = 90 if k > 60 else None
+        add("confusion", P.confusion(cm, run["classes"]), "Confusion matrix (counts)",
+            "Rows are true classes, columns predicted; blank cells are zero.", dpi)
+        add("confusion_normalized", P.confusion(cm, run["classes"], normalize=True),
+            "Confusion matrix (share of each true class)",
+            "Each row sums to 100%. Blue: classified right; red: mistaken for the column's class (own scale).", dpi)
+        flagged = {f.data.get("class") for f in found if f.kind in ("dead_class", "weak_class", "rare_class")}
+        add("per_class", P.per_class_accuracy(summ["per_class"], highlight=flagged), "Accuracy per class",
+            "Share of each class's images classified right; red bars are flagged in the diagnostics.")
+    if run["logits"] is not None:
+        add("reliability", P.reliability(M.calibration_bins(run["logits"], run["targets"])),
+            "Calibration", f"Expected calibration error {summ['ece']:.3f} (15 bins)." if summ else "")
+    images, rows = _sample_rows(run)
+    if images is not None:
+        totals: dict = {}
+        for r in run["pred_rows"]:
+            if r["target"] != r["pred"]:
+                key = (r["target_name"], r["pred_name"])
+                totals[key] = totals.get(key, 0) + 1
+        add("failures", P.failure_gallery(images, rows, totals), "Failures",
+            "The saved misclassified images with the highest loss, grouped by (true → predicted) pair.")
+        add("predictions", P.prediction_grid(images, rows), "Sample predictions",
+            "Predicted class and confidence; green frame right, red frame wrong.")
+    model, why = load_model(run)
+    if model is None:
+        run["notes"].append(f"Model figures omitted: {why}.")
+    else:
+        _model_plots(run, model, images, rows, add)
+    return figs
+
+
+def _sample_rows(run: dict):
+    if run["images"] is None or not run["pred_rows"]:
+        return None, []
+    by_index = {r["index"]: r for r in run["pred_rows"]}
+    keep = [i for i, ix in enumerate(run["sample_index"]) if int(ix) in by_index]
+    return run["images"][keep], [by_index[int(run["sample_index"][i])] for i in keep]
+
+
+def _model_plots(run: dict, model, images, rows, add) -> None:
+    from cnnlab import plots as P
+
+    add("filters", P.filters(model), "First-layer filters", "What the first convolution looks for.")
+    if images is None or not len(images):
+        return
+    x = normalise(images, run["data"])
+    first = next((i for i, r in enumerate(rows) if r["target"] == r["pred"]), 0)
+    add("feature_maps", P.feature_maps(model, x[first:first + 1], images[first]), "Feature maps",
+        f"The most active channels of each conv stage for one image (true '{rows[first]['target_name']}').")
+    layer = P.cam_layer(model, x[:1])
+    if layer is None:
+        return
+    right = [i for i, r in enumerate(rows) if r["target"] == r["pred"]][:4]
+    wrong = [i for i, r in enumerate(rows) if r["target"] != r["pred"]][:4]
+    pick = (right + wrong + [i for i in range(len(rows)) if i not in right + wrong])[:8]
+    pick = sorted(pick[:8])
+    maps, _ = P.gradcam(model, x[pick], layer[1])
+    add("gradcam", P.gradcam_grid(images[pick], maps, [rows[i] for i in pick], layer[0]), "Grad-CAM",
+        f"Target layer '{layer[0]}' (the last conv layer with a spatial output larger than 1x1), chosen "
+        "automatically; red = strong evidence for the predicted class.")
+
+
+def build(run_dir: str | Path) -> Path:
+    """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html."""
+    from cnnlab import report_html
+
+    run = load_run(run_dir)
+    d = run["dir"]
+    found = findings(run)
+    (d / "findings.json").write_text(json.dumps([f.to_dict() for f in found], indent=1, default=_plain) + "\n",
+                                     encoding="utf-8")
+    n_fail = write_failures(run, d / "failures.csv") if run["pred_rows"] else 0
+    figs = make_plots(run, found, d / "plots")
+    ctx = {"run": run, "findings": found, "figs": figs, "n_failures": n_fail}
+    (d / "report.md").write_text(report_html.markdown(ctx), encoding="utf-8")
+    path = d / "report.html"
+    path.write_text(report_html.html(ctx), encoding="utf-8")
+    return path
+
+
+def _plain(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v) if math.isfinite(v) else str(v)
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+class TBLogger:
+    """Scalars to TensorBoard event files when torch.utils.tensorboard is importable; a no-op otherwise.
+
+    >>> tb = TBLogger(run.dir / "tensorboard"); tb.scalars({"loss/train": 0.3}, step=10); tb.close()
+    """
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+        except Exception:  # tensorboard not installed (ImportError) or unusable: log nothing
+            self.writer = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(tag, float(value), int(step))
+
+    def scalars(self, values: dict, step: int) -> None:
+        for tag, v in values.items():
+            self.scalar(tag, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> "TBLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_tensorboard(run_dir: str | Path, log_dir: str | Path | None = None) -> Path | None:
+    """Replay history.csv, steps.csv and the test metrics into TensorBoard files (default RUN/tensorboard)."""
+    run = load_run(run_dir)
+    log_dir = Path(log_dir) if log_dir else run["dir"] / "tensorboard"
+    with TBLogger(log_dir) as tb:
+        if not tb.enabled:
+            return None
+        h = run["history"]
+        for i, ep in enumerate(h.get("epoch", [])):
+            tb.scalars({f"epoch/{k}": h[k][i] for k in h if k != "epoch"}, ep)
+        s = run["steps"]
+        for i, st in enumerate(s.get("step", [])):
+            tb.scalars({"step/loss": s["loss"][i], "step/lr": s.get("lr", [None] * (i + 1))[i]}, st)
+        summ = run["summary"]
+        if summ:
+            last = int(h["epoch"][-1]) if h.get("epoch") else 0
+            tb.scalars({f"test/{k}": summ[k] for k in ("accuracy", "loss", "ece", "top5") if summ.get(k) is not None},
+                       last)
+    return log_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers) -> None:
+    """Add `report RUN_DIR` to an argparse subparsers object (sets `func`, returning an exit code)."""
+    p = subparsers.add_parser("report", help="redraw plots and report.html of a run from its saved files",
+                              description="Regenerate plots/, failures.csv, report.html and report.md of a run "
+                                          "folder from its saved files (no training).")
+    p.add_argument("run_dir", help="the run folder (runs/<name>)")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    import sys
+
+    try:
+        path = build(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"cnnlab report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    if getattr(args, "tensorboard", False):
+        tb = write_tensorboard(args.run_dir)
+        print(f"tensorboard: {tb}" if tb else "tensorboard: not installed, skipped")
+    return 0

@@ -1,0 +1,66 @@
+"""Config errors fail before any work starts, name the key and the value, and exit 2 from the CLI."""
+import subprocess
+import sys
+
+import pytest
+
+from cnnlab import config as C
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = C.load(None, ["optim.lr=0.05", "data.val_split=5000", "data.augment.hflip=true", "train.epochs=3"])
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.data.val_split, int) and cfg.data.augment.hflip
+    assert C.load(None, ["data.val_split=0.2"]).data.val_split == 0.2
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = C.load("examples/quickstart.yaml", ["optim.lr=0.01"])
+    p = tmp_path / "c.yaml"
+    p.write_text(C.dump_yaml(cfg))
+    assert C.load(p) == cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    (["optim.lr=-0.1"], ["optim.lr", "-0.1"]),
+    (["train.batch_size=0"], ["train.batch_size", "0"]),
+    (["data.name=cifar11"], ["data.name", "cifar11", "cifar10"]),
+    (["model.name=lenet"], ["model.name", "lenet", "lenet5"]),
+    (["optim.lrr=0.1"], ["optim.lrr", "optim.lr"]),
+    (["train.epochs=three"], ["train.epochs", "three"]),
+    (["optim.name=sgdd"], ["optim.name", "sgd"]),
+    (["data.val_split=1.5"], ["data.val_split", "1.5"]),
+    (["model.dropout=1.2"], ["model.dropout", "1.2"]),
+    (["schedule.name=cosinus"], ["schedule.name", "cosine"]),
+    (["lr=0.1"], ["lr"]),
+])
+def test_bad_values_name_key_and_value(override, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, override)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  lr: [1\n")
+    with pytest.raises(C.ConfigError, match="bad.yaml"):
+        C.load(p)
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(tmp_path / "missing.yaml")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_exit_2_before_any_work(tmp_path):
+    r = _cli("train", "examples/quickstart.yaml", "optim.lr=-1", f"output.dir={tmp_path}/runs")
+    assert r.returncode == 2
+    assert "optim.lr" in r.stderr and "-1" in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_print_config_resolves_overrides():
+    r = _cli("train", "examples/quickstart.yaml", "optim.lr=0.123", "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert "lr: 0.123" in r.stdout and "name: digits" in r.stdout
