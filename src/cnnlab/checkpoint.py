@@ -1,9 +1,17 @@
-"""Atomic checkpoint files that hold only tensors and plain types, loaded with `weights_only=True`."""
+"""Atomic checkpoint files that hold only tensors and plain types, loaded with `weights_only=True`.
+
+A save writes a temporary file beside the target, flushes and fsyncs it, then `os.replace`s it
+over the target: at every instant the target is either the old file or the new one, never a mix.
+A process killed mid-save (SIGKILL, power loss) leaves only a stale `.<name>.<random>.tmp`, which
+`clean_stale_tmp` removes when the run resumes.
+"""
 from __future__ import annotations
 
 import os
 import random
-import tempfile
+import secrets
+import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +22,51 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# What a checkpoint may contain: exactly what `torch.load(weights_only=True)` accepts back.
+_PLAIN = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def check_plain(obj, where: str = "checkpoint") -> None:
+    """Refuse (CheckpointError, naming the key) anything but tensors, plain types and containers of them."""
+    if type(obj) is torch.Tensor or isinstance(obj, _PLAIN):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for k, v in obj.items():
+            check_plain(k, f"{where} key")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise CheckpointError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot go into a checkpoint; "
+                          "only tensors, numbers, strings and lists/dicts of them are saved (so that "
+                          "torch.load(weights_only=True) can read the file back)")
+
+
+def _create_tmp(path: Path) -> tuple[int, str]:
+    """A new, empty `.<name>.<random>.tmp` beside `path`, created with the umask's permissions
+    (tempfile.mkstemp's 0600 would make checkpoints unreadable to the rest of a team)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise CheckpointError(f"cannot create a temporary file in {path.parent}")
+
+
 def atomic_save(obj: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, flush, fsync, then os.replace.
 
-    If anything fails (pickling, a full disk), the temporary file is removed and the previous file
-    at `path` is untouched. Only plain types and tensors are admitted, so `weights_only=True` loads it.
+    If anything fails (pickling, a full disk, a signal), the temporary file is removed and the
+    previous file at `path` is untouched. Only plain types and tensors are admitted, so
+    `weights_only=True` loads it.
     """
+    check_plain(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_tmp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -45,20 +89,66 @@ def atomic_save(obj: dict, path: str | Path) -> None:
         pass
 
 
+def is_stale_tmp(name: str) -> bool:
+    """`.last.pt.3f9c0a1b.tmp`: what `atomic_save` leaves behind when killed mid-write."""
+    return name.startswith(".") and name.endswith(".tmp") and ".pt." in name
+
+
+def clean_stale_tmp(folder: str | Path) -> list[str]:
+    """Remove temporary files of interrupted saves in `folder`; returns their names."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if is_stale_tmp(p.name) and p.is_file():
+                try:
+                    p.unlink()
+                    removed.append(p.name)
+                except FileNotFoundError:
+                    pass
+    return sorted(removed)
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint read with `weights_only=True`: a file holding code (a pickled object with a
+    __reduce__ payload) is refused before anything in it runs."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses code; a damaged file fails to unzip
-        raise CheckpointError(f"{path}: not a loadable cnnlab checkpoint (only tensors and plain types are "
-                              f"accepted): {str(e).splitlines()[0]}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: refused, not a loadable cnnlab checkpoint (only tensors and plain types "
+                              f"are accepted, read with weights_only=True): {first}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: refused, expected a dict of tensors, found a {type(obj).__name__}")
+    return obj
 
 
 def all_finite(state_dict: dict) -> bool:
     return all(torch.isfinite(v).all().item() for v in state_dict.values()
                if torch.is_tensor(v) and v.is_floating_point())
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def check_free_space(folder: str | Path, need: int) -> None:
+    """Refuse to start (CheckpointError naming the folder and both numbers) when `folder`'s disk has
+    less than `need` bytes free."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough free disk space for checkpoints in {folder}: {free / 2**20:.1f} MiB free "
+            f"({free} bytes), a checkpoint needs about {need / 2**20:.1f} MiB ({need} bytes). "
+            "Free some space or choose another output.dir.")
 
 
 def rng_state() -> dict:

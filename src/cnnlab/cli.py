@@ -84,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cnnlab: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:  # a refused checkpoint, a non-finite loss, too little disk space: no traceback
+        from cnnlab.checkpoint import CheckpointError
+        from cnnlab.training import TrainingError
+
+        if not isinstance(e, (CheckpointError, TrainingError)):
+            raise
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return 1
     except SystemExit as e:  # Stopped by a signal after saving: 143 / 130
         return int(e.code) if isinstance(e.code, int) else 1
     except KeyboardInterrupt:

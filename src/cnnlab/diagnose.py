@@ -136,7 +136,8 @@ def _dead_classes(summary: dict) -> list[Finding]:
         row = cm[i].copy()
         row[i] = -1
         j = int(np.argmax(row))
-        went = f"most of its {support[i]} images were predicted as '{names[j]}' ({cm[i, j]})" if cm[i, j] > 0 else ""
+        went = (f"its {support[i]} images went to other classes, most often '{names[j]}' ({cm[i, j]})"
+                if cm[i, j] > 0 else f"it has {support[i]} images")
         if predicted[i] == 0:
             out.append(Finding(
                 "error", "dead_class", f"Class '{name}' is never predicted",

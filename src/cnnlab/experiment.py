@@ -75,6 +75,12 @@ def environment(cfg: C.Config, device: str) -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
 
 
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n")
@@ -135,6 +141,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it."""
     from cnnlab import training as T
 
+    T.configure_determinism(cfg)  # before any CUDA work (CUBLAS_WORKSPACE_CONFIG)
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
     if resume_dir is not None:
         run_dir = Path(resume_dir)
@@ -151,7 +158,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     t_start = time.perf_counter()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(C.dump_yaml(cfg))
+        write_text(run_dir / "config.yaml", C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
         write_json(run_dir / "data.json", data_summary(splits, cfg))
         save_splits(splits, run_dir / "splits.npz")
         say(f"run folder: {run_dir}")

@@ -60,6 +60,7 @@ def curves(history: dict, *, best_epoch: int | None = None, onset: int | None = 
         if onset is not None:
             ax.axvline(onset, color=BAD, ls="--", lw=1.2)
             ax.axvspan(onset, ep.max(), color=BAD, alpha=0.06, lw=0)
+        if onset is not None and what == "loss":
             ax.annotate(f"overfitting from epoch {onset}", (onset, 1), xycoords=("data", "axes fraction"),
                         xytext=(4, -12), textcoords="offset points", color=BAD, fontsize=8)
         if best_epoch is not None:
@@ -77,9 +78,13 @@ def curves(history: dict, *, best_epoch: int | None = None, onset: int | None = 
 
 
 def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
-    """Training loss at every logged step, with an exponential moving average over it."""
-    s, loss = _col(steps, "step"), _col(steps, "loss")
-    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+    """Training loss at every logged step with an exponential moving average; the learning rate below it."""
+    s, loss, lr = _col(steps, "step"), _col(steps, "loss"), _col(steps, "lr")
+    if lr is not None:
+        fig, (ax, axl) = plt.subplots(2, 1, figsize=(10, 4.4), sharex=True, height_ratios=(3, 1.1),
+                                      constrained_layout=True)
+    else:
+        fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
     ax.plot(s, loss, color=TRAIN, alpha=0.3, lw=0.9, label="logged")
     finite = np.isfinite(loss)
     if finite.any():
@@ -93,24 +98,34 @@ def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
         if lo > 0 and hi / lo > 30:
             ax.set_yscale("log")
     ep = _col(steps, "epoch")
-    if ep is not None:
-        for b in s[1:][np.diff(ep) > 0]:
-            ax.axvline(b, color="#cbd5e1", lw=0.7, zorder=0)
-    if diverged_at is not None:
-        ax.axvline(diverged_at, color=BAD, ls="--", lw=1.2, label=f"diverged (step {diverged_at})")
-    ax.set(xlabel="step (grey lines: epoch boundaries)", title="Training loss per step")
+    for a in ([ax, axl] if lr is not None else [ax]):
+        if ep is not None:
+            for b in s[1:][np.diff(ep) > 0]:
+                a.axvline(b, color="#cbd5e1", lw=0.7, zorder=0)
+        if diverged_at is not None:
+            a.axvline(diverged_at, color=BAD, ls="--", lw=1.2, label=f"diverged (step {diverged_at})")
+    ax.set(title="Training loss per step (grey lines: epoch boundaries)", ylabel="loss")
     ax.legend(loc="upper right")
+    if lr is not None:
+        _lr_axes(axl, s, lr, "step")
+    else:
+        ax.set_xlabel("step")
     return fig
+
+
+def _lr_axes(ax, x, lr, unit: str) -> None:
+    ax.plot(x, lr, color="#7c3aed", lw=1.8)
+    ax.set(xlabel=unit, ylabel="learning rate", ylim=(0, max(float(np.nanmax(lr)) * 1.15, 1e-12)))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
 
 def learning_rate(steps: dict | None = None, history: dict | None = None) -> Figure:
     """The learning rate over steps (or epochs when no step log exists)."""
     x, lr, unit = (_col(steps, "step"), _col(steps, "lr"), "step") if _col(steps, "lr") is not None else \
         (_col(history, "epoch"), _col(history, "lr"), "epoch")
-    fig, ax = plt.subplots(figsize=(5, 3.2), constrained_layout=True)
-    ax.plot(x, lr, color="#7c3aed", lw=1.8)
-    ax.set(xlabel=unit, title="Learning rate")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    fig, ax = plt.subplots(figsize=(10, 2.4), constrained_layout=True)
+    _lr_axes(ax, x, lr, unit)
+    ax.set_title("Learning rate")
     return fig
 
 
@@ -118,11 +133,19 @@ def learning_rate(steps: dict | None = None, history: dict | None = None) -> Fig
 # Confusion, per-class, calibration
 
 
+CM_SIDE_BY_SIDE = 12  # up to this many classes the report shows both matrices side by side
+
+
 def _cm_layout(k: int) -> tuple[float, float, float]:
-    """(cell size in inches, tick-label font size, figure side) for a K x K matrix."""
-    cell = float(np.clip(6.0 / k, 0.17, 0.75))
-    tick = float(np.clip(cell * 72 * 0.55, 5.0, 9.0))
+    """(cell size in inches, tick-label font size, figure side) for a K x K matrix: small matrices are drawn
+    to sit two abreast on the page, larger ones to fill its width, beyond ~40 classes at a 0.17-inch floor."""
+    cell = float(np.clip(3.2 / k, 0.17, 0.9)) if k <= CM_SIDE_BY_SIDE else float(np.clip(7.0 / k, 0.17, 0.4))
+    tick = float(np.clip(cell * 72 * 0.55, 5.0, 10.0))
     return cell, tick, k * cell + 2.6
+
+
+def _pct_fmt(v, _pos=None) -> str:
+    return f"{100 * v:.0f}%" if v >= 0.1 or v == 0 else f"{100 * v:.1f}%"
 
 
 def confusion(cm, classes: list[str], *, normalize: bool = False) -> Figure:
@@ -132,8 +155,15 @@ def confusion(cm, classes: list[str], *, normalize: bool = False) -> Figure:
     cm = np.asarray(cm, dtype=np.float64)
     k = cm.shape[0]
     cell, tick, side = _cm_layout(k)
-    fig, ax = plt.subplots(figsize=(side + (1.1 if normalize else 0.6), side), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(side + 0.4, side), constrained_layout=True)
     ax.grid(False)
+    bar_w = 0.16 / (k * cell)  # colour bars 0.16 inch wide, right of the matrix
+
+    def colourbar(im, y0, h, label):
+        cb = fig.colorbar(im, cax=ax.inset_axes([1 + 2 * bar_w, y0, bar_w, h]), label=label,
+                          format=_pct_fmt if normalize else None)
+        cb.outline.set_visible(False)
+
     if normalize:
         rows = cm.sum(1, keepdims=True)
         val = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
@@ -141,27 +171,28 @@ def confusion(cm, classes: list[str], *, normalize: bool = False) -> Figure:
         off_max = max(float(val[~diag].max()) if k > 1 else 0.0, 1e-9)
         im1 = ax.imshow(np.ma.masked_where(~diag, val), cmap="Blues", vmin=0, vmax=1)
         im2 = ax.imshow(np.ma.masked_where(diag | (val == 0), val), cmap="Reds", vmin=0, vmax=off_max)
-        fig.colorbar(im1, ax=ax, shrink=0.6, pad=0.01, label="correct (share of true class)")
-        fig.colorbar(im2, ax=ax, shrink=0.6, pad=0.01, label="confused as (share of true class)")
+        colourbar(im1, 0.54, 0.46, "correct")
+        colourbar(im2, 0.0, 0.46, "confused as")
         text = [[f"{100 * v:.0f}" if v >= 0.005 else "" for v in row] for row in val]
         colour = np.where(diag, val > 0.55, val > 0.55 * off_max)
         title = "Confusion matrix, normalised by true class (%)"
     else:
         im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(cm.max(), 1))
-        fig.colorbar(im, ax=ax, shrink=0.6, pad=0.01, label="images")
+        colourbar(im, 0.0, 1.0, "images")
         text = [[f"{int(v)}" if v else "" for v in row] for row in cm]
         colour = cm > 0.55 * max(cm.max(), 1)
         title = "Confusion matrix (counts)"
     width = max((len(t) for row in text for t in row), default=1)
-    size = min(9.0, cell * 72 * 0.8 / max(0.62 * width, 1.2))
-    if size >= 4.5:
+    size = min(10.0, cell * 72 * 0.8 / max(0.62 * width, 1.2))
+    if size >= 5.5 and cell >= 0.25:  # beyond ~25 classes the colours say it; digits would be noise
         for i in range(k):
             for j in range(k):
                 if text[i][j]:
                     ax.text(j, i, text[i][j], ha="center", va="center", fontsize=size,
                             color="white" if colour[i, j] else INK)
     names = [_short(c) for c in classes]
-    ax.set_xticks(range(k), names, rotation=90 if k > 8 or max(map(len, names)) > 6 else 0, fontsize=tick)
+    longest = max(map(len, names))
+    ax.set_xticks(range(k), names, rotation=90 if longest > max(2.0, 36 / k) else 0, fontsize=tick)
     ax.set_yticks(range(k), names, fontsize=tick)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     ax.tick_params(length=0)
@@ -177,12 +208,12 @@ def per_class_accuracy(per_class: list[dict], *, highlight: set[str] = frozenset
     colours = [BAD if n in highlight else TRAIN for n in names]
     ax.bar(range(k), acc, color=colours, width=0.75)
     mean = float(np.mean(acc)) if k else 0.0
-    ax.axhline(mean, color=INK, ls="--", lw=1, label=f"mean {mean:.1f}%")
+    ax.axhline(mean, color=INK, ls="--", lw=1)
     ax.set_xticks(range(k), [_short(n) for n in names], rotation=90 if k > 10 else 0,
                   fontsize=float(np.clip(500 / max(k, 1), 5, 9)))
-    ax.set(ylim=(0, 105), ylabel="accuracy (%)", title="Accuracy per class", xlim=(-0.7, k - 0.3))
+    ax.set(ylim=(0, 105), ylabel="accuracy (%)", title=f"Accuracy per class (dashed: mean {mean:.1f}%)",
+           xlim=(-0.7, k - 0.3))
     ax.grid(axis="x", visible=False)
-    ax.legend(loc="lower right")
     return fig
 
 
@@ -194,11 +225,12 @@ def reliability(bins: dict) -> Figure:
     has = count > 0
     ax.bar(mid[has], np.asarray(bins["accuracy"])[has], width=width[has] * 0.92, color=TRAIN, alpha=0.85,
            label="accuracy")
-    ax.bar(mid[has], (np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))[has], width=width[has] * 0.92,
-           bottom=np.asarray(bins["accuracy"])[has], color=BAD, alpha=0.25, label="gap to confidence")
+    acc, conf = np.asarray(bins["accuracy"])[has], np.asarray(bins["confidence"])[has]
+    ax.bar(mid[has], np.abs(conf - acc), width=width[has] * 0.92, bottom=np.minimum(acc, conf), facecolor="none",
+           hatch="////", edgecolor=BAD, lw=0, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], color=INK, ls="--", lw=1, label="perfect calibration")
-    ax.set(ylabel="accuracy", title="Reliability (confidence vs accuracy)", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left")
+    ax.set(ylabel="accuracy", title="Reliability (confidence vs accuracy)", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="best", framealpha=0.9, frameon=True, edgecolor="none")
     axn.bar(mid, count, width=width * 0.92, color="#94a3b8")
     axn.set(xlabel="confidence (top softmax probability)", ylabel="images")
     return fig
@@ -225,12 +257,13 @@ def _show(ax, img: np.ndarray, frame: str | None = None) -> None:
             sp.set_linewidth(3)
 
 
-def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *, max_pairs: int = 6,
-                    per_pair: int = 6) -> Figure | None:
-    """Misclassified images, highest loss first, one row per (true -> predicted) pair.
+def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *, max_pairs: int = 8,
+                    per_pair: int = 5, slots: int = 8) -> Figure | None:
+    """Misclassified images, highest loss first, grouped by (true -> predicted) pair.
 
     rows: the predictions.csv records of `images` (target_name, pred_name, confidence, loss);
     pair_totals: {(true, pred): count over the whole split} to order the pairs and say how many there are.
+    Groups are packed left to right into rows of `slots` images, each under its own heading.
     """
     wrong = [(r, im) for r, im in zip(rows, images) if r["target"] != r["pred"]]
     if not wrong:
@@ -240,21 +273,23 @@ def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *
         groups.setdefault((r["target_name"], r["pred_name"]), []).append((r, im))
     totals = pair_totals or {p: len(g) for p, g in groups.items()}
     order = sorted(groups, key=lambda p: (-totals.get(p, 0), -groups[p][0][0]["loss"]))[:max_pairs]
-    ncol = min(per_pair, max(len(groups[p]) for p in order))
-    fig = plt.figure(figsize=(1.55 * ncol + 0.4, 1.95 * len(order)), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(len(order), 1))
-    for sf, pair in zip(subfigs, order):
-        sf.suptitle(f"true '{_short(pair[0], 24)}'  →  predicted '{_short(pair[1], 24)}'   "
-                    f"({totals.get(pair, len(groups[pair]))} in total)", fontsize=9, fontweight="bold",
-                    x=0.01, ha="left", color=INK)
-        axes = np.atleast_1d(sf.subplots(1, ncol))
-        for ax, item in zip(axes, groups[pair] + [None] * ncol):
-            if item is None:
-                ax.axis("off")
-                continue
-            r, im = item
+    place, row, col = [], 0, 0  # (pair, row, first slot, width)
+    for pair in order:
+        w = min(per_pair, len(groups[pair]), slots)
+        if col + w > slots:
+            row, col = row + 1, 0
+        place.append((pair, row, col, w))
+        col += w
+    fig = plt.figure(figsize=(1.45 * slots, 2.25 * (row + 1)), layout="constrained")
+    gs = fig.add_gridspec(row + 1, slots)
+    for pair, r, c, w in place:
+        sf = fig.add_subfigure(gs[r, c:c + w])
+        n = 9 if w == 1 else 16
+        sf.suptitle(f"{_short(pair[0], n)} → {_short(pair[1], n)}\n{totals.get(pair, len(groups[pair]))} in total",
+                    fontsize=9, fontweight="bold", color=INK)
+        for ax, (rec, im) in zip(np.atleast_1d(sf.subplots(1, w)), groups[pair]):
             _show(ax, im, BAD)
-            ax.set_title(f"{100 * r['confidence']:.0f}% sure · loss {r['loss']:.2f}", fontsize=7.5,
+            ax.set_title(f"{100 * rec['confidence']:.0f}% · loss {rec['loss']:.2f}", fontsize=8,
                          fontweight="normal", color=INK)
     return fig
 
@@ -266,16 +301,15 @@ def prediction_grid(images, rows: list[dict], *, max_images: int = 32, ncol: int
         return None
     ncol = min(ncol, n)
     nrow = -(-n // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.45 * ncol, 1.75 * nrow), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.3 * ncol, 1.75 * nrow), squeeze=False, constrained_layout=True)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, r, im in zip(axes.flat, rows[:n], images[:n]):
         ok = r["target"] == r["pred"]
         _show(ax, im, GOOD if ok else BAD)
-        label = f"{_short(r['pred_name'], 12)} {100 * r['confidence']:.0f}%"
-        if not ok:
-            label += f"\n(true {_short(r['target_name'], 10)})"
-        ax.set_title(label, fontsize=7.5, fontweight="normal", color=GOOD if ok else BAD)
+        label = f"{_short(r['pred_name'], 11)} · {100 * r['confidence']:.0f}%"
+        label += "\n " if ok else f"\ntrue {_short(r['target_name'], 11)}"
+        ax.set_title(label, fontsize=8.5, fontweight="normal", color=GOOD if ok else BAD)
     return fig
 
 
@@ -296,7 +330,8 @@ def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
     n = len(w)
     ncol = min(16, n)
     nrow = -(-n // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(0.62 * ncol + 0.3, 0.62 * nrow + 0.5), squeeze=False,
+    side = float(np.clip(9.0 / ncol, 0.62, 1.1))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(side * ncol + 0.3, side * nrow + 0.5), squeeze=False,
                              constrained_layout=True)
     lim = float(np.abs(w).max()) or 1.0
     for ax in axes.flat:
@@ -359,16 +394,24 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: in
                              squeeze=False, constrained_layout=True)
     for row, (name, act) in zip(axes, stages):
         _show(row[0], image)
-        row[0].set_title("input", fontsize=7.5, fontweight="normal")
+        c, h, w = act.shape
+        row[0].set_title(f"{layer_label(model, name)}\n{c}×{h}×{w}", fontsize=8, fontweight="bold", color=INK)
         top = torch.argsort(act.flatten(1).mean(1), descending=True)[:channels]
         for j, ax in enumerate(row[1:]):
             ax.axis("off")
             if j < len(top):
                 ax.imshow(act[top[j]].numpy(), cmap="viridis", interpolation="nearest")
-                ax.set_title(f"ch {int(top[j])}", fontsize=7, fontweight="normal")
-        row[1].text(-0.12, 0.5, f"{name}\n{tuple(act.shape)}", transform=row[1].transAxes, ha="right",
-                    va="center", fontsize=7, rotation=90, color=INK)
+                ax.set_title(f"channel {int(top[j])}", fontsize=7.5, fontweight="normal")
     return fig
+
+
+def layer_label(model: torch.nn.Module, name: str) -> str:
+    """'3' -> 'layer 3 (conv 8→16)'; 'layer4.1.conv2' -> 'layer4.1.conv2 (conv 512→512)'."""
+    mod = dict(model.named_modules()).get(name)
+    base = f"layer {name}" if name.isdigit() else name
+    if isinstance(mod, torch.nn.Conv2d):
+        return f"{base} (conv {mod.in_channels}→{mod.out_channels})"
+    return base
 
 
 def cam_layer(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, torch.nn.Module] | None:
@@ -420,11 +463,11 @@ def gradcam_grid(images, maps: np.ndarray, rows: list[dict], layer_name: str) ->
     for j, (r, im, cam) in enumerate(zip(rows, images, maps)):
         ok = r["target"] == r["pred"]
         _show(axes[0, j], im, GOOD if ok else BAD)
-        axes[0, j].set_title(f"true {_short(r['target_name'], 10)}", fontsize=7.5, fontweight="normal")
+        axes[0, j].set_title(f"true {_short(r['target_name'], 10)}", fontsize=8.5, fontweight="normal")
         _show(axes[1, j], im)
         axes[1, j].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-        axes[1, j].set_title(f"pred {_short(r['pred_name'], 10)} {100 * r['confidence']:.0f}%", fontsize=7.5,
+        axes[1, j].set_title(f"pred {_short(r['pred_name'], 10)} · {100 * r['confidence']:.0f}%", fontsize=8.5,
                              fontweight="normal", color=GOOD if ok else BAD)
-    fig.suptitle(f"Grad-CAM on layer '{layer_name}': where the evidence for the predicted class lies",
+    fig.suptitle(f"Grad-CAM on {layer_name}: where the evidence for the predicted class lies",
                  fontsize=10, fontweight="bold")
     return fig

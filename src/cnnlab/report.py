@@ -177,8 +177,9 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
     div = next((f.data for f in found if f.kind == "divergence" and f.data.get("unit") == "step"), None)
     if steps.get("loss"):
         add("steps", P.step_loss(steps, diverged_at=div["at"] if div else None), "Training loss per step",
-            "Every logged step, with an exponential moving average.")
-    if steps.get("lr") or h.get("lr"):
+            "Every logged step, with an exponential moving average"
+            + ("; the learning rate below." if steps.get("lr") else "."))
+    elif steps.get("lr") or h.get("lr"):
         add("lr", P.learning_rate(steps or None, h), "Learning rate", "The schedule as applied.")
     if summ:
         cm, k = summ["confusion"], len(run["classes"])
@@ -239,8 +240,9 @@ def _model_plots(run: dict, model, images, rows, add) -> None:
     pick = (right + wrong + [i for i in range(len(rows)) if i not in right + wrong])[:8]
     pick = sorted(pick[:8])
     maps, _ = P.gradcam(model, x[pick], layer[1])
-    add("gradcam", P.gradcam_grid(images[pick], maps, [rows[i] for i in pick], layer[0]), "Grad-CAM",
-        f"Target layer '{layer[0]}' (the last conv layer with a spatial output larger than 1x1), chosen "
+    label = P.layer_label(model, layer[0])
+    add("gradcam", P.gradcam_grid(images[pick], maps, [rows[i] for i in pick], label), "Grad-CAM",
+        f"Target {label}, the last conv layer with a spatial output larger than 1x1, chosen "
         "automatically; red = strong evidence for the predicted class.")
 
 

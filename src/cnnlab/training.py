@@ -30,12 +30,16 @@ from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
 
 
-class NonFiniteLossError(FloatingPointError):
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do (the CLI prints it, exit 1)."""
+
+
+class NonFiniteLossError(TrainingError, FloatingPointError):
     pass
 
 
 class Stopped(SystemExit):
-    """Training was stopped by a signal after saving a resumable checkpoint."""
+    """Training was stopped by a signal after saving a resumable checkpoint (exit code 143 / 130)."""
 
 
 @dataclass
@@ -52,16 +56,22 @@ class State:
     epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch
     epoch_correct: int = 0
     epoch_seen: int = 0
+    epoch_lr: float | None = None  # learning rate at the start of the current epoch (history.csv)
+    epoch_seconds: float = 0.0  # training seconds of the current epoch before the last checkpoint
     history: list = field(default_factory=list)
 
 
 def pick_device(name: str) -> torch.device:
+    """The training device; under torchrun a bare 'cuda' (or 'auto') means this process's GPU, cuda:LOCAL_RANK."""
+    local_rank = dist.world()[1]
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", dist.world()[1])
+            return torch.device("cuda", local_rank)
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use train.device=cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -69,6 +79,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_determinism(cfg: Config) -> None:
+    """`train.deterministic: true`: PyTorch's deterministic algorithms (an error names any op that has
+    none). CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, so call this before any CUDA work;
+    `experiment.run` calls it first thing and `fit` again. It stays on for the rest of the process,
+    so the final evaluation is deterministic too. On CPU, runs are reproducible without it."""
+    if not cfg.train.deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -80,11 +103,24 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-class _SignalGuard:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits 143/130."""
+# Seconds a rank of a distributed run may take, after SIGTERM/SIGINT, to reach a step boundary and
+# (rank 0) save; past it the process exits anyway. torchrun itself sends SIGKILL 30 s after SIGTERM.
+DIST_SIGNAL_GRACE_S = 20.0
 
-    def __init__(self):
+
+class _SignalGuard:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits 143/130.
+
+    A second signal stops at once (KeyboardInterrupt, exit 130). In a distributed run the flag is
+    shared at each step boundary through the step's all-reduce, so every rank stops after the same
+    step and rank 0 saves (no collective is needed to save). A rank whose peers are gone or hung
+    would wait in a collective instead of reaching that boundary; a watchdog thread ends it after
+    DIST_SIGNAL_GRACE_S seconds with the signal's exit code, so no rank outlives the group.
+    """
+
+    def __init__(self, distributed: bool = False):
         self.signum: int | None = None
+        self.distributed = distributed
         self._old = {}
 
     def __enter__(self):
@@ -99,87 +135,146 @@ class _SignalGuard:
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        if self.distributed:
+            import threading
+
+            threading.Thread(target=self._watchdog, args=(_exit_code(signum),), daemon=True).start()
+
+    @staticmethod
+    def _watchdog(code: int) -> None:
+        time.sleep(DIST_SIGNAL_GRACE_S)
+        print(f"cnnlab: rank {dist.world()[0]}: no clean stop {DIST_SIGNAL_GRACE_S:.0f} s after the signal "
+              f"(a collective is waiting for a rank that is gone); exiting with {code}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def code(self) -> int | None:
+        """This process's exit code for the signal received (143 SIGTERM, 130 SIGINT), None without one."""
+        return None if self.signum is None else _exit_code(self.signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
+def _exit_code(signum: int) -> int:
+    return 143 if signum == signal.SIGTERM else 130
+
+
+def _stop_code(guard: _SignalGuard) -> int | None:
+    """The exit code if any rank was signalled (one small collective when distributed)."""
+    if not dist.active():
+        return guard.code()
+    t = torch.tensor([guard.code() == 143, guard.code() == 130], dtype=torch.float64)
+    dist.all_reduce_sum(t)
+    return 143 if t[0] > 0 else 130 if t[1] > 0 else None
+
+
 def _loss_fn(cfg: Config):
     return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
 
+def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, ranks: list[int]) -> str:
+    where = f" on rank {', '.join(map(str, ranks))}" if dist.active() else ""
+    what = f"became {loss}" if loss is not None and not math.isfinite(loss) else "became non-finite"
+    return (f"the training loss {what} at step {step} (epoch {epoch}){where}; training stopped at that step. "
+            f"Likely causes: a learning rate too high (optim.lr={cfg.optim.lr}; try a tenth), inputs not "
+            "normalised, fp16 overflow (try train.amp=bf16 or off), bad values (NaN/inf) in the data, or a "
+            "model that divides by zero or takes the log of zero. Nothing was saved from this step; the last "
+            "checkpoint and the history up to it are kept.")
+
+
 def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, normalize, cfg: Config,
                     state: State, device, dtype, on_step, guard: _SignalGuard) -> None:
-    """One pass over the training split from `state.batch_in_epoch`, updating `state` as it goes."""
+    """One pass over the training split from `state.batch_in_epoch`, updating `state` as it goes.
+
+    A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
+    checkpoint ever holds it). A signal raises Stopped at the step boundary after `on_step`.
+    """
     model.train()
-    if hasattr(model, "_cnnlab_after_train"):
-        model._cnnlab_after_train()
+    bare = _unwrap(model)
+    if hasattr(bare, "_cnnlab_after_train"):
+        bare._cnnlab_after_train()
     loss_fn = _loss_fn(cfg)
     limit = cfg.train.limit_batches
     seed = cfg.train.seed
+    distributed = dist.active()
+    world = batches.world if distributed else 1
     for x, y, _ in batches.iterate(order, start_batch=state.batch_in_epoch):
         if limit is not None and state.batch_in_epoch >= limit:
             break
         step = state.step + 1  # 1-based number of the step being taken
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # augmentation depends only on (seed, step)
-        x = normalize(augment_batch(x, cfg.data.augment, gen))
+        i, n_order = state.batch_in_epoch, len(order)
+        # draws for the whole global batch, this rank's rows of it: the same images as with 1 process
+        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=batches.local_offset(i, n_order) if world > 1 else 0,
+                                    total=batches.global_size(i, n_order) if world > 1 else None))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)  # (B, K)
             loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {step} (epoch {state.epoch + 1}). Likely causes: "
-                f"a learning rate too high (optim.lr={cfg.optim.lr}), no normalisation of the inputs, "
-                "fp16 overflow (try train.amp=bf16 or off), or bad values in the data. Nothing was saved from this step.")
+        finite = bool(torch.isfinite(loss))
+        if distributed:  # every rank stops at the same step, naming the rank(s) that saw it
+            bad = [r for r, f in enumerate(dist.flags(not finite)) if f]
+        else:
+            bad = [] if finite else [0]
+        if bad:
+            raise NonFiniteLossError(_nonfinite_message(None if finite else loss.item(), step, state.epoch + 1,
+                                                        cfg, bad))
+        n = y.shape[0]
+        # DDP averages gradients over ranks; weight each rank's mean by its share of the global batch,
+        # so uneven slices (batch size not divisible by the world size) give the 1-process gradient.
+        share = n * world / max(1, batches.global_size(i, n_order))
         opt.zero_grad(set_to_none=True)
+        objective = loss if share == 1 else loss * share
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(opt)
             scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             opt.step()
         sched.step()
         if ema is not None:
-            ema.update_parameters(model)
-        n = y.shape[0]
-        stats = torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
-        dist.all_reduce_sum(stats)
+            ema.update_parameters(bare)
+        stats = torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
+                              guard.code() == 143, guard.code() == 130], dtype=torch.float64)
+        dist.all_reduce_sum(stats)  # also tells every rank whether any rank was signalled
         state.epoch_loss_sum += stats[0].item()
         state.epoch_correct += int(stats[1].item())
         state.epoch_seen += int(stats[2].item())
         state.step = step
         state.batch_in_epoch += 1
         on_step(step, stats[0].item() / max(1.0, stats[2].item()))
-        if guard.signum is not None:
-            raise Stopped(143 if guard.signum == signal.SIGTERM else 130)
+        if stats[3] > 0 or stats[4] > 0:
+            raise Stopped(143 if stats[3] > 0 else 130)
 
 
 @torch.no_grad()
 def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, K) float32 and targets (N,) of a whole split, every sample exactly once across ranks."""
+    """Logits (N, K) float32 and targets (N,) of a whole split in its order, every sample exactly once:
+    each rank evaluates one contiguous unpadded block (`eval_indices`) and the blocks are gathered."""
     model.eval()
     rank, _, world = dist.world()
-    order = eval_indices(len(batches.s), rank, world) if dist.active() else torch.arange(len(batches.s))
+    n = len(batches.s)
+    order = eval_indices(n, rank, world) if dist.active() else torch.arange(n)
     out, tgt = [], []
-    saved_world = batches.world
-    batches.world = 1  # eval blocks are already per rank
-    try:
-        for x, y, _ in batches.iterate(order):
-            x = normalize(x)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(x).float()
-                if tta_flip:
-                    logits = 0.5 * (logits + model(x.flip(3)).float())
-            out.append(logits)
-            tgt.append(y)
-    finally:
-        batches.world = saved_world
-    k = out[0].shape[1] if out else 0
+    for x, y, _ in batches.iterate(order, shard=False):
+        x = normalize(x)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x).float()
+            if tta_flip:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        out.append(logits.float())
+        tgt.append(y)
+    k = out[0].shape[1] if out else _num_outputs(model)
     logits = torch.cat(out) if out else torch.zeros(0, k, device=device)
     targets = torch.cat(tgt) if tgt else torch.zeros(0, dtype=torch.int64, device=device)
     return dist.gather_rows(logits).cpu(), dist.gather_rows(targets).cpu()
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """Classes of a model, for the (0, K) logits of a rank with an empty block (n < world size)."""
+    last = [m for m in _unwrap(model).modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else 0
 
 
 def _is_better(metric: float, best: float | None, monitor: str, min_delta: float) -> bool:
@@ -200,8 +295,11 @@ def save_checkpoint(path: Path, *, model, opt, sched, scaler, ema, state: State,
     if not dist.is_main():
         return
     sd = _unwrap(model).state_dict()
-    if not ckpt.all_finite(sd):
-        raise NonFiniteLossError(f"refusing to write {path}: the model has non-finite weights (step {state.step})")
+    if not ckpt.all_finite(sd) or (ema is not None and not ckpt.all_finite(ema.state_dict())):
+        raise NonFiniteLossError(
+            f"refusing to write {path}: the model has non-finite weights at step {state.step} (epoch "
+            f"{state.epoch + (state.batch_in_epoch > 0)}). Likely causes: a learning rate too high "
+            f"(optim.lr={cfg.optim.lr}) or fp16 overflow (try train.amp=bf16 or off). The previous checkpoint is kept.")
     obj = {"model": sd, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
            "scaler": scaler.state_dict() if scaler is not None else None,
            "ema": ema.state_dict() if ema is not None else None,
@@ -258,32 +356,52 @@ class Progress:
             self.bar.close()
 
 
+def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
+    """About how many bytes checkpoints/best.pt and last.pt take together: each holds the model and the
+    optimizer state (~3x the parameter bytes with Adam's two moments; +1x with EMA)."""
+    one = ckpt.tensor_bytes(model) * (4 if cfg.train.ema else 3) + (1 << 20)
+    return 2 * one
+
+
 def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> tuple[nn.Module, State]:
-    """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`."""
+    """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`.
+
+    With `resume`, continue exactly from checkpoints/last.pt (or from the start when the run was
+    stopped before its first checkpoint): the rows of history.csv/steps.csv written after that
+    checkpoint are dropped and written again, stale temporary files of a killed save are removed.
+    """
     t = cfg.train
+    configure_determinism(cfg)
     device = pick_device(t.device)
     distributed = dist.init(device)
     rank, _, world = dist.world()
+    main = dist.is_main()
     if t.threads:
         torch.set_num_threads(t.threads)
-    if t.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
+    if device.type == "cuda" and not t.deterministic:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed)
 
-    model = build_for(cfg, splits).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, cfg.optim)
+    model = build_for(cfg, splits)
     nb = dict(batch_size=t.batch_size, device=device, channels=splits.channels, size=splits.size,
               num_workers=cfg.data.num_workers)
     train_b = Batches(splits.train, rank=rank, world=world, drop_last=len(splits.train) > t.batch_size, **nb)
     val_b = Batches(splits.val, **{**nb, "batch_size": t.eval_batch_size})
+    normalize = Normalizer(splits.mean, splits.std, device, t.channels_last)
+    model = model.to(device)
+    if hasattr(model, "init_from_data"):  # data-dependent init (e.g. fastnet's whitening stem); before EMA copies it
+        sample = splits.train.images[:5000] if splits.train.images is not None else \
+            next(iter(train_b.iterate(torch.arange(min(5000, len(splits.train))), shard=False)))[0]
+        model.init_from_data(normalize(sample.to(device)))
+    if distributed and device.type == "cuda":
+        # batch statistics over the global batch, as in a 1-GPU run (SyncBatchNorm needs CUDA: on
+        # CPU/gloo each rank normalises with its own slice's statistics; running stats come from rank 0)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg.optim)
     steps_per_epoch = min(len(train_b), t.limit_batches or len(train_b))
     sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
     dtype = amp_dtype(cfg, device)
@@ -293,22 +411,29 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
-    normalize = Normalizer(splits.mean, splits.std, device, t.channels_last)
 
-    state = State()
     ckdir = run_dir / "checkpoints"
-    if resume and (ckdir / "last.pt").is_file():
-        c = ckpt.load(ckdir / "last.pt")
-        model.load_state_dict(c["model"])
-        opt.load_state_dict(c["optimizer"])
-        sched.load_state_dict(c["scheduler"])
-        if scaler is not None and c.get("scaler"):
-            scaler.load_state_dict(c["scaler"])
-        if ema is not None and c.get("ema"):
-            ema.load_state_dict(c["ema"])
-        state = State(**c["state"])
-        ckpt.set_rng_state(c["rng"])
-        _truncate_logs(run_dir, state)
+    if main:
+        ckpt.check_free_space(ckdir, checkpoint_bytes(model, cfg))
+    state = State()
+    if resume:
+        if main:
+            stale = ckpt.clean_stale_tmp(ckdir)
+            if stale:
+                print(f"removed {len(stale)} temporary file(s) of an interrupted save in {ckdir}: "
+                      f"{', '.join(stale)}", flush=True)
+        if (ckdir / "last.pt").is_file():
+            c = ckpt.load(ckdir / "last.pt")
+            model.load_state_dict(c["model"])
+            opt.load_state_dict(c["optimizer"])
+            sched.load_state_dict(c["scheduler"])
+            if scaler is not None and c.get("scaler"):
+                scaler.load_state_dict(c["scaler"])
+            if ema is not None and c.get("ema"):
+                ema.load_state_dict(c["ema"])
+            state = State(**c["state"])
+            ckpt.set_rng_state(c["rng"])
+        _truncate_logs(run_dir, state)  # rows written after the checkpoint are written again
     train_model = model
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -317,26 +442,36 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
 
     progress = Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
     progress.step(state.step, float("nan"))
-    main = dist.is_main()
-    last_save = time.monotonic()
+    saved_at = None  # (epoch, step) of the last write of last.pt
+
+    def save_last() -> None:
+        nonlocal saved_at
+        if saved_at != (state.epoch, state.step):
+            save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
+                            state=state, cfg=cfg)
+            saved_at = (state.epoch, state.step)
+
+    clock = [0.0]  # perf_counter() when state.epoch_seconds was last brought up to date
 
     def on_step(step: int, loss: float) -> None:
-        nonlocal last_save
+        now = time.perf_counter()
+        state.epoch_seconds += now - clock[0]  # so a checkpoint knows how long its epoch has taken
+        clock[0] = now
         progress.step(step, loss)
         if main and step % t.log_every == 0:
             _csv_append(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1, "loss": _fmt(loss),
                                                 "lr": _fmt(opt.param_groups[0]["lr"])})
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-            save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
-                            state=state, cfg=cfg)
+            save_last()
 
     eval_model = ema.module if ema is not None else model
-    with _SignalGuard() as guard:
+    with _SignalGuard(distributed) as guard:
         try:
             while state.epoch < t.epochs and not state.stopped_early:
-                t0 = time.perf_counter()
-                lr = opt.param_groups[0]["lr"]
-                order = epoch_order(len(splits.train), t.seed, state.epoch)
+                clock[0] = time.perf_counter()
+                if state.batch_in_epoch == 0 or state.epoch_lr is None:
+                    state.epoch_lr, state.epoch_seconds = opt.param_groups[0]["lr"], 0.0
+                order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
                 train_one_epoch(train_model, train_b, order, opt=opt, sched=sched, scaler=scaler, ema=ema,
                                 normalize=normalize, cfg=cfg, state=state, device=device, dtype=dtype,
                                 on_step=on_step, guard=guard)
@@ -344,10 +479,12 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                 val_loss = F.cross_entropy(logits, targets).item() if len(targets) else float("nan")
                 val_acc = (logits.argmax(1) == targets).float().mean().item() if len(targets) else float("nan")
                 state.epoch += 1
+                seconds = state.epoch_seconds + time.perf_counter() - clock[0]
                 row = {"epoch": state.epoch, "train_loss": state.epoch_loss_sum / max(1, state.epoch_seen),
                        "train_acc": state.epoch_correct / max(1, state.epoch_seen), "val_loss": val_loss,
-                       "val_acc": val_acc, "lr": lr, "seconds": time.perf_counter() - t0}
+                       "val_acc": val_acc, "lr": state.epoch_lr, "seconds": seconds}
                 state.batch_in_epoch, state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0, 0.0, 0, 0
+                state.epoch_seconds = 0.0
                 state.history.append({k: (round(v, 4) if k == "seconds" else v) for k, v in row.items()})
                 metric = val_acc if t.monitor == "val_acc" else val_loss
                 if _is_better(metric, state.best_metric, t.monitor, t.early_stop.min_delta):
@@ -360,16 +497,17 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                         state.stopped_early = True
                 if main:
                     _csv_append(run_dir / "history.csv", {k: _fmt(v) for k, v in row.items()})
-                save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
-                                state=state, cfg=cfg)
+                save_last()
                 progress.epoch(row)
-                if guard.signum is not None:
-                    raise Stopped(143 if guard.signum == signal.SIGTERM else 130)
-        except Stopped:
-            save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
-                            state=state, cfg=cfg)
-            progress.close()
-            raise
+                code = _stop_code(guard)  # a signal during evaluation: stop now, not after another step
+                if code is not None:
+                    raise Stopped(code)
+        except Stopped as e:
+            save_last()  # at a step boundary every rank has the same weights: rank 0 writes them
+            if main:
+                print(f"stopped by a signal after step {state.step} (epoch {state.epoch + 1}); resume with "
+                      f"cnnlab train --resume {run_dir}", file=sys.stderr, flush=True)
+            raise Stopped(e.code) from None
         finally:
             progress.close()
     if state.stopped_early and main:
@@ -379,7 +517,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
 
 
 def _truncate_logs(run_dir: Path, state: State) -> None:
-    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    """On resume, drop log rows written after the checkpoint (they will be written again), and any
+    row a kill cut short."""
     if not dist.is_main():
         return
     for name, key, limit in (("history.csv", "epoch", state.epoch), ("steps.csv", "step", state.step)):
@@ -387,13 +526,24 @@ def _truncate_logs(run_dir: Path, state: State) -> None:
         if not path.exists():
             continue
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        keep = [r for r in rows if int(r[key]) <= limit]
-        if len(keep) != len(rows):
-            tmp = path.with_suffix(".csv.tmp")
-            with open(tmp, "w", newline="") as f:
-                if keep:
-                    w = csv.DictWriter(f, fieldnames=list(keep[0]))
-                    w.writeheader()
-                    w.writerows(keep)
-            os.replace(tmp, path)
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames, list(reader)
+        keep = [r for r in rows if _row_ok(r, key, limit)]
+        if len(keep) == len(rows) and path.read_bytes().endswith(b"\n"):
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            if keep and fields:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(keep)
+        os.replace(tmp, path)
+
+
+def _row_ok(row: dict, key: str, limit: int) -> bool:
+    if None in row or any(v in (None, "") for v in row.values()):
+        return False
+    try:
+        return int(row[key]) <= limit
+    except ValueError:
+        return False

@@ -23,22 +23,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, offset: int = 0,
+                  total: int | None = None) -> torch.Tensor:
     """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image.
 
     Semantics match torchvision's RandomHorizontalFlip(0.5) and RandomCrop(size, padding=p) with zero
     fill, and Cutout (DeVries & Taylor 2017) with the square's centre uniform over the image.
-    Random numbers come from `gen` on the CPU, so results do not depend on the device.
+    Random numbers come from `gen` on the CPU, so results do not depend on the device. When `x` is
+    rows offset..offset+B of a global batch of `total` images (one rank's slice under DDP), the draws
+    are made for the whole global batch and this slice's rows are used: each image is augmented as
+    it would be in a 1-process run.
     """
     b, c, h, w = x.shape
     dev = x.device
+    total = b if total is None else total
+    rows = slice(offset, offset + b)
     if aug.hflip:
-        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
+        flip = (torch.rand(total, generator=gen)[rows] < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     p = aug.crop_padding
     if p:
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(dev)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(dev)
+        dy = torch.randint(0, 2 * p + 1, (total,), generator=gen)[rows].to(dev)
+        dx = torch.randint(0, 2 * p + 1, (total,), generator=gen)[rows].to(dev)
         padded = torch.nn.functional.pad(x, (p, p, p, p))
         rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
@@ -47,8 +53,8 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> 
         x = padded[bi, ci, rows, cols]  # (B, C, H, W)
     if aug.cutout:
         s = aug.cutout
-        cy = torch.randint(0, h, (b,), generator=gen).to(dev).view(b, 1, 1)
-        cx = torch.randint(0, w, (b,), generator=gen).to(dev).view(b, 1, 1)
+        cy = torch.randint(0, h, (total,), generator=gen)[rows].to(dev).view(b, 1, 1)
+        cx = torch.randint(0, w, (total,), generator=gen)[rows].to(dev).view(b, 1, 1)
         yy = torch.arange(h, device=dev).view(1, h, 1)
         xx = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((yy >= cy - s // 2) & (yy < cy - s // 2 + s) & (xx >= cx - s // 2) & (xx < cx - s // 2 + s))
@@ -86,7 +92,8 @@ class Batches:
     `order` is the epoch's sample order (all ranks), `rank`/`world` shard it: a training batch of the
     global size B is split so that rank r takes its slice of every global batch, which makes a
     W-process run step for step the same as a 1-process run with the same global batch.
-    Evaluation (`shard_eval`) gives each rank a contiguous, unpadded block: every sample once.
+    Evaluation passes each rank's contiguous, unpadded block (`eval_indices`) with `shard=False`:
+    every sample is evaluated exactly once, whatever the set's size.
     """
 
     def __init__(self, s: ImageSet, *, batch_size: int, device: torch.device, channels: int, size: int,
@@ -98,12 +105,22 @@ class Batches:
         self.labels = torch.as_tensor(s.labels, dtype=torch.int64)
         self.labels_dev = self.labels.to(device)
 
-    def num_batches(self) -> int:
-        n = len(self.s)
+    def num_batches(self, n: int | None = None) -> int:
+        """Batches in an epoch over `n` samples (default: the whole set)."""
+        n = len(self.s) if n is None else n
         return n // self.bs if self.drop_last and n >= self.bs else math.ceil(n / self.bs)
 
     def __len__(self) -> int:
         return self.num_batches()
+
+    def global_size(self, i: int, n: int | None = None) -> int:
+        """Samples in global batch `i` (all ranks together) of an epoch over `n` samples."""
+        n = len(self.s) if n is None else n
+        return max(0, min(self.bs, n - i * self.bs))
+
+    def local_offset(self, i: int, n: int | None = None) -> int:
+        """Where this rank's slice starts in global batch `i`."""
+        return self.rank * math.ceil(self.global_size(i, n) / self.world)
 
     def _local(self, gidx: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
@@ -111,10 +128,12 @@ class Batches:
         per = math.ceil(len(gidx) / self.world)
         return gidx[self.rank * per:(self.rank + 1) * per]
 
-    def iterate(self, order: torch.Tensor, start_batch: int = 0):
-        nb = self.num_batches()
+    def iterate(self, order: torch.Tensor, start_batch: int = 0, *, shard: bool = True):
+        """Batches of `order` from batch `start_batch` on; with `shard`, this rank's slice of each
+        global batch (training), without it every index of `order` (evaluation blocks)."""
+        nb = self.num_batches(len(order))
         batches = [order[i * self.bs:(i + 1) * self.bs] for i in range(start_batch, nb)]
-        local = [self._local(b) for b in batches]
+        local = [self._local(b) for b in batches] if shard else batches
         if self.images is not None:
             for idx in local:
                 dev_idx = idx.to(self.device)

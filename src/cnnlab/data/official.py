@@ -70,7 +70,11 @@ def _missing(name: str, places: list[Path], files: list[str], get: str) -> FileN
     where = ", ".join(str(p) for p in places)
     return FileNotFoundError(
         f"data set {name!r}: {', '.join(files)} not found (looked in {where}) and download is off. "
-        f"{get}, put the files in data.root, or set data.download: true.")
+        f"To get it: {get}; or put the files in data.root (--root).")
+
+
+def _fetch_hint(url: str) -> str:
+    return f"set data.download: true (drop --no-download) to fetch {url}, checksum-verified"
 
 
 def _options(name: str, options: dict, **defaults):
@@ -135,9 +139,10 @@ def _idx_source(name: str, root: str | None, download: bool, options: dict) -> D
     found = _find(places, IDX_FILES, subdirs=("", f"{tv}/raw"), gz=True)
     if found is None:
         if not download:
+            get = _fetch_hint(mirrors[0])
             raise _missing(name, places, [f + ".gz" for f in IDX_FILES],
-                           f"Install it (apt-get install dataset-{name})" if name == "fashion-mnist"
-                           else "Download it")
+                           f"`apt-get install dataset-{name}` (into {SYSTEM_DIR / name}), or {get}"
+                           if name == "fashion-mnist" else get)
         target = _target(name, root)
         found = {f: fetch([m + f + ".gz" for m in mirrors], target / (f + ".gz"), md5=md5)
                  for f, md5 in zip(IDX_FILES, md5s)}
@@ -171,7 +176,7 @@ def fashion_mnist(root: str | None = None, *, download: bool = True, **options) 
 
 
 def _archive_files(name: str, root: str | None, download: bool, folder: str, files: list[str],
-                   archives: list[tuple[str, str]], get: str) -> dict[str, Path]:
+                   archives: list[tuple[str, str]]) -> dict[str, Path]:
     """`files` inside `folder`: found extracted, or extracted from an archive found or downloaded.
 
     `archives` are (url, md5) pairs; an archive is verified before it is extracted.
@@ -189,7 +194,7 @@ def _archive_files(name: str, root: str | None, download: bool, folder: str, fil
         elif download:
             local = fetch(url, target / fname, md5=md5)
         else:
-            raise _missing(name, places, [f"{folder}/{f}" for f in files] + [f"or {fname}"], get)
+            raise _missing(name, places, [f"{folder}/{f}" for f in files] + [f"or {fname}"], _fetch_hint(url))
         # extract next to the archive unless that place is read-only (a system package)
         safe_extract(local, local.parent if os.access(local.parent, os.W_OK) else target)
     found = _find([target] + places, files, subdirs=(folder,))
@@ -218,8 +223,7 @@ def _unpickle(path: Path) -> dict:
 def _cifar(name: str, root: str | None, download: bool, label: str) -> DataSource:
     spec = CIFAR[name]
     files = spec["train"] + spec["test"] + [spec["meta"]]
-    found = _archive_files(name, root, download, spec["folder"], files, [(spec["url"], spec["md5"])],
-                           "Download it")
+    found = _archive_files(name, root, download, spec["folder"], files, [(spec["url"], spec["md5"])])
     label_key, names_key = ("labels", "label_names") if name == "cifar10" else \
         (f"{label}_labels", f"{label}_label_names")
     meta = _unpickle(found[spec["meta"]])
@@ -283,8 +287,7 @@ def stl10(root: str | None = None, *, download: bool = True, **options) -> DataS
     fold, unlabeled = _options("stl10", options, fold=None, unlabeled=False)
     files = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt", "fold_indices.txt"]
     files += ["unlabeled_X.bin"] if unlabeled else []
-    found = _archive_files("stl10", root, download, STL10["folder"], files, [(STL10["url"], STL10["md5"])],
-                           "Download it")
+    found = _archive_files("stl10", root, download, STL10["folder"], files, [(STL10["url"], STL10["md5"])])
     classes = [c.strip() for c in found["class_names.txt"].read_text().splitlines() if c.strip()]
     splits = {}
     for split in ("train", "test"):
@@ -343,7 +346,7 @@ def svhn(root: str | None = None, *, download: bool = True, **options) -> DataSo
     found = _find(places, [f"{s}_32x32.mat" for s in splits])
     if found is None:
         if not download:
-            raise _missing("svhn", places, [f"{s}_32x32.mat" for s in splits], "Download it")
+            raise _missing("svhn", places, [f"{s}_32x32.mat" for s in splits], _fetch_hint(SVHN["train"][0]))
         found = {f"{s}_32x32.mat": fetch(SVHN[s][0], _target("svhn", root) / f"{s}_32x32.mat", md5=SVHN[s][1])
                  for s in splits}
     sets = {s: _read_svhn(found[f"{s}_32x32.mat"], s) for s in splits}
@@ -417,8 +420,8 @@ def mnist_m(root: str | None = None, *, download: bool = True, **options) -> Dat
     if found is None:
         if not download:
             raise _missing("mnist-m", places, orig + ["or " + p for p in pt],
-                           "Download the PyTorch release (github.com/liyxi/mnist-m) or build it with "
-                           "`cnnlab data build-mnist-m`")
+                           f"{_fetch_hint(MNIST_M_PT[0][0])} (the PyTorch release), or build "
+                           "the original with `cnnlab data build-mnist-m`")
         target = _target("mnist-m", root)
         for url, md5 in MNIST_M_PT:
             safe_extract(fetch(url, target / url.rsplit("/", 1)[-1], md5=md5), target)

@@ -60,11 +60,13 @@ class Stats:
 
 def _init_worker() -> None:
     base._open_zip.cache_clear()  # a forked zip handle shares its file offset with the parent
-    torch.set_num_threads(1)
 
 
 def pool_map(fn: Callable, chunks: list, jobs: int | None) -> Iterator:
-    """`map(fn, chunks)` in `jobs` processes (inline for one job or one chunk), results in order."""
+    """`map(fn, chunks)` in `jobs` processes (inline for one job or one chunk), results in order.
+
+    Workers are forked (cheap, no re-import) and use only Pillow and numpy, never torch ops.
+    """
     jobs = jobs or os.cpu_count() or 1
     if jobs <= 1 or len(chunks) <= 1:
         yield from map(fn, chunks)

@@ -14,7 +14,7 @@ from cnnlab.registry import Registry
 
 MODELS = Registry("model")
 
-from cnnlab.models import layers, zoo  # noqa: E402,F401  (register the built-in models)
+from cnnlab.models import fast, layers, zoo  # noqa: E402,F401  (register the built-in models)
 
 
 class ModelConfigError(ValueError):

@@ -32,7 +32,7 @@ def set_in_channels(model: nn.Module, in_channels: int) -> None:
             if m.in_channels == in_channels:
                 return
             new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                            groups=1 if m.groups == 1 else in_channels, bias=m.bias is not None)
+                            bias=m.bias is not None)
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             setattr(parent, name.rpartition(".")[2], new)
             return

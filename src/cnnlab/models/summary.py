@@ -50,7 +50,10 @@ def geometry(m: nn.Module, in_hw: tuple[int, int]) -> Geometry:
 def out_size(w: int, k: int, p: int, s: int, d: int = 1, ceil: bool = False) -> int:
     """floor((W - K_eff + 2P) / S) + 1 with K_eff = D*(K-1) + 1 (PyTorch's Conv2d/MaxPool2d rule)."""
     keff = d * (k - 1) + 1
-    return (math.ceil if ceil else math.floor)((w - keff + 2 * p) / s) + 1
+    out = (math.ceil if ceil else math.floor)((w - keff + 2 * p) / s) + 1
+    if ceil and (out - 1) * s >= w + p:  # PyTorch: the last window must start inside the input or left padding
+        out -= 1
+    return out
 
 
 def formula(w: int, k: int, p: int, s: int, d: int = 1, ceil: bool = False) -> str:
@@ -62,7 +65,8 @@ def formula(w: int, k: int, p: int, s: int, d: int = 1, ceil: bool = False) -> s
 def label(m: nn.Module, g: Geometry) -> str:
     k = _hw(*g.k)
     if isinstance(m, ADAPTIVE):
-        return f"{'adaptive avgpool' if isinstance(m, nn.AdaptiveAvgPool2d) else 'adaptive maxpool'} -> {_hw(*_pair(m.output_size))}"
+        kind = "avgpool" if isinstance(m, nn.AdaptiveAvgPool2d) else "maxpool"
+        return f"adaptive {kind} -> {_hw(*_pair(m.output_size))}"
     if isinstance(m, nn.Conv2d):
         text = f"conv k{k}"
         if g.s != (1, 1):
@@ -220,7 +224,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32),
         if isinstance(m, SPATIAL) and xin is not None and xin.ndim == 4 and st is not None and out is not None:
             hw = tuple(xin.shape[-2:])
             g = geometry(m, hw)
-            kernel = _hw(*g.k)
+            kernel = "" if isinstance(m, ADAPTIVE) else f"{g.k[0]}x{g.k[1]}"
             keff = [dd * (kk - 1) + 1 for dd, kk in zip(g.d, g.k)]
             new = _State(out.shape[1], tuple(out.shape[-2:]),
                          tuple(r + (ke - 1) * j for r, ke, j in zip(st.rf, keff, st.jump)),
@@ -241,13 +245,14 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32),
             steps.append(f"{who} ({lab}): {text}; receptive field {_hw(*new.rf)}"
                          + ("" if on_chain else " [side branch]"))
             if not isinstance(m, ADAPTIVE) and (not isinstance(m, nn.Conv2d) or min(keff) >= max(g.s)):
-                for axis, (i, ke, p, s, o) in enumerate(zip(hw, keff, g.p, g.s, new.hw)):
-                    dropped = (p + i) - ((o - 1) * s + ke)
-                    if dropped > 0:
-                        what = "row" if axis == 0 else "column"
-                        warns.append(f"{who} ({lab}) on {_hw(*hw)}: {fs[axis]} leaves the last {dropped} {what}"
-                                     f"{'s' if dropped > 1 else ''} of the map unused ({i} - {ke} + 2*{p} is not a "
-                                     f"multiple of {s}); an even size (or padding) would use it")
+                drop = [(p + i) - ((o - 1) * s + ke) for i, ke, p, s, o in zip(hw, keff, g.p, g.s, new.hw)]
+                if max(drop) > 0:
+                    what = " and ".join(f"{n} {x}{'s' if n > 1 else ''}"
+                                        for n, x in zip(drop, ("row", "column")) if n > 0)
+                    axis = 0 if drop[0] > 0 else 1
+                    warns.append(f"{who} ({lab}) on {_hw(*hw)}: {fs[axis]} leaves the last {what} of the map unused "
+                                 f"({hw[axis]} - {keff[axis]} + 2*{g.p[axis]} is not a multiple of {g.s[axis]}); "
+                                 "an even size (or padding) would use it")
         elif out is not None and out.ndim == 4 and st is not None:
             ratio = [max(a // max(b, 1), 1) for a, b in zip(st.hw, out.shape[-2:])]
             new = _State(out.shape[1], tuple(out.shape[-2:]), st.rf, tuple(j * r for j, r in zip(st.jump, ratio)))
@@ -260,7 +265,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32),
                 if last is not None and last.c * last.hw[0] * last.hw[1] == xin.shape[1]:
                     flat.append(f"flatten = {last.c}*{last.hw[0]}*{last.hw[1]} = {xin.shape[1]}")
                 else:
-                    flat.append(f"flatten -> {xin.shape[1]}")
+                    flat.append(f"features -> {xin.shape[1]}")
         if new is not None and out is not None:
             states[id(out)] = new
             history.append(new)
@@ -313,7 +318,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32),
             rows.append({"name": n or "(model)", "type": type(m).__name__, "output": "not run",
                          "params": sum(p.numel() for p in own), "kernel": _kernel_of(m), "mult_adds": None, "rf": ""})
     params = list(model.parameters())
-    chain_line = " -> ".join([_hw(h, w)] + _compress(chain)) if chain else f"{_hw(h, w)} (no conv or pooling layer)"
+    chain_line = (" -> ".join([_hw(h, w)] + _compress(chain, (h, w))) if chain
+                  else f"{_hw(h, w)} (no conv or pooling layer)")
     chain_lines = [chain_line + (f"; {flat[0]}" if flat else ""), *steps]
     seen_p: set[int] = set()
     param_lines = []
@@ -332,11 +338,11 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32),
 
 def _kernel_of(m: nn.Module) -> str:
     k = getattr(m, "kernel_size", None)
-    return _hw(*_pair(k)) if k is not None and not isinstance(m, ADAPTIVE) else ""
+    return "x".join(map(str, _pair(k))) if k is not None and not isinstance(m, ADAPTIVE) else ""
 
 
-def _compress(chain: list[tuple[str, tuple[int, int], bool]]) -> list[str]:
-    """'16 (conv k3 p1) x10' for runs of identical same-size steps."""
+def _compress(chain: list[tuple[str, tuple[int, int], bool]], start: tuple[int, int], limit: int = 24) -> list[str]:
+    """'16 (conv k3 p1) x10' for runs of identical steps; past `limit` steps only the size changes."""
     out: list[tuple[str, int]] = []
     for lab, hw, _ in chain:
         text = f"{_hw(*hw)} ({lab})"
@@ -344,7 +350,20 @@ def _compress(chain: list[tuple[str, tuple[int, int], bool]]) -> list[str]:
             out[-1] = (text, out[-1][1] + 1)
         else:
             out.append((text, 1))
-    return [t + (f" x{n}" if n > 1 else "") for t, n in out]
+    if len(out) <= limit:
+        return [t + (f" x{n}" if n > 1 else "") for t, n in out]
+    short, size, same = [], start, 0
+    for lab, hw, _ in chain:
+        if hw == size:
+            same += 1
+            continue
+        if same and short:
+            short[-1] += f" +{same} same-size layer{'s' if same > 1 else ''}"
+        short.append(f"{_hw(*hw)} ({lab})")
+        size, same = hw, 0
+    if same and short:
+        short[-1] += f" +{same} same-size layer{'s' if same > 1 else ''}"
+    return short
 
 
 def _failure(current, names: dict, err: Exception) -> str:

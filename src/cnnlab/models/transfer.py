@@ -90,7 +90,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise TransferError(f"model.pretrained={path!r}: reading .safetensors needs `pip install safetensors`") from None
+            raise TransferError(f"model.pretrained={path!r}: reading .safetensors needs "
+                                "`pip install safetensors`") from None
         obj = load_file(str(p))
     else:
         try:

@@ -1,0 +1,39 @@
+"""Shared pieces of the benchmarks: where the CIFAR-10 zip is, and an extracted copy for ImageFolder."""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ZIP = Path(os.environ.get("CNNLAB_CIFAR_ZIP", ROOT.parent / "shared" / "datasets" / "cifar10-jpeg-train.zip"))
+
+
+def cifar_zip() -> Path:
+    if not ZIP.is_file():
+        raise SystemExit(f"benchmark needs the CIFAR-10 JPEG zip at {ZIP} (set CNNLAB_CIFAR_ZIP)")
+    return ZIP
+
+
+def extracted_cifar() -> Path:
+    """The zip unpacked once under ~/.cache/cnnlab/cifar10-jpeg (the plain pipeline reads files)."""
+    dest = Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab")) / "cifar10-jpeg"
+    if not (dest / ".done").exists():
+        from cnnlab.data.download import safe_extract
+
+        safe_extract(cifar_zip(), dest)
+        (dest / ".done").touch()
+    return dest / "train"
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def extract_plain(zip_path: Path, dest: Path) -> None:  # pragma: no cover - fallback without cnnlab.data.download
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(dest)

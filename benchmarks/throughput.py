@@ -1,0 +1,117 @@
+"""Training throughput (images/s) of the CIFAR-10 four-conv net: cnnlab's data path vs the plain
+PyTorch pipeline that course code uses, same model, batch size, optimizer, fp32, measured A B A B.
+
+    python benchmarks/throughput.py [--batches 60] [--rounds 3]
+
+Plain pipeline: torchvision ImageFolder + Compose(RandomCrop(32, padding=4), RandomHorizontalFlip(),
+ToTensor(), Normalize()) + DataLoader(batch 128, shuffle), the better of 0 and 2 workers.
+cnnlab: the decoded uint8 cache resident in memory, whole-batch flip + pad-and-crop, the real
+`training.train_one_epoch` step. Prints the ratio; absolute numbers on shared machines are noise.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import cifar_zip, extracted_cifar, machine
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def make_model():
+    from cnnlab import config as C
+    from cnnlab.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(C.load(None, ["model.name=cifar_convnet"]).model, num_classes=10, in_channels=3, input_size=32)
+
+
+def plain_loader(workers: int, batch: int):
+    import torchvision
+    import torchvision.transforms as T
+
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    ds = torchvision.datasets.ImageFolder(str(extracted_cifar()), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def time_plain(loader, batches: int) -> float:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    it = iter(loader)
+    n, t0 = 0, None
+    for i in range(batches + 3):
+        x, y = next(it)
+        if i == 3:  # warm-up batches excluded
+            t0, n = time.perf_counter(), 0
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    return n / (time.perf_counter() - t0)
+
+
+def time_cnnlab(splits, batch: int, batches: int) -> float:
+    from cnnlab import config as C
+    from cnnlab import training as T
+    from cnnlab.data.loader import Batches, Normalizer, epoch_order
+    from cnnlab.optim import build_optimizer, build_scheduler
+
+    cfg = C.load(None, ["model.name=cifar_convnet", "data.augment.hflip=true", "data.augment.crop_padding=4",
+                        f"train.batch_size={batch}", "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
+                        f"train.limit_batches={batches + 3}"])
+    model = make_model()
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=1, steps_per_epoch=batches + 3)
+    dev = torch.device("cpu")
+    b = Batches(splits.train, batch_size=batch, device=dev, channels=3, size=32, drop_last=True)
+    norm = Normalizer(splits.mean, splits.std, dev)
+    state = T.State()
+    marks = {}
+
+    def on_step(step, loss):
+        if step in (3, batches + 3):
+            marks[step] = time.perf_counter()
+
+    T.train_one_epoch(model, b, epoch_order(len(splits.train), 0, 0), opt=opt, sched=sched, scaler=None, ema=None,
+                      normalize=norm, cfg=cfg, state=state, device=dev, dtype=None, on_step=on_step,
+                      guard=T._SignalGuard())
+    return batches * batch / (marks[batches + 3] - marks[3])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    a = ap.parse_args()
+    from cnnlab import config as C
+    from cnnlab.data.pipeline import prepare
+
+    print(f"machine: {machine()}")
+    splits = prepare(C.load(None, ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000"]).data)
+    extracted_cifar()
+    # pick the plain pipeline's better worker count
+    plain = {w: plain_loader(w, a.batch) for w in (0, 2)}
+    first = {w: time_plain(plain[w], a.batches // 2) for w in plain}
+    w_best = max(first, key=first.get)
+    print(f"plain pipeline, 0 workers: {first[0]:.0f} img/s, 2 workers: {first[2]:.0f} img/s -> using {w_best}")
+    res = {"plain": [], "cnnlab": []}
+    for r in range(a.rounds):  # A B A B
+        res["plain"].append(time_plain(plain[w_best], a.batches))
+        res["cnnlab"].append(time_cnnlab(splits, a.batch, a.batches))
+        print(f"round {r + 1}: plain {res['plain'][-1]:.0f} img/s, cnnlab {res['cnnlab'][-1]:.0f} img/s")
+    p, c = statistics.median(res["plain"]), statistics.median(res["cnnlab"])
+    print(f"median: plain {p:.0f} img/s, cnnlab {c:.0f} img/s; ratio cnnlab/plain = {c / p:.2f}x "
+          f"(four-conv net, batch {a.batch}, SGD, fp32)")
+
+
+if __name__ == "__main__":
+    main()

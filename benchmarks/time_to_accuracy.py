@@ -1,0 +1,112 @@
+"""Wall time for cnnlab's fast CIFAR-10 recipe to reach 80%, 90% and 93% validation accuracy on the
+CIFAR-10 training zip (45,000 train / 5,000 val), against the plain pipeline training the four-conv
+net to its best, both measured in this run.
+
+    python benchmarks/time_to_accuracy.py [--fast-epochs 10] [--plain-epochs 15] [--skip-plain]
+
+Time counts training and the per-epoch validation, not the one-off JPEG decode (cached on disk
+after the first run) — the plain pipeline's decode is inside its epochs, as it is for its users.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import cifar_zip, machine
+
+TARGETS = (0.80, 0.90, 0.93)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def first_reach(rows: list[tuple[float, float]]) -> dict:
+    """rows of (cumulative seconds, val acc) -> {target: seconds or None}."""
+    return {t: next((s for s, a in rows if a >= t), None) for t in TARGETS}
+
+
+def run_fast(epochs: int, out: str) -> list[tuple[float, float]]:
+    import cnnlab
+
+    run = cnnlab.train(ROOT / "examples" / "cifar10-fast.yaml",
+                       ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000", f"train.epochs={epochs}",
+                        f"output.dir={out}", "output.report=false", "train.progress=lines"])
+    total, rows = 0.0, []
+    with open(run.dir / "history.csv") as f:
+        for r in csv.DictReader(f):
+            total += float(r["seconds"])
+            rows.append((total, float(r["val_acc"])))
+    return rows
+
+
+def run_plain(epochs: int) -> list[tuple[float, float]]:
+    """Course-style loop: ImageFolder + per-image PIL transforms + DataLoader, the four-conv net, SGD."""
+    import torchvision
+    import torchvision.transforms as T
+
+    from common import extracted_cifar
+    from throughput import MEAN, STD, make_model
+
+    root = extracted_cifar()
+    full = torchvision.datasets.ImageFolder(str(root))
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(full), generator=g).tolist()
+    train_idx, val_idx = perm[5000:], perm[:5000]
+    tf_train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    tf_val = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    train = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=tf_train), train_idx)
+    val = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=tf_val), val_idx)
+    tl = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, num_workers=2, persistent_workers=True)
+    vl = torch.utils.data.DataLoader(val, batch_size=512, num_workers=2, persistent_workers=True)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, epochs=epochs, steps_per_epoch=len(tl))
+    rows, total = [], 0.0
+    for ep in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for x, y in tl:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in vl:
+                correct += (model(x).argmax(1) == y).sum().item()
+        total += time.perf_counter() - t0
+        rows.append((total, correct / len(val)))
+        print(f"plain epoch {ep + 1}: val acc {rows[-1][1]:.4f} at {total:.0f}s", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fast-epochs", type=int, default=10)
+    ap.add_argument("--plain-epochs", type=int, default=15)
+    ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--out", default="/tmp/cnnlab-bench")
+    a = ap.parse_args()
+    print(f"machine: {machine()}")
+    fast = run_fast(a.fast_epochs, a.out)
+    reach = first_reach(fast)
+    for t, s in reach.items():
+        print(f"cnnlab fast recipe: {t:.0%} val acc " + (f"after {s:.0f} s" if s else "not reached"))
+    print(f"cnnlab fast recipe: best {max(a for _, a in fast):.4f} in {fast[-1][0]:.0f} s")
+    if not a.skip_plain:
+        plain = run_plain(a.plain_epochs)
+        best = max(a for _, a in plain)
+        t_best = next(s for s, acc in plain if acc == best)
+        print(f"plain pipeline: best {best:.4f} after {t_best:.0f} s")
+        same = next((s for s, acc in fast if acc >= best), None)
+        if same:
+            print(f"cnnlab reaches the plain pipeline's best ({best:.4f}) after {same:.0f} s: {t_best / same:.1f}x sooner")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`cnnlab data ...`: stats, check, build-mnist-m and coco-subset, thin over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cnnlab.data import DATASETS, DataSource
+from cnnlab.registry import UnknownNameError
+
+
+def open_source(spec: str, *, root: str | None = None, download: bool = True, options: dict | None = None) -> DataSource:
+    """A registered data set by name, or a folder / .zip path read as the `folder` data set."""
+    if spec not in DATASETS and (Path(spec).exists() or "/" in spec or spec.endswith(".zip")):
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"{spec!r}: no such folder or zip file")
+        return DATASETS.get("folder")(spec)
+    try:
+        fn = DATASETS.get(spec)
+    except UnknownNameError as e:
+        raise UnknownNameError(f"{spec!r} is neither a path that exists nor a data set name: {e}") from None
+    return fn(root, download=download, **(options or {}))
+
+
+def _options(pairs: list[str]) -> dict:
+    from cnnlab.config import parse_value
+
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--option {p!r}: expected key=value, e.g. --option fold=0")
+        k, v = p.split("=", 1)
+        out[k] = parse_value(v)
+    return out
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="NAME|PATH", help="a data set name (cifar10, mnist, ...) or a folder / .zip")
+    p.add_argument("--root", help="where a named data set's files are (or go when downloaded)")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never download")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a data-set option (repeatable)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--jobs", type=int, default=None, help="decoding processes (default: every core)")
+
+
+def _stats(args) -> int:
+    from cnnlab.data.stats import compute_stats
+
+    src = open_source(args.data, root=args.root, download=args.download, options=_options(args.option))
+    split = getattr(src, args.split)
+    if split is None:
+        raise ValueError(f"{args.data}: has no {args.split} split")
+    st = compute_stats(split, channels=args.channels, size=args.size, jobs=args.jobs)
+    print(json.dumps(st.to_dict(), indent=1) if args.json else f"{args.data} [{args.split}]\n{st.format()}")
+    return 0
+
+
+def _check(args) -> int:
+    from cnnlab.data.check import check, errors, print_findings, summary
+
+    t0 = time.perf_counter()
+    src = open_source(args.data, root=args.root, download=args.download, options=_options(args.option))
+    findings = check(src, jobs=args.jobs, max_pixels=args.max_pixels)
+    if args.json:
+        print(json.dumps({"summary": summary(findings), "findings": [f.__dict__ | {"others": list(f.others)}
+                                                                       for f in findings]}, indent=1))
+    else:
+        n = sum(len(s) for s in (src.train, src.val, src.test) if s is not None)
+        print(f"{args.data}: {n:,} images checked in {time.perf_counter() - t0:.1f} s")
+        print_findings(findings, limit=None if args.all else 10)
+    return 1 if errors(findings) else 0
+
+
+def _build_mnist_m(args) -> int:
+    from cnnlab.data.builders import build_mnist_m
+
+    build_mnist_m(args.mnist, args.backgrounds, args.out, seed=args.seed, limit=args.limit)
+    return 0
+
+
+def _coco_subset(args) -> int:
+    from cnnlab.data.builders import coco_subset
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    coco_subset(args.annotations, args.images, classes, args.out, per_class=args.per_class, size=args.size,
+                seed=args.seed, jobs=args.jobs)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `data` with its subcommands to the main CLI's subparsers; each sets `func(args) -> exit code`."""
+    d = subparsers.add_parser("data", help="data set statistics, checks and builders")
+    sub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    s = sub.add_parser("stats", help="per-channel mean/std, class counts, sizes and modes (one pass)")
+    _source_args(s)
+    s.add_argument("--channels", type=int, choices=[1, 3], help="convert to 1 or 3 channels (default: the data's)")
+    s.add_argument("--size", type=int, help="resize to SIZE x SIZE first, as data.image_size does")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_stats)
+
+    c = sub.add_parser("check", help="unreadable/truncated/empty/huge files, modes, classes, labels, duplicates")
+    _source_args(c)
+    c.add_argument("--max-pixels", type=int, help="flag images over this many pixels (default: Pillow's limit)")
+    c.add_argument("--all", action="store_true", help="list every finding, not the first 10 of each kind")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_check)
+
+    m = sub.add_parser("build-mnist-m", help="blend MNIST digits over colour photo crops (Ganin & Lempitsky 2015)")
+    m.add_argument("--mnist", required=True, help="folder with the MNIST IDX files")
+    m.add_argument("--backgrounds", required=True, help="folder of colour photos (the paper used BSDS500)")
+    m.add_argument("--out", required=True, help="new folder for the data set")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--limit", type=int, help="only the first N images of each split")
+    m.set_defaults(func=_build_mnist_m)
+
+    k = sub.add_parser("coco-subset", help="a class-exclusive, resized COCO subset as a folder data set")
+    k.add_argument("--annotations", required=True, help="instances_*.json")
+    k.add_argument("--images", required=True, help="folder of the COCO images")
+    k.add_argument("--classes", required=True, help="comma-separated category names, e.g. airplane,bus,cat")
+    k.add_argument("--per-class", type=int, required=True)
+    k.add_argument("--size", type=int, default=64)
+    k.add_argument("--out", required=True)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--jobs", type=int, default=None, help="threads decoding and writing images")
+    k.set_defaults(func=_coco_subset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cnnlab.data.cli stats cifar10` (the same as `cnnlab data stats cifar10`)."""
+    p = argparse.ArgumentParser(prog="cnnlab")
+    sub = p.add_subparsers(dest="command", required=True)
+    register(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv if argv[:1] == ["data"] else ["data", *argv])
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"cnnlab: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

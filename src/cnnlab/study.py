@@ -1,0 +1,473 @@
+"""Studies: each variation x grid point x seed of one config trained into its own fixed run folder under one
+study folder, with a study.json manifest; run in this process, as parallel subprocesses or on Ray, resumable
+(only what is missing runs again), then compared in study.html / study.md (study_report.py)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnlab import config as C
+
+STUDY_KEYS = ("variations", "grid", "repeats", "baseline")
+IGNORED = ("output.", "train.progress", "train.threads")  # keys that may differ without changing a run's result
+
+
+class StudyError(RuntimeError):
+    """Some runs of a study failed, or the study folder is busy; the message says which and where to look."""
+
+
+@dataclass
+class Planned:
+    """One run of a study: its folder (relative to the study folder), group, seed and resolved config."""
+
+    id: str  # "main" or "main/seed-1"
+    variation: str
+    seed: int
+    overrides: dict
+    cfg: C.Config
+
+
+@dataclass
+class Study:
+    dir: Path
+    config: C.Config
+    runs: list[Planned]
+    status: dict[str, str] = field(default_factory=dict)  # run id -> done | partial | pending | failed
+    report: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: names, overrides, resolved configs
+
+
+def fmt_value(v) -> str:
+    """A setting as people write it: 1e-5 not 1e-05, true/false, 0.5."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        s = f"{v:g}"
+        return s.replace("e-0", "e-").replace("e+0", "e")
+    if v is None:
+        return "null"
+    return str(v)
+
+
+def _node(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+_EXP = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _number(v):
+    """PyYAML reads `1e-5` (no dot) as text, YAML 1.2 as a number: take the number."""
+    return float(v) if isinstance(v, str) and _EXP.match(v) else v
+
+
+def flatten(overrides: dict | None, cfg: C.Config, prefix: str = "") -> dict:
+    """`{model: {batchnorm: true}}` and `{model.batchnorm: true}` -> the same dotted dict (a mapping given
+    for a plain dict setting such as model.options stays whole)."""
+    out = {}
+    for k, v in (overrides or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and dataclasses.is_dataclass(_node(cfg, key)):
+            out.update(flatten(v, cfg, key + "."))
+        else:
+            out[key] = _number(v)
+    return out
+
+
+def groups(cfg: C.Config) -> list[tuple[str, dict]]:
+    """(name, dotted overrides) of each variation x grid point, in config order."""
+    base = [(str(n), flatten(ov, cfg)) for n, ov in cfg.variations.items()] or [("", {})]
+    keys = list(cfg.grid)
+    lasts = [k.split(".")[-1] for k in keys]
+    short = {k: (s if lasts.count(s) == 1 else k) for k, s in zip(keys, lasts)}
+    out = []
+    for vname, ov in base:
+        for point in itertools.product(*([_number(v) for v in cfg.grid[k]] for k in keys)):
+            parts = [vname] * bool(vname) + [f"{short[k]}={fmt_value(v)}" for k, v in zip(keys, point)]
+            name = "+".join(parts) or "main"
+            out.append((name.replace("/", "_").replace(" ", "_"), {**ov, **dict(zip(keys, point))}))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise C.ConfigError(f"variation names must be unique, got {names}")
+    for name, ov in out:
+        bad = [k for k in ov if k.split(".")[0] in STUDY_KEYS or k.startswith("output.")]
+        if bad:
+            raise C.ConfigError(f"variation {name!r}: {', '.join(bad)} cannot differ between the runs of a study")
+    return out
+
+
+def study_dir(cfg: C.Config) -> Path:
+    return Path(cfg.output.dir) / (cfg.output.name or "study")
+
+
+def baseline_of(cfg: C.Config, names: list[str]) -> str:
+    if cfg.baseline is None:
+        return names[0]
+    if cfg.baseline not in names:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.baseline, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise C.ConfigError(f"baseline={cfg.baseline!r} is not a variation of this study.{hint} "
+                            f"Variations: {', '.join(names)}")
+    return cfg.baseline
+
+
+def plan(cfg: C.Config) -> list[Planned]:
+    """Every run of the study with its resolved single-run config (validated up front)."""
+    root = study_dir(cfg)
+    tree = C.to_dict(cfg)
+    for k in STUDY_KEYS:
+        tree.pop(k)
+    out = []
+    for name, ov in groups(cfg):
+        for r in range(cfg.repeats):
+            seed = cfg.train.seed + r
+            rid = name if cfg.repeats == 1 else f"{name}/seed-{seed}"
+            run_path = root / rid
+            fixed = {**ov, "train.seed": seed, "output.dir": str(run_path.parent), "output.name": run_path.name}
+            try:
+                rcfg = C.load(tree, fixed)
+            except C.ConfigError as e:
+                raise C.ConfigError(f"variation {name!r} ({', '.join(f'{k}={fmt_value(v)}' for k, v in ov.items())}): "
+                                    f"{str(e).removeprefix('config: ')}") from None
+            out.append(Planned(rid, name, seed, ov, rcfg))
+    return out
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two flat config dicts (ignoring IGNORED)."""
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k not in ("options",):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_state(path: Path) -> str:
+    """done when metrics.json exists (written after evaluation), partial when the folder exists, else pending."""
+    return "done" if (path / "metrics.json").is_file() else "partial" if path.exists() else "pending"
+
+
+def _saved_config(path: Path) -> dict | None:
+    try:
+        return flat(C.to_dict(C.load(path / "config.yaml")))
+    except (C.ConfigError, OSError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, overrides=None, quiet: bool = False,
+              executor: str = "auto", address: str | None = None, report: bool = True) -> Study:
+    """Train every missing run of a study (finished ones are kept untouched), then write study.json and the
+    study report. executor: auto (inline for jobs=1, else process) | inline | process | ray."""
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    planned = plan(cfg)
+    names = list(dict.fromkeys(p.variation for p in planned))
+    base = baseline_of(cfg, names)
+    root = study_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    if jobs < 1:
+        raise C.ConfigError(f"--jobs {jobs}: must be at least 1")
+    with _lock(root):
+        (root / "study.yaml").write_text(C.dump_yaml(cfg))
+        todo, status = [], {}
+        for p in planned:
+            path = root / p.id
+            state = status[p.id] = run_state(path)
+            saved = _saved_config(path) if state != "pending" else None
+            diff = differences(saved, flat(C.to_dict(p.cfg))) if saved is not None else []
+            if state == "done":
+                if diff:
+                    say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "
+                        f"it is kept; delete {path} to train it again")
+                continue
+            mode = "fresh"
+            if state == "partial":
+                if saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file() and executor != "ray":
+                    mode = "resume"
+                else:
+                    shutil.rmtree(path)  # nothing resumable in it: start it cleanly
+            todo.append((p, mode))
+        write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
+        n_groups = len(names)
+        say(f"study {root}: {n_groups} variation{'s' * (n_groups != 1)} x {cfg.repeats} seed"
+            f"{'s' * (cfg.repeats != 1)} = {len(planned)} runs; {len(planned) - len(todo)} done, {len(todo)} to run")
+        kind = executor if executor != "auto" else ("process" if jobs > 1 else "inline")
+        if kind not in EXECUTORS:
+            raise C.ConfigError(f"--executor {executor!r}: must be one of auto, {', '.join(EXECUTORS)}")
+        failures = EXECUTORS[kind](root, todo, jobs=jobs, quiet=quiet, say=say, address=address) if todo else {}
+        for p in planned:
+            status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
+        write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
+        out = Study(dir=root, config=cfg, runs=planned, status=status)
+        if report and any(s == "done" for s in status.values()):
+            from cnnlab import study_report
+
+            out.report = study_report.compare([root], out=root, baseline=base)
+            say(f"study report: {out.report}")
+    if failures:
+        lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
+        raise StudyError(f"{len(failures)} of {len(planned)} runs of {root} failed:\n{lines}\n"
+                         "Fix the cause and run the same command again: finished runs are kept.")
+    return out
+
+
+def write_manifest(root: Path, cfg, planned, base, status, failures, config_path, overrides) -> None:
+    from cnnlab.experiment import write_json
+
+    variations = []
+    for name, ov in groups(cfg):
+        runs = [p for p in planned if p.variation == name]
+        variations.append({"name": name, "overrides": {k: v for k, v in ov.items()},
+                           "config": C.to_dict(runs[0].cfg),
+                           "runs": [{"seed": p.seed, "dir": p.id, "status": status.get(p.id, "pending"),
+                                     **({"error": failures[p.id]} if p.id in failures else {})} for p in runs]})
+    write_json(root / "study.json", {
+        "name": root.name, "baseline": base, "repeats": cfg.repeats,
+        "seeds": [cfg.train.seed + r for r in range(cfg.repeats)], "grid": cfg.grid,
+        "source": {"config": str(config_path) if config_path else None, "overrides": list(overrides or [])},
+        "complete": all(s == "done" for s in status.values()), "variations": variations})
+
+
+class _lock:
+    """An exclusive flock on <study>/.lock: two processes never run one study; the OS frees it on any death."""
+
+    def __init__(self, root: Path):
+        self.path = root / ".lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise StudyError(f"another cnnlab process is running the study in {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _done_line(root: Path, p: Planned, seconds: float) -> str:
+    import json
+
+    try:
+        m = json.loads((root / p.id / "metrics.json").read_text())
+        return f"  {p.id}: test accuracy {m['test']['accuracy']:.4f} ({seconds:.0f} s)"
+    except (OSError, ValueError, KeyError):
+        return f"  {p.id}: finished ({seconds:.0f} s)"
+
+
+def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
+    """One run after another in this process."""
+    from cnnlab import experiment
+
+    failures = {}
+    for i, (p, mode) in enumerate(todo, 1):
+        say(f"[{i}/{len(todo)}] {p.id}" + (" (resuming)" if mode == "resume" else ""))
+        t0 = time.perf_counter()
+        try:
+            experiment.run(p.cfg, resume_dir=root / p.id if mode == "resume" else None, quiet=quiet)
+        except Exception as e:  # one broken variation must not stop the others
+            failures[p.id] = f"{type(e).__name__}: {e}"
+            say(f"  {p.id} failed: {failures[p.id]}")
+            continue
+        say(_done_line(root, p, time.perf_counter() - t0))
+    return failures
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the child gets SIGTERM (checkpoint, exit) when the study process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_processes(root: Path, todo, *, jobs: int, say, **_) -> dict:
+    """Up to `jobs` runs at a time, each `python -m cnnlab train <config>` with cores/jobs torch threads;
+    the output of each goes to <study>/logs/<run>.log."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    queue, running, failures = list(todo), {}, {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                p, mode = queue.pop(0)
+                slug = p.id.replace("/", "__")
+                cfg_file = root / "configs" / f"{slug}.yaml"
+                cfg_file.write_text(C.dump_yaml(p.cfg))
+                args = ["--resume", str(root / p.id)] if mode == "resume" else [str(cfg_file)]
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                log = open(root / "logs" / f"{slug}.log", "a")
+                proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                running[proc] = (p, log, time.perf_counter())
+                say(f"started {p.id}" + (" (resuming)" if mode == "resume" else "") + f" [{threads} threads]")
+            time.sleep(0.2)
+            for proc in [q for q in running if q.poll() is not None]:
+                p, log, t0 = running.pop(proc)
+                log.close()
+                if proc.returncode == 0:
+                    say(_done_line(root, p, time.perf_counter() - t0))
+                else:
+                    tail = (root / "logs" / f"{p.id.replace('/', '__')}.log").read_text().strip().splitlines()[-3:]
+                    failures[p.id] = f"exit code {proc.returncode}: " + " | ".join(tail)
+                    say(f"  {p.id} failed ({failures[p.id]})")
+    except BaseException:  # Ctrl-C / SIGTERM of the study: let every run save a checkpoint and stop
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    return failures
+
+
+def _ray_task(cfg_dict: dict, name: str, threads: int) -> bytes:  # runs on a Ray worker
+    """Train one run in a temporary folder on the worker; return the run folder as a .tar.gz."""
+    import io
+    import tarfile
+    import tempfile
+
+    import torch
+
+    from cnnlab import experiment
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = C.load(cfg_dict, {"output.dir": tmp, "output.name": name})
+        run = experiment.run(cfg, quiet=True)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            tar.add(run.dir, arcname=name)
+        return buf.getvalue()
+
+
+def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_) -> dict:
+    """Send every run to a Ray cluster (`ray.init(address)`; RAY_ADDRESS or a local instance when None) and
+    unpack each returned run folder into place. Workers need cnnlab installed and the data at data.root."""
+    import io
+    import tarfile
+
+    try:
+        import ray
+    except ImportError:
+        raise C.ConfigError("--executor ray needs Ray: pip install 'cnnlab[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, log_to_driver=False)
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(jobs, 1))
+    task = ray.remote(num_cpus=threads)(_ray_task)
+    refs = {task.remote(C.to_dict(p.cfg), p.id.replace("/", "__"), threads): p for p, _ in todo}
+    say(f"sent {len(refs)} runs to Ray ({threads} CPUs each)")
+    failures = {}
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            p = refs.pop(ready[0])
+            try:
+                blob = ray.get(ready[0])
+            except Exception as e:  # a RayTaskError wraps the worker's exception
+                failures[p.id] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+                say(f"  {p.id} failed: {failures[p.id]}")
+                continue
+            incoming = root / f".incoming-{p.id.replace('/', '__')}"
+            shutil.rmtree(incoming, ignore_errors=True)
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+                tar.extractall(incoming, filter="data")
+            run_dir = incoming / p.id.replace("/", "__")
+            (run_dir / "config.yaml").write_text(C.dump_yaml(p.cfg))  # the study's paths, not the worker's
+            (root / p.id).parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(root / p.id, ignore_errors=True)
+            os.replace(run_dir, root / p.id)  # appears whole, never half-unpacked
+            shutil.rmtree(incoming)
+            say(_done_line(root, p, 0).replace(" (0 s)", ""))
+    finally:
+        if started:
+            ray.shutdown()
+    return failures
+
+
+EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: `cnnlab compare`, and --executor / --ray-address on `cnnlab train`
+
+
+def register(subparsers) -> None:
+    c = subparsers.add_parser("compare", help="compare runs or a study: tables, curves, significance tests",
+                              description="Compare finished run folders (each one variation) or study folders "
+                                          "(their variations, with seeds): study.html, study.md, comparison.json.")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders and/or study folders")
+    c.add_argument("--out", help="where to write the comparison (default: the study folder when one study is "
+                                 "given, else ./comparison)")
+    c.add_argument("--baseline", help="the variation the others are tested against (default: the first)")
+    c.set_defaults(func=_compare_cli)
+    train = subparsers.choices.get("train")
+    if train is not None:
+        train.add_argument("--executor", default="auto", choices=["auto", *EXECUTORS],
+                           help="studies: inline (one process), process (--jobs subprocesses) or ray")
+        train.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
+        train.set_defaults(func=functools.partial(_train_cli, train.get_default("func")))
+
+
+def _train_cli(original, args) -> int:
+    try:
+        if args.executor == "auto" and not args.ray_address or args.resume or not args.config:
+            return original(args)
+        cfg = C.load(args.config, args.overrides)
+        if not (cfg.variations or cfg.grid or cfg.repeats > 1) or args.print_config:
+            return original(args)
+        run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
+                  executor="ray" if args.ray_address and args.executor == "auto" else args.executor,
+                  address=args.ray_address)
+        return 0
+    except StudyError as e:
+        print(f"cnnlab: {e}", file=sys.stderr)
+        return 1
+
+
+def _compare_cli(args) -> int:
+    from cnnlab import study_report
+
+    path = study_report.compare(args.runs, out=args.out, baseline=args.baseline, say=print)
+    print(f"comparison: {path}")
+    return 0
