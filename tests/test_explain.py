@@ -24,7 +24,7 @@ def conv_cases(draw):
     return x, k, (ph, pw), (sh, sw)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(conv_cases(), st.booleans())
 def test_conv_agrees_with_pytorch(case, flip):
     x, k, padding, stride = case

@@ -179,6 +179,16 @@ def test_pretrained_file_variants(tmp_path, r18_file):
         _frozen_r18(tmp_path / "missing.pt")
 
 
+def test_trainer_hook_keeps_frozen_bn_eval_also_in_copies(r18_file):
+    import copy
+
+    model = _frozen_r18(r18_file[0], freeze="2")
+    for m in (model, copy.deepcopy(model)):  # EMA copies the model
+        m.train()
+        m._cnnlab_after_train()  # what the trainer calls after model.train()
+        assert not m.bn1.training and not m.layer1[0].bn1.training and m.layer2[0].bn1.training
+
+
 def test_input_spec_reads_the_weights_preset_offline(tmp_path):
     spec = transfer.input_spec("ResNet18_Weights.IMAGENET1K_V1")
     assert spec.resize == 224 and spec.mean == pytest.approx((0.485, 0.456, 0.406))
@@ -188,3 +198,9 @@ def test_input_spec_reads_the_weights_preset_offline(tmp_path):
     assert transfer.input_spec(None) == (None, None, None)
     with pytest.raises(transfer.TransferError, match="model.pretrained='Nope_Weights.X'"):
         transfer.input_spec("Nope_Weights.X")
+    from cnnlab.config import DataConfig
+
+    mcfg = ModelConfig(name="resnet18", pretrained="ResNet18_Weights.IMAGENET1K_V1")
+    assert transfer.data_defaults(mcfg, DataConfig()) == {"image_size": 224, "mean": spec.mean, "std": spec.std,
+                                                          "channels": 3}
+    assert transfer.data_defaults(mcfg, DataConfig(image_size=64, mean=(0.5,), std=(0.2,))) == {}

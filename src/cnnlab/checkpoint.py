@@ -73,12 +73,16 @@ def atomic_save(obj: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        cause = _root_os_error(e) or e  # torch.save reports a full disk as "unexpected pos ..."
+        raise CheckpointError(f"could not save {path}: {type(cause).__name__}: {cause}. "
+                              f"The previous {path.name}, if any, is untouched.") from cause
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -87,6 +91,16 @@ def atomic_save(obj: dict, path: str | Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _root_os_error(e: BaseException) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def is_stale_tmp(name: str) -> bool:

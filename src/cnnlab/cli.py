@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `cnnlab train exp.yaml --resume X` and overrides mixed with flags: argparse handles the order.
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may also follow flags (`train exp.yaml --jobs 2 optim.lr=0.1`): argparse leaves them over
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-SEVERITIES = ("error", "warning", "info", "ok")
+MARGIN = 3.0
+SEVERITIES = ("error", "warning", "ok", "info")  # the order findings are shown in
 
 
 @dataclass
@@ -37,6 +38,18 @@ def _arr(history: dict, key: str) -> np.ndarray | None:
     return np.asarray(v, dtype=np.float64)
 
 
+def noise_level(x: np.ndarray, start: int = 0) -> float:
+    """Robust std of epoch-to-epoch noise: residuals from a centred 5-point quadratic (Savitzky-Golay) fit,
+    which follows smooth curvature, scaled to the noise (x 1/0.717 for white noise), median-based.
+    Residuals before `start` (the steep first epochs) are ignored."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 5:
+        return float(np.std(x))
+    fit = np.convolve(x, np.array([-3, 12, 17, 12, -3]) / 35.0, mode="valid")  # centres 2 .. n-3
+    res = np.abs(x[2:-2] - fit)[max(0, start - 2):]
+    return 1.4826 * float(np.median(res if len(res) else np.abs(x[2:-2] - fit))) / 0.717
+
+
 def smooth(x: np.ndarray, width: int = 3) -> np.ndarray:
     """Centred moving average; windows shrink at the ends (so the ends are not pulled towards zero)."""
     x = np.asarray(x, dtype=np.float64)
@@ -55,8 +68,8 @@ def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
       1. The onset candidate is the epoch of lowest v (the checkpoint that `train.monitor: val_loss`
          would keep).
       2. It counts as overfitting only when there are >= `min_after` epochs after it and, with
-         margin = max(3 sigma, 2% of v[onset]) where sigma is the epoch-to-epoch noise of v (a robust
-         estimate from its residuals around a centred 3-epoch mean, skipping the steep first epochs),
+         margin = max(3 sigma, 2% of v[onset]) where sigma is the epoch-to-epoch noise of v (`noise_level`:
+         residuals from a local quadratic fit, skipping the steep first epochs),
          (a) v rises beyond noise: the mean of the last (up to 3) epochs exceeds the 3-epoch mean around
              the onset by > margin,
              and so does the rise of a least-squares line fitted to v from the onset on (a trend, not
@@ -80,13 +93,11 @@ def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
     if after < min_after:
         return None
     sv = smooth(v)
-    # noise of one epoch's value, from the residuals around a centred 3-epoch mean (std sqrt(2/3) sigma
-    # for white noise), over the epochs from half-way to the onset on: the steep first epochs are curvature
-    noise = 1.4826 * float(np.median(np.abs(v - sv)[k // 2:])) / math.sqrt(2 / 3)
+    noise = noise_level(v, start=k // 2)
     tail = min(3, after)
     g = v - t
     v_end, g_end, t_end = v[-tail:].mean(), g[-tail:].mean(), t[-tail:].mean()
-    margin = max(3 * noise, 0.02 * abs(v[k]), 1e-6)
+    margin = max(MARGIN * noise, 0.02 * abs(v[k]), 1e-6)
     x = np.arange(after + 1)
     v_slope, gap_slope = np.polyfit(x, v[k:], 1)[0], np.polyfit(x, g[k:], 1)[0]
     # measured from the 3-epoch mean around the minimum, not the minimum itself, which is biased low by noise
@@ -272,18 +283,19 @@ def divergence(steps: dict | None, history: dict | None = None) -> dict | None:
     lr = _arr(src or history or {}, "lr")
     unit = "step" if src else "epoch"
     bad = ~np.isfinite(loss)
-    if bad.any():
-        i = int(np.argmax(bad))
-        return {"kind": "non-finite", "unit": unit, "at": int(where[i]), "loss": str(loss[i]),
-                "lr": float(lr[i]) if lr is not None else None}
     head = loss[: min(5, len(loss))]
-    ref = float(np.median(head))
-    later = loss[len(head):]
-    if len(later) and ref > 0 and later.max() > 3 * ref:
-        i = len(head) + int(np.argmax(later > 3 * ref))
-        return {"kind": "exploding", "unit": unit, "at": int(where[i]), "loss": float(loss[i]), "start": ref,
-                "lr": float(lr[i]) if lr is not None else None}
-    return None
+    ref = float(np.median(head[np.isfinite(head)])) if np.isfinite(head).any() else float("nan")
+    big = np.zeros_like(bad)
+    if ref > 0:
+        big[len(head):] = np.nan_to_num(loss[len(head):], nan=0.0, posinf=0.0, neginf=0.0) > 3 * ref
+    if not (bad | big).any():
+        return None
+    i = int(np.argmax(bad | big))  # whichever comes first
+    out = {"kind": "non-finite" if bad[i] else "exploding", "unit": unit, "at": int(where[i]),
+           "loss": str(loss[i]) if bad[i] else float(loss[i]), "lr": float(lr[i]) if lr is not None else None}
+    if big[i]:
+        out["start"] = ref
+    return out
 
 
 def _divergence(steps: dict | None, history: dict | None) -> list[Finding]:

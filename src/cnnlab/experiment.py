@@ -153,6 +153,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
         dist.init(T.pick_device(cfg.train.device))
         run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
 
+    cfg = with_weight_defaults(cfg)
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     main = dist.is_main()
     t_start = time.perf_counter()
@@ -199,6 +200,18 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def with_weight_defaults(cfg: C.Config) -> C.Config:
+    """Pretrained weights bring their own input size and normalisation, unless the config sets them."""
+    if not cfg.model.pretrained:
+        return cfg
+    import dataclasses
+
+    from cnnlab.models import transfer
+
+    extra = transfer.data_defaults(cfg.model, cfg.data)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **extra)) if extra else cfg
 
 
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -28,7 +28,8 @@ def save(fig: Figure, path: str | Path, dpi: int | None = None) -> Path:
     """Write `fig` as PNG (no timestamp metadata, so reruns give identical bytes) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white", metadata={"Software": None})
+    tight = "tight" if getattr(fig, "cnnlab_tight", False) else None  # only figures with parts outside the axes grid
+    fig.savefig(path, dpi=dpi, bbox_inches=tight, pad_inches=0.08, facecolor="white", metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -182,6 +183,7 @@ def confusion(cm, classes: list[str], *, normalize: bool = False) -> Figure:
         text = [[f"{int(v)}" if v else "" for v in row] for row in cm]
         colour = cm > 0.55 * max(cm.max(), 1)
         title = "Confusion matrix (counts)"
+    fig.cnnlab_tight = True  # the colour bars are insets, outside what the layout engine sees
     width = max((len(t) for row in text for t in row), default=1)
     size = min(10.0, cell * 72 * 0.8 / max(0.62 * width, 1.2))
     if size >= 5.5 and cell >= 0.25:  # beyond ~25 classes the colours say it; digits would be noise
@@ -257,6 +259,22 @@ def _show(ax, img: np.ndarray, frame: str | None = None) -> None:
             sp.set_linewidth(3)
 
 
+def _image_grid(nrow: int, ncol: int, *, cell: float = 1.2, title: float = 0.4, gap: float = 0.1,
+                top: float = 0.0, head: float = 0.0):
+    """A figure of nrow x ncol image axes placed in inches (no layout engine: fast for many images).
+    Each row has `head` inches for a heading and `title` inches for per-image titles above its images."""
+    width = ncol * (cell + gap) + gap
+    row_h = head + title + cell + gap
+    height = top + nrow * row_h + gap
+    fig = plt.figure(figsize=(width, height))
+    axes = np.empty((nrow, ncol), dtype=object)
+    for r in range(nrow):
+        y = height - top - r * row_h - head - title - cell
+        for c in range(ncol):
+            axes[r, c] = fig.add_axes(((gap + c * (cell + gap)) / width, y / height, cell / width, cell / height))
+    return fig, axes
+
+
 def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *, max_pairs: int = 8,
                     per_pair: int = 5, slots: int = 8) -> Figure | None:
     """Misclassified images, highest loss first, grouped by (true -> predicted) pair.
@@ -280,17 +298,23 @@ def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *
             row, col = row + 1, 0
         place.append((pair, row, col, w))
         col += w
-    fig = plt.figure(figsize=(1.45 * slots, 2.25 * (row + 1)), layout="constrained")
-    gs = fig.add_gridspec(row + 1, slots)
+    fig, axes = _image_grid(row + 1, slots, cell=1.3, title=0.26, head=0.45, gap=0.14)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for pair, r, c, w in place:
-        sf = fig.add_subfigure(gs[r, c:c + w])
-        n = 9 if w == 1 else 16
-        sf.suptitle(f"{_short(pair[0], n)} → {_short(pair[1], n)}\n{totals.get(pair, len(groups[pair]))} in total",
-                    fontsize=9, fontweight="bold", color=INK)
-        for ax, (rec, im) in zip(np.atleast_1d(sf.subplots(1, w)), groups[pair]):
+        left, right = axes[r, c].get_position(), axes[r, c + w - 1].get_position()
+        n = 9 if w == 1 else 18
+        fig.text((left.x0 + right.x1) / 2, right.y1 + 0.3 / fig.get_size_inches()[1],
+                 f"{_short(pair[0], n)} → {_short(pair[1], n)}\n", fontsize=9.5, fontweight="bold",
+                 color=INK, ha="center", va="bottom")
+        fig.text((left.x0 + right.x1) / 2, right.y1 + 0.3 / fig.get_size_inches()[1],
+                 f"{totals.get(pair, len(groups[pair]))} in total", fontsize=8, color="#64748b", ha="center",
+                 va="bottom")
+        for ax, (rec, im) in zip(axes[r, c:c + w], groups[pair]):
+            ax.set_visible(True)
             _show(ax, im, BAD)
             ax.set_title(f"{100 * rec['confidence']:.0f}% · loss {rec['loss']:.2f}", fontsize=8,
-                         fontweight="normal", color=INK)
+                         fontweight="normal", color=INK, pad=3)
     return fig
 
 
@@ -300,16 +324,15 @@ def prediction_grid(images, rows: list[dict], *, max_images: int = 32, ncol: int
     if n == 0:
         return None
     ncol = min(ncol, n)
-    nrow = -(-n // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.3 * ncol, 1.75 * nrow), squeeze=False, constrained_layout=True)
+    fig, axes = _image_grid(-(-n // ncol), ncol, cell=1.25, title=0.4, gap=0.12)
     for ax in axes.flat[n:]:
-        ax.axis("off")
+        ax.set_visible(False)
     for ax, r, im in zip(axes.flat, rows[:n], images[:n]):
         ok = r["target"] == r["pred"]
         _show(ax, im, GOOD if ok else BAD)
         label = f"{_short(r['pred_name'], 11)} · {100 * r['confidence']:.0f}%"
         label += "\n " if ok else f"\ntrue {_short(r['target_name'], 11)}"
-        ax.set_title(label, fontsize=8.5, fontweight="normal", color=GOOD if ok else BAD)
+        ax.set_title(label, fontsize=8.5, fontweight="normal", color=GOOD if ok else BAD, pad=3)
     return fig
 
 
@@ -330,9 +353,8 @@ def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
     n = len(w)
     ncol = min(16, n)
     nrow = -(-n // ncol)
-    side = float(np.clip(9.0 / ncol, 0.62, 1.1))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(side * ncol + 0.3, side * nrow + 0.5), squeeze=False,
-                             constrained_layout=True)
+    side = float(np.clip(9.0 / ncol, 0.55, 1.0))
+    fig, axes = _image_grid(nrow, ncol, cell=side, title=0.0, gap=0.08, top=0.4)
     lim = float(np.abs(w).max()) or 1.0
     for ax in axes.flat:
         ax.axis("off")
@@ -343,7 +365,7 @@ def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
             ax.imshow(f.mean(0), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     fig.suptitle(f"First-layer filters ({w.shape[0]} of {conv.out_channels}, {w.shape[2]}x{w.shape[3]}"
                  f"{', mean over input channels' if w.shape[1] not in (1, 3) else ''})", fontsize=10,
-                 fontweight="bold")
+                 fontweight="bold", y=1 - 0.1 / fig.get_size_inches()[1], va="top")
     return fig
 
 
@@ -390,8 +412,7 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: in
     stages = conv_stages(model, x)
     if not stages:
         return None
-    fig, axes = plt.subplots(len(stages), channels + 1, figsize=(1.25 * (channels + 1), 1.45 * len(stages)),
-                             squeeze=False, constrained_layout=True)
+    fig, axes = _image_grid(len(stages), channels + 1, cell=1.15, title=0.42, gap=0.1)
     for row, (name, act) in zip(axes, stages):
         _show(row[0], image)
         c, h, w = act.shape
@@ -459,7 +480,7 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, layer: torch.nn.Module, tar
 def gradcam_grid(images, maps: np.ndarray, rows: list[dict], layer_name: str) -> Figure:
     """Each image above its Grad-CAM overlay (for the predicted class)."""
     n = len(rows)
-    fig, axes = plt.subplots(2, n, figsize=(1.5 * n + 0.3, 3.5), squeeze=False, constrained_layout=True)
+    fig, axes = _image_grid(2, n, cell=1.3, title=0.28, gap=0.12, top=0.35)
     for j, (r, im, cam) in enumerate(zip(rows, images, maps)):
         ok = r["target"] == r["pred"]
         _show(axes[0, j], im, GOOD if ok else BAD)
@@ -469,5 +490,5 @@ def gradcam_grid(images, maps: np.ndarray, rows: list[dict], layer_name: str) ->
         axes[1, j].set_title(f"pred {_short(r['pred_name'], 10)} · {100 * r['confidence']:.0f}%", fontsize=8.5,
                              fontweight="normal", color=GOOD if ok else BAD)
     fig.suptitle(f"Grad-CAM on {layer_name}: where the evidence for the predicted class lies",
-                 fontsize=10, fontweight="bold")
+                 fontsize=10, fontweight="bold", y=1 - 0.08 / fig.get_size_inches()[1], va="top")
     return fig

@@ -419,6 +419,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
     if resume:
         if main:
             stale = ckpt.clean_stale_tmp(ckdir)
+            for name in (".history.csv.tmp", ".steps.csv.tmp"):  # a kill during _truncate_logs
+                (run_dir / name).unlink(missing_ok=True)
             if stale:
                 print(f"removed {len(stale)} temporary file(s) of an interrupted save in {ckdir}: "
                       f"{', '.join(stale)}", flush=True)

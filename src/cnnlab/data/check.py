@@ -118,6 +118,24 @@ def fast_check(source: DataSource) -> list[Finding]:
     return out
 
 
+class DataCheckError(ValueError):
+    """The data has errors that would crash training or teach the model garbage."""
+
+
+def require_trainable(source: DataSource, *, show: int = 10) -> list[Finding]:
+    """`fast_check` for the trainer: raise DataCheckError naming the files when there is an error,
+    else return the warnings and info (for the run's notes)."""
+    findings = fast_check(source)
+    errs = errors(findings)
+    if errs:
+        lines = "\n".join(f"  {f.kind}: {f.path}: {f.message}" for f in errs[:show])
+        more = f"\n  ... and {len(errs) - show} more" if len(errs) > show else ""
+        raise DataCheckError(f"the data has {len(errs)} error(s); not training on it:\n{lines}{more}\n"
+                             "Fix or remove these files (`cnnlab data check` runs every check), or set "
+                             "data.check: false to train anyway.")
+    return findings
+
+
 # ----------------------------------------------------------------------------------------------
 # The full check: every file opened, decoded and hashed
 

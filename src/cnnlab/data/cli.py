@@ -11,7 +11,8 @@ from cnnlab.data import DATASETS, DataSource
 from cnnlab.registry import UnknownNameError
 
 
-def open_source(spec: str, *, root: str | None = None, download: bool = True, options: dict | None = None) -> DataSource:
+def open_source(spec: str, *, root: str | None = None, download: bool = True,
+                options: dict | None = None) -> DataSource:
     """A registered data set by name, or a folder / .zip path read as the `folder` data set."""
     if spec not in DATASETS and (Path(spec).exists() or "/" in spec or spec.endswith(".zip")):
         if not Path(spec).exists():
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv if argv[:1] == ["data"] else ["data", *argv])
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # missing files, failed downloads, bad data or arguments
         print(f"cnnlab: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
 

@@ -27,8 +27,12 @@ class UnsafeArchiveError(ValueError):
     """An archive member would land outside the target folder (absolute path, `..`, outside link)."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A pickle asked for a global other than numpy array reconstruction or a plain builtin type."""
+
+
+class DownloadError(OSError):
+    """No mirror could be reached (network down, URL gone)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +96,8 @@ def download(url: str | list[str], dest: str | Path, *, sha256: str | None = Non
             errors.append(f"{u}: {e}")
     else:
         part.unlink(missing_ok=True)
-        raise OSError(f"could not download {dest.name}: " + "; ".join(errors))
+        raise DownloadError(f"could not download {dest.name}: {'; '.join(errors)}. Fetch it by hand into "
+                            f"{dest.parent}; it is checked against its published checksum before use")
     try:
         verify(part, sha256=sha256, md5=md5)
     except ChecksumError as e:

@@ -21,8 +21,7 @@ from cnnlab.data.download import download as fetch, restricted_load, safe_extrac
 SYSTEM_DIR = Path("/usr/share/datasets")  # where `apt-get install dataset-<name>` puts files
 CACHE_DIR = Path("~/.cache/cnnlab")
 DIGITS = [str(i) for i in range(10)]
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-           "Ankle boot"]
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 @dataclass
@@ -52,17 +51,10 @@ def _target(name: str, root: str | None) -> Path:
 def _find(places: list[Path], files: list[str], subdirs: tuple[str, ...] = ("",),
           gz: bool = False) -> dict[str, Path] | None:
     """The first folder (a place, or a subdir of one) holding every file (or its .gz when `gz`)."""
-    for place in places:
-        for sub in subdirs:
-            d = place / sub if sub else place
-            found = {}
-            for f in files:
-                for cand in ([f, f + ".gz"] if gz else [f]):
-                    if (d / cand).exists():
-                        found[f] = d / cand
-                        break
-            if len(found) == len(files):
-                return found
+    for d in (p / s if s else p for p in places for s in subdirs):
+        found = {f: next((d / c for c in ([f, f + ".gz"] if gz else [f]) if (d / c).exists()), None) for f in files}
+        if all(found.values()):
+            return found
     return None
 
 
@@ -148,13 +140,13 @@ def _idx_source(name: str, root: str | None, download: bool, options: dict) -> D
                  for f, md5 in zip(IDX_FILES, md5s)}
     splits = {}
     for split, (img_f, lab_f) in {"train": IDX_FILES[:2], "test": IDX_FILES[2:]}.items():
-        images, labels = read_idx(found[img_f]), read_idx(found[lab_f]).astype(np.int64)
+        images, labels = read_idx(found[img_f]), read_idx(found[lab_f]).astype(np.int64)  # (N, 28, 28), (N,)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(f"{found[img_f]}: {images.shape} images do not match {labels.shape} labels "
                              f"in {found[lab_f]}")
         _check_labels(found[lab_f], labels, len(classes))
         splits[split] = ImageSet(labels=labels, classes=classes, ids=_ids(name, split, len(labels)),
-                                 images=torch.from_numpy(images.astype(np.uint8, copy=False)).unsqueeze(1))  # (N, 1, 28, 28)
+                                 images=torch.from_numpy(images.astype(np.uint8, copy=False)).unsqueeze(1))
     return DataSource(train=splits["train"], test=splits["test"], classes=classes,
                       description=f"{name} (official IDX files in {found[IDX_FILES[0]].parent})")
 
@@ -176,7 +168,7 @@ def fashion_mnist(root: str | None = None, *, download: bool = True, **options) 
 
 
 def _archive_files(name: str, root: str | None, download: bool, folder: str, files: list[str],
-                   archives: list[tuple[str, str]]) -> dict[str, Path]:
+                   archives: list[tuple[str, str]], hint: str = "") -> dict[str, Path]:
     """`files` inside `folder`: found extracted, or extracted from an archive found or downloaded.
 
     `archives` are (url, md5) pairs; an archive is verified before it is extracted.
@@ -194,7 +186,8 @@ def _archive_files(name: str, root: str | None, download: bool, folder: str, fil
         elif download:
             local = fetch(url, target / fname, md5=md5)
         else:
-            raise _missing(name, places, [f"{folder}/{f}" for f in files] + [f"or {fname}"], _fetch_hint(url))
+            raise _missing(name, places, [f"{folder}/{f}" if folder else f for f in files] + [f"or {fname}"],
+                           _fetch_hint(url) + hint)
         # extract next to the archive unless that place is read-only (a system package)
         safe_extract(local, local.parent if os.access(local.parent, os.W_OK) else target)
     found = _find([target] + places, files, subdirs=(folder,))
@@ -416,18 +409,9 @@ def mnist_m(root: str | None = None, *, download: bool = True, **options) -> Dat
         return DataSource(train=train, test=test, classes=DIGITS,
                           description=f"MNIST-M (original release, {found_orig['mnist_m_train'].parent})")
     if release == "original":
-        raise _missing("mnist-m", places, orig, "Build it with `cnnlab data build-mnist-m`")
-    if found is None:
-        if not download:
-            raise _missing("mnist-m", places, orig + ["or " + p for p in pt],
-                           f"{_fetch_hint(MNIST_M_PT[0][0])} (the PyTorch release), or build "
-                           "the original with `cnnlab data build-mnist-m`")
-        target = _target("mnist-m", root)
-        for url, md5 in MNIST_M_PT:
-            safe_extract(fetch(url, target / url.rsplit("/", 1)[-1], md5=md5), target)
-        found = _find([target], pt, subdirs)
-        if found is None:
-            raise FileNotFoundError(f"mnist-m: the downloaded archives in {target} did not hold {', '.join(pt)}")
+        raise _missing("mnist-m", places, orig, "build it with `cnnlab data build-mnist-m`")
+    found = found or _archive_files("mnist-m", root, download, "", pt, MNIST_M_PT,
+                                    " (the PyTorch release), or build the original with `cnnlab data build-mnist-m`")
     return DataSource(train=_mnist_m_pt(found["mnist_m_train.pt"], "train"),
                       test=_mnist_m_pt(found["mnist_m_test.pt"], "test"), classes=DIGITS,
                       description=f"MNIST-M (PyTorch release, {found['mnist_m_train.pt'].parent})")

@@ -41,9 +41,13 @@ class Stats:
         return asdict(self)
 
     def format(self) -> str:
-        fmt = lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ")"  # noqa: E731
-        top = lambda c: ", ".join(f"{k} {v}" for k, v in Counter(c).most_common(8)) + (  # noqa: E731
-            f", ... ({len(c)} in all)" if len(c) > 8 else "")
+        def fmt(v):
+            return "(" + ", ".join(f"{x:.4f}" for x in v) + ")"
+
+        def top(counts):
+            more = f", ... ({len(counts)} in all)" if len(counts) > 8 else ""
+            return ", ".join(f"{k} {v}" for k, v in Counter(counts).most_common(8)) + more
+
         lines = [f"images   {self.n_images:,}  ({self.n_pixels:,} pixels per channel, {self.seconds:.1f} s)",
                  f"mean     {fmt(self.mean)}", f"std      {fmt(self.std)}",
                  f"classes  {len(self.class_counts)}: {top(self.class_counts)}",
@@ -72,8 +76,11 @@ def pool_map(fn: Callable, chunks: list, jobs: int | None) -> Iterator:
         yield from map(fn, chunks)
         return
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=ctx, initializer=_init_worker) as ex:
+    ex = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=ctx, initializer=_init_worker)
+    try:
         yield from ex.map(fn, chunks)
+    finally:  # on an error or an early stop, drop the chunks not started yet
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def chunked(items: list, size: int) -> list[list]:

@@ -1,8 +1,6 @@
 """Models from other libraries by name: `torchvision:<name>` (any torchvision classifier) and `timm:<name>`.
-
-Built with the data set's classes and input channels, randomly initialised: pretrained weights are
-loaded afterwards by `transfer.load_pretrained` (for timm, `model.pretrained: timm` lets timm load them).
-"""
+Built randomly initialised with the data's classes and channels; `transfer.load_pretrained` loads weights
+afterwards (for timm, `model.pretrained: timm` lets timm load its own)."""
 from __future__ import annotations
 
 import difflib

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cnnlab.models import MODELS
+from cnnlab.models.zoo import takes_input
 
 
 class _Conv(nn.Conv2d):
@@ -70,6 +71,7 @@ class FastNet(nn.Module):
 
 
 @MODELS.register("fastnet")
+@takes_input(3, 32)
 def fastnet(*, num_classes: int, in_channels: int, input_size: int, widths: list | None = None,
             scale: float = 1 / 9) -> nn.Module:
     """airbench-style CIFAR net (widths 64/256/256 by default; `options: {widths: [32, 128, 128]}` for a

@@ -1,12 +1,11 @@
 """Transfer learning: pretrained weights (torchvision name or local state dict), freezing, input spec.
-
-The model is built with the data set's number of classes first, so loading skips the old head
-(shapes differ) and the new head starts fresh; `freeze` then turns gradients off where asked.
-"""
+Models are built with the data set's classes first, so loading skips the old head (its shapes differ)
+and the new head starts fresh; `freeze` then turns gradients off where asked."""
 from __future__ import annotations
 
 import logging
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +181,21 @@ def input_spec(weights: str | None, name: str = "") -> InputSpec:
                      tuple(float(v) for v in getattr(t, "std", ())) or None)
 
 
+def data_defaults(mcfg, dcfg) -> dict:
+    """DataConfig fields the weights ask for and the config leaves unset (None): image_size, mean/std and,
+    for RGB statistics, channels 3.
+    Use: `data = dataclasses.replace(cfg.data, **data_defaults(cfg.model, cfg.data))`."""
+    spec = input_spec(mcfg.pretrained, mcfg.name)
+    out: dict = {}
+    if spec.resize and dcfg.image_size is None:
+        out["image_size"] = spec.resize
+    if spec.mean and dcfg.mean is None and dcfg.std is None:
+        out.update(mean=spec.mean, std=spec.std)
+        if dcfg.channels is None:
+            out["channels"] = len(spec.mean)  # grey images are repeated to RGB for RGB weights
+    return out
+
+
 # ---- head, stages and freezing
 
 
@@ -268,7 +282,16 @@ def freeze(model: nn.Module, spec: str | int) -> list[str]:
             _freeze_modules(s)
     else:
         raise TransferError(f"model.freeze={spec!r}: must be none, backbone or a number of first stages")
+    # the trainer calls model._cnnlab_after_train() after model.train(); a bound method survives deepcopy (EMA)
+    model._cnnlab_after_train = types.MethodType(_after_train, model)
     return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+def _after_train(self: nn.Module) -> None:
+    own = getattr(type(self), "_cnnlab_after_train", None)  # a model's own hook still runs
+    if own is not None:
+        own(self)
+    keep_frozen_bn_eval(self)
 
 
 def keep_frozen_bn_eval(model: nn.Module) -> int:
