@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-import os
+import json
 import shutil
 from pathlib import Path
 
@@ -61,11 +61,11 @@ def plant_bad_files(root: Path) -> dict[str, tuple[str, str]]:
     shutil.rmtree(root / "val" / "c2")  # class missing from val
     return {
         str(t / "c0" / "truncated.jpg"): ("error", "truncated"),
-        str(t / "c1" / "zero.png"): ("error", "zero-byte"),
+        str(t / "c1" / "zero.png"): ("error", "zero_byte"),
         str(t / "c2" / "notes.jpg"): ("error", "unreadable"),
         str(t / "c1" / "huge.png"): ("error", "huge"),
-        str(t / "empty_class"): ("error", "empty-class"),
-        str(root / "val" / "c2"): ("warning", "class-mismatch"),
+        str(t / "empty_class"): ("error", "empty_class"),
+        str(root / "val" / "c2"): ("warning", "class_mismatch"),
         str(t / "c0" / "rgba.png"): ("warning", "converted"),
         str(t / "c2" / "deep16.png"): ("warning", "converted"),
         str(t / "c1" / "palette.png"): ("info", "converted"),
@@ -92,8 +92,8 @@ def test_ten_planted_problems_reported_by_path(clean, tmp_path, monkeypatch, cap
         assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
     # the trainer's cheap check sees the structural errors without decoding anything
     fast = {(f.path, f.kind) for f in errors(fast_check(src))}
-    assert fast == {(str(root / "train" / "c1" / "zero.png"), "zero-byte"),
-                    (str(root / "train" / "empty_class"), "empty-class")}
+    assert fast == {(str(root / "train" / "c1" / "zero.png"), "zero_byte"),
+                    (str(root / "train" / "empty_class"), "empty_class")}
     with pytest.raises(DataCheckError, match="2 error") as e:
         require_trainable(src)  # what the trainer calls before step 0
     assert str(root / "train" / "c1" / "zero.png") in str(e.value) and "empty_class" in str(e.value)
@@ -107,7 +107,7 @@ def test_ten_planted_problems_reported_by_path(clean, tmp_path, monkeypatch, cap
     assert "ERROR truncated (1)" in out and "5 errors, 3 warnings, 2 info" in out
 
 
-def test_duplicates_within_and_across_splits(clean, tmp_path):
+def test_duplicates_within_and_across_splits(clean, tmp_path, capsys):
     root = tmp_path / "dups"
     shutil.copytree(clean, root)
     shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "c0" / "copy.png")
@@ -120,16 +120,20 @@ def test_duplicates_within_and_across_splits(clean, tmp_path):
     by_kind = {}
     for f in findings:
         by_kind.setdefault(f.kind, []).append(f)
-    assert set(by_kind) == {"duplicate", "leak"}
+    assert set(by_kind) == {"duplicate", "duplicate_across_splits"}
     dup_paths = {(f.path, o) for f in by_kind["duplicate"] for o in f.others}
     assert (str(root / "train/c0/0.png"), str(root / "train/c0/copy.png")) in dup_paths
     assert (str(root / "train/c1/0.png"), str(root / "train/c2/relabelled.png")) in dup_paths
     assert (str(root / "train/c1/1.png"), str(root / "train/c1/recoded.png")) in dup_paths
     assert any("labelled c1 and c2" in f.message for f in by_kind["duplicate"])
-    (leak,) = by_kind["leak"]
+    (leak,) = by_kind["duplicate_across_splits"]
     assert leak.path == str(root / "train/c2/1.png") and leak.others == (str(root / "val/c2/leaked.png"),)
     s = summary(findings)
     assert s["duplicate_images"] == 3 and s["leaked_images"] == 1
+    capsys.readouterr()
+    assert data_main(["check", str(root), "--json", "--jobs", "1"]) == 0  # warnings only: exit 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"] == s and len(report["findings"]) == len(findings)
 
 
 def test_fast_check_in_memory_labels_classes_ids():
@@ -139,11 +143,11 @@ def test_fast_check_in_memory_labels_classes_ids():
                      ids=["s0", "s1", "s2", "s3", "s4", "s1"])
     val = ImageSet(labels=np.array([2]), classes=["a", "b", "c"], images=imgs[:1].clone(), ids=["s0"])
     found = {(f.severity, f.kind, f.path) for f in fast_check(DataSource(train=train, val=val, classes=["a", "b", "c"]))}
-    assert found == {("error", "label-range", "s4"), ("error", "duplicate-id", "s1"),
-                     ("error", "class-mismatch", "val/c"), ("warning", "class-mismatch", "val/a"),
-                     ("warning", "class-mismatch", "val/b"), ("error", "duplicate-id", "s0")}
+    assert found == {("error", "label_range", "s4"), ("error", "duplicate_id", "s1"),
+                     ("error", "class_mismatch", "val/c"), ("warning", "class_mismatch", "val/a"),
+                     ("warning", "class_mismatch", "val/b"), ("error", "duplicate_id", "s0")}
     # the full check also hashes in-memory images: val's only image equals train's first
-    assert any(f.kind == "leak" for f in check(DataSource(train=train, val=val, classes=["a", "b", "c"])))
+    assert any(f.kind == "duplicate_across_splits" for f in check(DataSource(train=train, val=val, classes=["a", "b", "c"])))
 
 
 def test_print_findings_limits_long_groups(capsys):

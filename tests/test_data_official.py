@@ -119,6 +119,7 @@ def test_mnist_idx(tmp_path, gz):
     assert src.train.images.shape == (7, 1, 28, 28) and src.train.images.dtype == torch.uint8
     assert np.array_equal(src.train.images[:, 0].numpy(), x_tr) and np.array_equal(src.train.labels, y_tr)
     assert np.array_equal(src.test.images[:, 0].numpy(), x_te) and src.classes == [str(i) for i in range(10)]
+    assert "repackaged copy" in src.description  # not the published bytes, so the description says so
 
 
 def test_idx_truncated_file_is_refused(tmp_path):
@@ -145,6 +146,7 @@ def test_mnist_download_is_verified(tmp_path, monkeypatch):
     monkeypatch.setitem(official.IDX_SETS, "mnist", (mirrors, [md5(server / (f + ".gz")) for f in arrays], classes, tv))
     src = DATASETS.get("mnist")(str(tmp_path / "root"), download=True)
     assert len(src.train) == 2 and len(src.test) == 1 and (tmp_path / "root" / "t10k-images-idx3-ubyte.gz").is_file()
+    assert "the published .gz files" in src.description
 
 
 def test_fashion_mnist_from_system_package(monkeypatch):

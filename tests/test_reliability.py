@@ -201,16 +201,24 @@ def test_sigkill_at_20_moments_then_resume_matches_uninterrupted(zygote, referen
         while not cond() and not zygote.finished() and time.perf_counter() < end:
             pass
 
-    def last_mtime():
-        try:
-            return (ckdir / "last.pt").stat().st_mtime_ns
-        except FileNotFoundError:
-            return None
+    seen = {}
 
+    def last_step() -> int:  # the step of checkpoints/last.pt, read again only when it changes
+        try:
+            mtime = (ckdir / "last.pt").stat().st_mtime_ns
+            if mtime not in seen:
+                seen[mtime] = ckpt.load(ckdir / "last.pt")["state"]["step"]
+            return seen[mtime]
+        except FileNotFoundError:  # not written yet
+            return 0
+
+    steps_total = 5 * 38
+    targets = iter(sorted(rng.sample(range(3, steps_total), 10)))
+
+    seen_tmp: set[str] = set()
     for i in range(20):
         resume = (run_dir / "config.yaml").is_file()
         argv = ["train", "--resume", str(run_dir)] if resume else ["train", str(cfg)]
-        mark = last_mtime()
         t0 = time.perf_counter()
         pid = zygote.start(argv, log)
         if not resume:  # the first run must get as far as its run folder, or there is nothing to resume
@@ -218,9 +226,10 @@ def test_sigkill_at_20_moments_then_resume_matches_uninterrupted(zygote, referen
         mode = ("save", "random", "random", "startup")[i % 4]
         if mode == "save":  # as soon as a checkpoint's temporary file appears: in the middle of a save
             until(lambda: ckdir.is_dir() and any(ckpt.is_stale_tmp(e.name) for e in os.scandir(ckdir)))
-        elif mode == "random":  # a random moment of training, soon after the run's first new checkpoint
-            until(lambda: last_mtime() != mark)
-            time.sleep(rng.uniform(0.0, 0.15))
+        elif mode == "random":  # a random moment soon after a random step, spread over the whole run
+            target = next(targets)
+            until(lambda: last_step() >= target)
+            time.sleep(rng.uniform(0.0, 0.05))
         else:  # while starting up: reading the data, building the model, loading the checkpoint
             time.sleep(rng.uniform(0.0, 0.5))
         try:
@@ -228,12 +237,13 @@ def test_sigkill_at_20_moments_then_resume_matches_uninterrupted(zygote, referen
         except ProcessLookupError:
             pass
         rc = zygote.wait()
-        left = [p.name for p in ckdir.glob(".*.tmp")] if ckdir.is_dir() else []
+        left = {p.name for p in ckdir.glob(".*.tmp")} if ckdir.is_dir() else set()
+        new_tmp, seen_tmp = left - seen_tmp, seen_tmp | left  # a temporary file this kill left: killed mid-save
         for pt in sorted(ckdir.glob("*.pt")) if ckdir.is_dir() else []:
             ckpt.load(pt)  # every checkpoint on disk loads with weights_only=True, whenever the kill came
         step = ckpt.load(ckdir / "last.pt")["state"]["step"] if (ckdir / "last.pt").is_file() else 0
         record.append({"mode": mode, "rc": rc, "after_s": round(time.perf_counter() - t0, 2), "step": step,
-                       "tmp_left": len(left)})
+                       "tmp_left": len(new_tmp)})
     rc = zygote.run(["train", "--resume", str(run_dir)], log)
     assert rc == 0, log.read_text()[-3000:]
     print("\nkills:", json.dumps(record))

@@ -132,12 +132,22 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses code; a damaged file fails to unzip
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: refused, not a loadable cnnlab checkpoint (only tensors and plain types "
-                              f"are accepted, read with weights_only=True): {first}") from None
+                              f"are accepted, read with weights_only=True): {_why(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: refused, expected a dict of tensors, found a {type(obj).__name__}")
     return obj
+
+
+def _why(e: Exception) -> str:
+    """The informative line of torch.load's error (not its advice to retry with weights_only=False)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln
+    if lines and not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    return f"{type(e).__name__} (a damaged file, or not a checkpoint)"
 
 
 def all_finite(state_dict: dict) -> bool:

@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `cnnlab ... | head`
+        sys.stderr.close()
+        return 0
     except ConfigError as e:
         print(f"cnnlab: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # missing files, failed downloads, bad data
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"cnnlab: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

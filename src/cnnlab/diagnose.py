@@ -120,8 +120,11 @@ def _overfitting(history: dict, best_epoch: int | None) -> list[Finding]:
             f"({o['train_loss_onset']:.3f} → {o['train_loss_end']:.3f}): from epoch {o['epoch']} on the model "
             f"memorises the training images rather than learning what generalises. The gap between "
             f"validation and training loss grew from {o['gap_onset']:.3f} to {o['gap_end']:.3f}.")
-    if best_epoch is not None:
-        text += f" The evaluated checkpoint is the one from epoch {best_epoch}."
+    if best_epoch is not None and best_epoch > o["epoch"]:
+        text += (f" The evaluated checkpoint (epoch {best_epoch}) lies after the onset; monitoring the validation "
+                 f"loss would have kept epoch {o['epoch']}.")
+    elif best_epoch is not None:
+        text += f" The evaluated checkpoint is the one from epoch {best_epoch}, before the damage."
     return [Finding("warning", "overfitting", f"Overfitting from epoch {o['epoch']}", text,
                     "Stop earlier (train.early_stop.patience: 3, or train.monitor: val_loss), add augmentation "
                     "(data.augment.hflip / crop_padding / cutout), weight decay (optim.weight_decay: 5e-4), "

@@ -98,8 +98,7 @@ def _json_default(o):
 
 
 def data_summary(splits: Splits, cfg: C.Config) -> dict:
-    return {"name": cfg.data.name, "root": cfg.data.root, **splits.summary(),
-            "findings": [f if isinstance(f, dict) else f.to_dict() for f in getattr(splits, "findings", [])]}
+    return {"name": cfg.data.name, "root": cfg.data.root, **splits.summary(), "findings": splits.findings}
 
 
 def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, targets: torch.Tensor, seed: int) -> None:

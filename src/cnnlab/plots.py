@@ -1,7 +1,7 @@
 """Figures drawn from a run's saved results (matplotlib, Agg); each function returns a Figure, `save` writes it.
 
-Nothing here recomputes metrics; the model-based figures (filters, feature maps, Grad-CAM) take a
-rebuilt model and the saved sample images. Grad-CAM uses plain forward hooks and tensor hooks.
+Nothing here recomputes metrics. Figures that need the rebuilt model (filters, feature maps, Grad-CAM)
+are in plots_model.py.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 TRAIN, VAL, BEST, BAD, GOOD, INK = "#2563eb", "#ea580c", "#16a34a", "#dc2626", "#16a34a", "#334155"
@@ -40,8 +39,10 @@ def _col(d: dict, key: str) -> np.ndarray | None:
 
 
 def _short(name: str, n: int = 14) -> str:
+    """A class name cut to n characters, with '$' escaped so matplotlib does not read it as maths."""
     name = str(name)
-    return name if len(name) <= n else name[: n - 1] + "…"
+    name = name if len(name) <= n else name[: n - 1] + "…"
+    return name.replace("$", r"\$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,22 +80,23 @@ def curves(history: dict, *, best_epoch: int | None = None, onset: int | None = 
 
 
 def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
-    """Training loss at every logged step with an exponential moving average; the learning rate below it."""
+    """Training loss at every logged step, smoothed when there are enough; the learning rate below it."""
     s, loss, lr = _col(steps, "step"), _col(steps, "loss"), _col(steps, "lr")
     if lr is not None:
         fig, (ax, axl) = plt.subplots(2, 1, figsize=(10, 4.4), sharex=True, height_ratios=(3, 1.1),
                                       constrained_layout=True)
     else:
         fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
-    ax.plot(s, loss, color=TRAIN, alpha=0.3, lw=0.9, label="logged")
+    ax.plot(s, loss, color=TRAIN, alpha=0.35 if len(loss) >= 15 else 1.0, lw=0.9 if len(loss) >= 15 else 1.8,
+            marker="o" if len(loss) < 15 else None, ms=3, label="logged")
     finite = np.isfinite(loss)
+    if finite.sum() >= 15:  # a centred moving average: no lag, unlike an EMA
+        w = max(3, (len(loss) // 25) | 1)
+        kern = np.ones(w)
+        val = np.where(finite, loss, 0.0)
+        smooth = np.convolve(val, kern, "same") / np.maximum(np.convolve(finite.astype(float), kern, "same"), 1)
+        ax.plot(s, np.where(finite, smooth, np.nan), color=TRAIN, lw=2, label=f"smoothed ({w}-point mean)")
     if finite.any():
-        alpha = min(0.5, 10.0 / max(len(loss), 1))
-        ema, m = np.empty_like(loss), loss[finite][0]
-        for i, v in enumerate(loss):
-            m = m if not np.isfinite(v) else (1 - alpha) * m + alpha * v
-            ema[i] = m
-        ax.plot(s, ema, color=TRAIN, lw=2, label="smoothed (EMA)")
         lo, hi = np.nanmin(loss[finite]), np.nanmax(loss[finite])
         if lo > 0 and hi / lo > 30:
             ax.set_yscale("log")
@@ -211,8 +213,13 @@ def per_class_accuracy(per_class: list[dict], *, highlight: set[str] = frozenset
     ax.bar(range(k), acc, color=colours, width=0.75)
     mean = float(np.mean(acc)) if k else 0.0
     ax.axhline(mean, color=INK, ls="--", lw=1)
-    ax.set_xticks(range(k), [_short(n) for n in names], rotation=90 if k > 10 else 0,
-                  fontsize=float(np.clip(500 / max(k, 1), 5, 9)))
+    fs = float(np.clip(500 / max(k, 1), 5, 9))
+    ax.set_xticks(range(k), [_short(n) for n in names], rotation=90 if k > 10 else 0, fontsize=fs)
+    for i, (n, a) in enumerate(zip(names, acc)):
+        if n in highlight:
+            ax.get_xticklabels()[i].set_color(BAD)
+        if a < 3:  # an empty bar would be invisible: say it
+            ax.text(i, 1.5, f"{a:.0f}%", ha="center", va="bottom", fontsize=fs, color=BAD, rotation=90 if k > 30 else 0)
     ax.set(ylim=(0, 105), ylabel="accuracy (%)", title=f"Accuracy per class (dashed: mean {mean:.1f}%)",
            xlim=(-0.7, k - 0.3))
     ax.grid(axis="x", visible=False)
@@ -220,16 +227,16 @@ def per_class_accuracy(per_class: list[dict], *, highlight: set[str] = frozenset
 
 
 def reliability(bins: dict) -> Figure:
-    """Reliability diagram: accuracy against confidence per bin, with how many images fall in each."""
+    """Reliability diagram: accuracy (bars) and mean confidence (red ticks) per confidence bin, with how many
+    images fall in each; bars under their ticks mean overconfidence."""
     edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
     mid, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 4.6), sharex=True, height_ratios=(3, 1), constrained_layout=True)
     has = count > 0
     ax.bar(mid[has], np.asarray(bins["accuracy"])[has], width=width[has] * 0.92, color=TRAIN, alpha=0.85,
            label="accuracy")
-    acc, conf = np.asarray(bins["accuracy"])[has], np.asarray(bins["confidence"])[has]
-    ax.bar(mid[has], np.abs(conf - acc), width=width[has] * 0.92, bottom=np.minimum(acc, conf), facecolor="none",
-           hatch="////", edgecolor=BAD, lw=0, label="gap to mean confidence")
+    conf, half = np.asarray(bins["confidence"])[has], width[has] * 0.46
+    ax.hlines(conf, mid[has] - half, mid[has] + half, color=BAD, lw=2.2, label="mean confidence")
     ax.plot([0, 1], [0, 1], color=INK, ls="--", lw=1, label="perfect calibration")
     ax.set(ylabel="accuracy", title="Reliability (confidence vs accuracy)", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="best", framealpha=0.9, frameon=True, edgecolor="none")
@@ -291,6 +298,7 @@ def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *
         groups.setdefault((r["target_name"], r["pred_name"]), []).append((r, im))
     totals = pair_totals or {p: len(g) for p, g in groups.items()}
     order = sorted(groups, key=lambda p: (-totals.get(p, 0), -groups[p][0][0]["loss"]))[:max_pairs]
+    per_pair = max(per_pair, min(slots, 2 * slots // len(order)))  # few pairs: show more of each
     place, row, col = [], 0, 0  # (pair, row, first slot, width)
     for pair in order:
         w = min(per_pair, len(groups[pair]), slots)
@@ -307,6 +315,8 @@ def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *
         fig.text((left.x0 + right.x1) / 2, right.y1 + 0.3 / fig.get_size_inches()[1],
                  f"{_short(pair[0], n)} → {_short(pair[1], n)}\n", fontsize=9.5, fontweight="bold",
                  color=INK, ha="center", va="bottom")
+        hgt = fig.get_size_inches()[1]
+        fig.add_artist(plt.Line2D([left.x0, right.x1], [right.y1 + 0.27 / hgt] * 2, color="#cbd5e1", lw=1.2))
         fig.text((left.x0 + right.x1) / 2, right.y1 + 0.3 / fig.get_size_inches()[1],
                  f"{totals.get(pair, len(groups[pair]))} in total", fontsize=8, color="#64748b", ha="center",
                  va="bottom")
@@ -333,162 +343,4 @@ def prediction_grid(images, rows: list[dict], *, max_images: int = 32, ncol: int
         label = f"{_short(r['pred_name'], 11)} · {100 * r['confidence']:.0f}%"
         label += "\n " if ok else f"\ntrue {_short(r['target_name'], 11)}"
         ax.set_title(label, fontsize=8.5, fontweight="normal", color=GOOD if ok else BAD, pad=3)
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------
-# Inside the model
-
-
-def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:
-    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-
-
-def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
-    """The first conv layer's kernels: RGB when it reads 3 channels, else a diverging map (blue -, red +)."""
-    conv = first_conv(model)
-    if conv is None:
-        return None
-    w = conv.weight.detach().cpu().float().numpy()[:max_filters]  # (O, I, kh, kw)
-    n = len(w)
-    ncol = min(16, n)
-    nrow = -(-n // ncol)
-    side = float(np.clip(9.0 / ncol, 0.55, 1.0))
-    fig, axes = _image_grid(nrow, ncol, cell=side, title=0.0, gap=0.08, top=0.4)
-    lim = float(np.abs(w).max()) or 1.0
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, f in zip(axes.flat, w):
-        if f.shape[0] == 3:
-            ax.imshow(((f - f.min()) / (np.ptp(f) or 1.0)).transpose(1, 2, 0), interpolation="nearest")
-        else:
-            ax.imshow(f.mean(0), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    fig.suptitle(f"First-layer filters ({w.shape[0]} of {conv.out_channels}, {w.shape[2]}x{w.shape[3]}"
-                 f"{', mean over input channels' if w.shape[1] not in (1, 3) else ''})", fontsize=10,
-                 fontweight="bold", y=1 - 0.1 / fig.get_size_inches()[1], va="top")
-    return fig
-
-
-def conv_stages(model: torch.nn.Module, x: torch.Tensor, *, max_stages: int = 6) -> list[tuple[str, torch.Tensor]]:
-    """Activations after each conv stage for input x (1, C, H, W).
-
-    A stage starts at a Conv2d and takes the output of the last module after it (batchnorm, activation)
-    with the same shape, before the next conv. With more than `max_stages`, the last stage at each
-    resolution is kept, then an even sample.
-    """
-    names = {m: n for n, m in model.named_modules()}
-    stages: list[list] = []
-    hooks = []
-
-    def hook(mod, _inp, out):
-        if not isinstance(out, torch.Tensor) or out.ndim != 4 or len(list(mod.children())):
-            return
-        if isinstance(mod, torch.nn.Conv2d):
-            stages.append([names.get(mod, "conv"), out.detach()])
-        elif stages and out.shape == stages[-1][1].shape:
-            stages[-1][1] = out.detach()
-
-    for m in model.modules():
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = [(n, t[0].clone()) for n, t in stages]
-    if len(out) > max_stages:
-        last_per_res = {}
-        for n, t in out:
-            last_per_res[tuple(t.shape[1:])] = (n, t)
-        out = list(last_per_res.values())
-        if len(out) > max_stages:
-            out = [out[i] for i in np.linspace(0, len(out) - 1, max_stages).round().astype(int)]
-    return out
-
-
-def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: int = 8) -> Figure | None:
-    """The input image, then for each conv stage its most active channels (by mean activation)."""
-    stages = conv_stages(model, x)
-    if not stages:
-        return None
-    fig, axes = _image_grid(len(stages), channels + 1, cell=1.15, title=0.42, gap=0.1)
-    for row, (name, act) in zip(axes, stages):
-        _show(row[0], image)
-        c, h, w = act.shape
-        row[0].set_title(f"{layer_label(model, name)}\n{c}×{h}×{w}", fontsize=8, fontweight="bold", color=INK)
-        top = torch.argsort(act.flatten(1).mean(1), descending=True)[:channels]
-        for j, ax in enumerate(row[1:]):
-            ax.axis("off")
-            if j < len(top):
-                ax.imshow(act[top[j]].numpy(), cmap="viridis", interpolation="nearest")
-                ax.set_title(f"channel {int(top[j])}", fontsize=7.5, fontweight="normal")
-    return fig
-
-
-def layer_label(model: torch.nn.Module, name: str) -> str:
-    """'3' -> 'layer 3 (conv 8→16)'; 'layer4.1.conv2' -> 'layer4.1.conv2 (conv 512→512)'."""
-    mod = dict(model.named_modules()).get(name)
-    base = f"layer {name}" if name.isdigit() else name
-    if isinstance(mod, torch.nn.Conv2d):
-        return f"{base} (conv {mod.in_channels}→{mod.out_channels})"
-    return base
-
-
-def cam_layer(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, torch.nn.Module] | None:
-    """The last Conv2d (in execution order) whose output is larger than 1x1: Grad-CAM's target layer."""
-    seen: list = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, mod, tuple(o.shape))))
-             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    ok = [(n, m) for n, m, shape in seen if shape[-1] * shape[-2] > 1]
-    return ok[-1] if ok else None
-
-
-def gradcam(model: torch.nn.Module, x: torch.Tensor, layer: torch.nn.Module, target: torch.Tensor | None = None):
-    """Grad-CAM (Selvaraju et al. 2017) maps (N, H, W) in [0, 1] for x (N, C, H, W) and the `target` classes
-    (default: predicted). Returns (maps, logits)."""
-    store: dict = {}
-
-    def fwd(mod, inp, out):
-        store["act"] = out
-        out.register_hook(lambda g: store.__setitem__("grad", g))
-        return out.clone()  # an in-place activation after the layer must not overwrite what we keep
-
-    h = layer.register_forward_hook(fwd)
-    try:
-        with torch.enable_grad():
-            x = x.clone().requires_grad_(True)  # a graph even when the weights are frozen
-            logits = model(x)
-            target = logits.argmax(1) if target is None else target
-            model.zero_grad(set_to_none=True)
-            logits.gather(1, target[:, None]).sum().backward()
-    finally:
-        h.remove()
-    act, grad = store["act"].detach(), store["grad"].detach()
-    cam = torch.relu((grad.mean((2, 3), keepdim=True) * act).sum(1, keepdim=True))  # (N, 1, h, w)
-    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
-    return (cam / peak).numpy(), logits.detach()
-
-
-def gradcam_grid(images, maps: np.ndarray, rows: list[dict], layer_name: str) -> Figure:
-    """Each image above its Grad-CAM overlay (for the predicted class)."""
-    n = len(rows)
-    fig, axes = _image_grid(2, n, cell=1.3, title=0.28, gap=0.12, top=0.35)
-    for j, (r, im, cam) in enumerate(zip(rows, images, maps)):
-        ok = r["target"] == r["pred"]
-        _show(axes[0, j], im, GOOD if ok else BAD)
-        axes[0, j].set_title(f"true {_short(r['target_name'], 10)}", fontsize=8.5, fontweight="normal")
-        _show(axes[1, j], im)
-        axes[1, j].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-        axes[1, j].set_title(f"pred {_short(r['pred_name'], 10)} · {100 * r['confidence']:.0f}%", fontsize=8.5,
-                             fontweight="normal", color=GOOD if ok else BAD)
-    fig.suptitle(f"Grad-CAM on {layer_name}: where the evidence for the predicted class lies",
-                 fontsize=10, fontweight="bold", y=1 - 0.08 / fig.get_size_inches()[1], va="top")
     return fig

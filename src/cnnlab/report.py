@@ -5,6 +5,7 @@ findings.json, report.html (one self-contained page) and report.md; plus TensorB
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,8 @@ from cnnlab import diagnose as dg
 from cnnlab import metrics as M
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
+PLOTS = ("curves", "steps", "lr", "confusion", "confusion_normalized", "per_class", "reliability", "failures",
+         "predictions", "filters", "feature_maps", "gradcam")  # plots/<name>.png that build() owns
 TEXT_COLS = {"id", "target_name", "pred_name"}
 
 
@@ -117,10 +120,15 @@ def load_model(run: dict):
         from cnnlab.models import build_model
 
         d = run["data"]
-        model = build_model(run["cfg"].model, num_classes=d["num_classes"], in_channels=d["in_channels"],
-                            input_size=d["input_size"])
+        # the checkpoint holds every weight: no pretrained download is needed (or wanted) to rebuild
+        mcfg = dataclasses.replace(run["cfg"].model, pretrained=None)
+        model = build_model(mcfg, num_classes=d["num_classes"], in_channels=d["in_channels"], input_size=d["input_size"])
         state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"] if "model" in state else state)
+        state = state["model"] if "model" in state else state
+        for prefix in ("_orig_mod.", "module."):  # torch.compile / DistributedDataParallel wrappers
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+        model.load_state_dict(state)
         return model.eval(), None
     except Exception as e:
         return None, f"could not rebuild the model from the checkpoint: {type(e).__name__}: {e}"
@@ -177,7 +185,7 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
     div = next((f.data for f in found if f.kind == "divergence" and f.data.get("unit") == "step"), None)
     if steps.get("loss"):
         add("steps", P.step_loss(steps, diverged_at=div["at"] if div else None), "Training loss per step",
-            "Every logged step, with an exponential moving average"
+            "Every logged step, with a centred moving average when there are enough"
             + ("; the learning rate below." if steps.get("lr") else "."))
     elif steps.get("lr") or h.get("lr"):
         add("lr", P.learning_rate(steps or None, h), "Learning rate", "The schedule as applied.")
@@ -223,7 +231,7 @@ def _sample_rows(run: dict):
 
 
 def _model_plots(run: dict, model, images, rows, add) -> None:
-    from cnnlab import plots as P
+    from cnnlab import plots_model as P
 
     add("filters", P.filters(model), "First-layer filters", "What the first convolution looks for.")
     if images is None or not len(images):
@@ -248,7 +256,7 @@ def _model_plots(run: dict, model, images, rows, add) -> None:
 
 def build(run_dir: str | Path) -> Path:
     """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html."""
-    from cnnlab import report_html
+    from cnnlab import report_html, report_md
 
     run = load_run(run_dir)
     d = run["dir"]
@@ -257,8 +265,11 @@ def build(run_dir: str | Path) -> Path:
                                      encoding="utf-8")
     n_fail = write_failures(run, d / "failures.csv") if run["pred_rows"] else 0
     figs = make_plots(run, found, d / "plots")
+    for name in PLOTS:  # a figure this build could not draw must not survive from an earlier one
+        if name not in figs and (d / "plots" / f"{name}.png").is_file():
+            (d / "plots" / f"{name}.png").unlink()
     ctx = {"run": run, "findings": found, "figs": figs, "n_failures": n_fail}
-    (d / "report.md").write_text(report_html.markdown(ctx), encoding="utf-8")
+    (d / "report.md").write_text(report_md.markdown(ctx), encoding="utf-8")
     path = d / "report.html"
     path.write_text(report_html.html(ctx), encoding="utf-8")
     return path

@@ -1,11 +1,10 @@
-"""Rendering for report.py: one self-contained HTML page (inline CSS, images as data URIs, no scripts)
-and a Markdown twin that links the PNGs in plots/.
+"""Rendering for report.py: one self-contained HTML page (inline CSS, images as data URIs, no scripts).
+The Markdown twin is in report_md.py; both draw on `facts` and `per_class_rows` here.
 """
 from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +79,8 @@ dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:4px 18px;margin:0;f
 dl.kv dt{color:var(--muted)}dl.kv dd{margin:0;word-break:break-word}
 .note{color:var(--muted);font-size:13.5px;margin:6px 0}
 footer{margin-top:50px;color:var(--muted);font-size:12.5px}
-@media (max-width:900px){.layout{display:block}.stats{grid-template-columns:repeat(2,1fr)}.split{display:block}nav{position:static;height:auto}main{padding:20px}}
+@media (max-width:900px){.layout{display:block}.stats{grid-template-columns:repeat(2,1fr)}.split{display:block}
+nav{position:static;height:auto}main{padding:20px}}
 @media print{nav{display:none}.layout{display:block}.scroll{max-height:none}}
 """
 SEV_LABEL = {"error": "Problem", "warning": "Warning", "info": "Note", "ok": "OK"}
@@ -139,9 +139,34 @@ def _fig(figs: dict, key: str) -> str:
 # Pieces shared by HTML and Markdown
 
 
+def _seconds(run: dict) -> float | None:
+    """Training time: metrics.json, else env.json's train_seconds, else the sum of history.csv's seconds."""
+    for v in ((run["metrics"] or {}).get("seconds"), (run["env"] or {}).get("train_seconds")):
+        if v is not None:
+            return float(v)
+    secs = [x for x in run["history"].get("seconds", []) if x == x]
+    return float(sum(secs)) if secs else None
+
+
+def _when(stamp) -> str | None:
+    """'2026-11-22T04:42:00+0000' -> '2026-11-22 04:42 UTC' (anything unparsable is shown as it is)."""
+    if not stamp:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        t = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return str(stamp)
+    if t.tzinfo is not None and t.utcoffset().total_seconds() == 0:
+        return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return t.strftime("%Y-%m-%d %H:%M") + (t.strftime(" %z") if t.tzinfo else "")
+
+
 def facts(ctx: dict) -> dict:
     run = ctx["run"]
-    m, d, s, mod, env = run["metrics"] or {}, run["data"] or {}, run["summary"] or {}, run["model"] or {}, run["env"] or {}
+    m, d, s = run["metrics"] or {}, run["data"] or {}, run["summary"] or {}
+    mod, env = run["model"] or {}, run["env"] or {}
     cfg = run["cfg"]
     split = m.get("eval_split") or d.get("eval_split") or "test"
     sizes = d.get("sizes") or {}
@@ -156,12 +181,12 @@ def facts(ctx: dict) -> dict:
         "acc": s.get("accuracy"), "loss": s.get("loss"), "top5": s.get("top5"), "ece": s.get("ece"),
         "macro_f1": (s.get("macro") or {}).get("f1"), "best_val_acc": m.get("best_val_acc"),
         "best_epoch": m.get("best_epoch"), "epochs": m.get("epochs_run") or len(run["history"].get("epoch", [])),
-        "stopped_early": m.get("stopped_early"), "seconds": m.get("seconds"),
-        "device": env.get("device"), "started": env.get("started"), "n_eval": s.get("n"),
+        "stopped_early": m.get("stopped_early"), "seconds": _seconds(run),
+        "device": env.get("device"), "started": _when(env.get("started")), "n_eval": s.get("n"),
     }
 
 
-def _per_class_rows(ctx: dict) -> list[dict]:
+def per_class_rows(ctx: dict) -> list[dict]:
     s = ctx["run"]["summary"]
     cm = np.asarray(s["confusion"])
     names = [r["name"] for r in s["per_class"]]
@@ -224,7 +249,7 @@ def _classes(ctx: dict) -> str:
     cls += ["total", "", ""]
     report = _table(["class", "precision", "recall", "F1", "support"], rows, {1, 2, 3, 4}, cls, nowrap={0})
     pc = []
-    for r in _per_class_rows(ctx):
+    for r in per_class_rows(ctx):
         low = " low" if r["flagged"] else ""
         bar = f'<span class="bar{low}"><i style="width:{100 * r["accuracy"]:.1f}%"></i></span>{_pct(r["accuracy"])}'
         tag = '<span class="tag">flagged</span>' if r["flagged"] else ""
@@ -243,7 +268,8 @@ def _failures_table(ctx: dict, top: int = 15) -> str:
              _pct(r["confidence"]), _num(r["loss"])] for r in wrong]
     return (f'<div class="card"><h3 style="margin-top:0">Highest-loss mistakes</h3>'
             f'{_table(["row", "id", "true", "predicted", "confidence", "loss"], rows, {0, 4, 5})}'
-            f'<p class="note">All {ctx["n_failures"]:,} misclassified images are listed in <code>failures.csv</code>.</p></div>')
+            f'<p class="note">All {ctx["n_failures"]:,} misclassified images are listed in '
+            f'<code>failures.csv</code>.</p></div>')
 
 
 def _data(ctx: dict) -> str:
@@ -257,7 +283,8 @@ def _data(ctx: dict) -> str:
     table = _table(["class"] + splits, rows, set(range(1, len(splits) + 1)), [""] * (len(rows) - 1) + ["total"])
     kv = {"data set": d.get("name"), "classes": d.get("num_classes"), "input": facts(ctx)["input"],
           "evaluated split": d.get("eval_split"),
-          "mean": ", ".join(f"{v:.4f}" for v in d.get("mean") or []), "std": ", ".join(f"{v:.4f}" for v in d.get("std") or [])}
+          "mean": ", ".join(f"{v:.4f}" for v in d.get("mean") or []),
+          "std": ", ".join(f"{v:.4f}" for v in d.get("std") or [])}
     dl = "".join(f"<dt>{e(k)}</dt><dd>{e(str(v))}</dd>" for k, v in kv.items() if v not in (None, ""))
     fnd = d.get("findings") or []
     ftab = ""
@@ -276,134 +303,66 @@ def _env(ctx: dict) -> str:
     return f'<div class="card"><dl class="kv">{dl}</dl></div>' if dl else ""
 
 
-def html(ctx: dict) -> str:
-    run, figs, f = ctx["run"], ctx["figs"], facts(ctx)
-    sections: list[tuple[str, str, str, str]] = []  # (id, nav title, lead, body)
-    sections.append(("diagnostics", "Diagnostics", "What the saved results say, most serious first.", _diagnostics(ctx)))
-    sections.append(("curves", "Training curves", "How loss and accuracy moved during training.",
-                     _fig(figs, "curves") + _fig(figs, "steps") + _fig(figs, "lr")))
-    if run["summary"]:
-        from cnnlab.plots import CM_SIDE_BY_SIDE
+LEADS = {
+    "diagnostics": ("Diagnostics", "What the saved results say, most serious first."),
+    "curves": ("Training curves", "How loss and accuracy moved during training."),
+    "confusion": ("Confusion matrices", "On the {split} split: where the mistakes go."),
+    "classes": ("Per-class results", "Precision, recall and F1 per class, as scikit-learn reports them."),
+    "failures": ("Failures", "The mistakes with the highest loss: confidently wrong, or far from the right class."),
+    "predictions": ("Predictions", "A sample of images with what the model says."),
+    "inside": ("Inside the model", "Filters, activations and class evidence of the best checkpoint."),
+    "data": ("Data", "Class counts per split and the normalisation used."),
+    "model": ("Model", "{model}"),
+    "config": ("Config", "The resolved config; <code>cnnlab train config.yaml</code> repeats the run."),
+    "environment": ("Environment", "Versions and machine."),
+}
 
-        few = len(run["classes"]) <= CM_SIDE_BY_SIDE  # small matrices side by side, large ones at full width
 
-        def pair(a, b):
-            return f'<div class="grid2">{_fig(figs, a)}{_fig(figs, b)}</div>' if few else _fig(figs, a) + _fig(figs, b)
+def _sections(ctx: dict, f: dict) -> dict[str, str]:
+    """Section id -> body HTML, in page order; a section whose files are missing is left out."""
+    from cnnlab.plots import CM_SIDE_BY_SIDE
 
-        sections.append(("confusion", "Confusion matrices", f"On the {f['split']} split: where the mistakes go.",
-                         pair("confusion", "confusion_normalized")))
-        sections.append(("classes", "Per-class results", "Precision, recall and F1 per class, as scikit-learn reports them.",
-                         _classes(ctx) + '<div style="height:16px"></div>' + pair("per_class", "reliability")))
-    if ctx["n_failures"] or "failures" in figs:
-        sections.append(("failures", "Failures", "The mistakes with the highest loss: confidently wrong, or far from the right class.",
-                         _fig(figs, "failures") + _failures_table(ctx)))
-    if "predictions" in figs:
-        sections.append(("predictions", "Predictions", "A sample of images with what the model says.",
-                         _fig(figs, "predictions")))
-    inside = _fig(figs, "filters") + _fig(figs, "feature_maps") + _fig(figs, "gradcam")
-    if inside:
-        sections.append(("inside", "Inside the model", "Filters, activations and class evidence of the best checkpoint.",
-                         inside))
-    sections.append(("data", "Data", "Class counts per split and the normalisation used.", _data(ctx)))
+    run, figs = ctx["run"], ctx["figs"]
+    few = len(run["classes"]) <= CM_SIDE_BY_SIDE  # small figures two abreast, large ones at full width
+
+    def figs_of(*keys, pair=False):
+        body = "".join(_fig(figs, k) for k in keys)
+        return f'<div class="grid2">{body}</div>' if pair and few and body else body
+
     mod = run["model"] or {}
-    if mod:
-        txt = f"<pre>{e(mod.get('summary_text') or '')}</pre>" if mod.get("summary_text") else ""
-        sections.append(("model", "Model", f"{e(str(mod.get('name', '')))}: {mod.get('total_params', 0):,} parameters, "
-                         f"{mod.get('trainable_params', 0):,} trainable.", txt))
-    if run["config_text"]:
-        sections.append(("config", "Config", "The resolved config; <code>cnnlab train config.yaml</code> repeats the run.",
-                         f"<pre>{e(run['config_text'])}</pre>"))
-    if run["env"]:
-        sections.append(("environment", "Environment", "Versions and machine.", _env(ctx)))
-    sections = [s for s in sections if s[3]]
+    out = {"diagnostics": _diagnostics(ctx), "curves": figs_of("curves", "steps", "lr")}
+    if run["summary"]:
+        out["confusion"] = figs_of("confusion", "confusion_normalized", pair=True)
+        out["classes"] = _classes(ctx) + '<div style="height:16px"></div>' + figs_of("per_class", "reliability", pair=True)
+    out["failures"] = figs_of("failures") + _failures_table(ctx)
+    out["predictions"] = figs_of("predictions")
+    out["inside"] = figs_of("filters", "feature_maps", "gradcam")
+    out["data"] = _data(ctx)
+    out["model"] = f"<pre>{e(mod['summary_text'])}</pre>" if mod.get("summary_text") else ""
+    out["config"] = f"<pre>{e(run['config_text'])}</pre>" if run["config_text"] else ""
+    out["environment"] = _env(ctx)
+    return {k: v for k, v in out.items() if v}
 
-    counts = {}
+
+def html(ctx: dict) -> str:
+    run, f = ctx["run"], facts(ctx)
+    mod = run["model"] or {}
+    model_lead = (f"{e(str(mod.get('name', '')))}: {mod.get('total_params', 0):,} parameters, "
+                  f"{mod.get('trainable_params', 0):,} trainable.")
+    sections = _sections(ctx, f)
+    counts: dict[str, int] = {}
     for x in ctx["findings"]:
         counts[x.severity] = counts.get(x.severity, 0) + 1
     worst = next((s for s in ("error", "warning") if counts.get(s)), None)
-    badge = (f'<span class="badge" style="background:{SEV_COLOUR[worst]}">{counts["error"] if worst == "error" else counts[worst]}'
-             f'</span>') if worst else ""
-    links = "".join(f'<a href="#{sid}">{e(title)}{badge if sid == "diagnostics" else ""}</a>'
-                    for sid, title, _, _ in sections)
+    badge = f'<span class="badge" style="background:{SEV_COLOUR[worst]}">{counts[worst]}</span>' if worst else ""
+    links = "".join(f'<a href="#{sid}">{LEADS[sid][0]}{badge if sid == "diagnostics" else ""}</a>' for sid in sections)
     nav = (f'<nav><div class="brand">cnn<span>lab</span></div><div class="run">{e(f["name"])}</div>'
            f'<a href="#top">Overview</a>{links}</nav>')
-    body = "".join(f'<section id="{sid}"><h2>{e(title)}</h2><p class="lead">{lead}</p>{content}</section>'
-                   for sid, title, lead, content in sections)
+    body = "".join(f'<section id="{sid}"><h2>{LEADS[sid][0]}</h2><p class="lead">'
+                   f'{LEADS[sid][1].format(split=e(f["split"]), model=model_lead)}</p>{content}</section>'
+                   for sid, content in sections.items())
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>{e(f["name"])} · cnnlab report</title>'
             f'<style>{CSS}</style></head><body><div class="layout">{nav}<main>{_header(ctx, f)}{body}'
             f'<footer>Drawn from the files in <code>{e(str(run["dir"].name))}/</code> by <code>cnnlab report</code>; '
             f'nothing was retrained.</footer></main></div></body></html>\n')
-
-
-# ----------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _md_table(head: list[str], rows: list[list]) -> str:
-    def cell(c):
-        return str(c).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
-
-
-def markdown(ctx: dict) -> str:
-    run, figs, f = ctx["run"], ctx["figs"], facts(ctx)
-    out = [f"# {f['name']}", "",
-           f"**{f['model'] or 'model'}** on **{f['data']}** ({f['classes']} classes, {f['input']}). "
-           f"{f['split']} accuracy **{_pct(f['acc'])}**, best val accuracy {_pct(f['best_val_acc'])} "
-           f"(epoch {f['best_epoch']}), {f['epochs']} epochs in {_duration(f['seconds'])}.", "", "## Diagnostics", ""]
-    for x in ctx["findings"]:
-        out.append(f"- **{SEV_LABEL.get(x.severity, x.severity)}: {x.title}.** {x.text}"
-                   + (f" *Try next:* {x.next}" if x.next else ""))
-    out += [f"- {n}" for n in run["notes"]]
-
-    def img(key):
-        if key in figs:
-            out.extend(["", f"![{figs[key]['title']}](plots/{Path(figs[key]['path']).name})", "",
-                        f"*{figs[key]['title']}.* {figs[key]['caption']}"])
-
-    out += ["", "## Training curves"]
-    for k in ("curves", "steps", "lr"):
-        img(k)
-    s = run["summary"]
-    if s:
-        out += ["", "## Confusion matrices"]
-        img("confusion")
-        img("confusion_normalized")
-        out += ["", "## Per-class results", ""]
-        rows = [[r["name"], _num(r["precision"]), _num(r["recall"]), _num(r["f1"]), r["support"]] for r in s["per_class"]]
-        rows.append(["**accuracy**", "", "", _num(s["accuracy"]), s["n"]])
-        rows += [[f"**{a} avg**", _num(s[a]["precision"]), _num(s[a]["recall"]), _num(s[a]["f1"]), s[a]["support"]]
-                 for a in ("macro", "weighted")]
-        out.append(_md_table(["class", "precision", "recall", "F1", "support"], rows))
-        out += ["", "Hardest classes first:", ""]
-        out.append(_md_table(["class", "images", "predicted", "correct", "accuracy", "most often mistaken for"],
-                             [[r["name"] + (" (flagged)" if r["flagged"] else ""), r["support"], r["predicted"],
-                               r["correct"], _pct(r["accuracy"]), r["confused"]] for r in _per_class_rows(ctx)]))
-        img("per_class")
-        img("reliability")
-    if ctx["n_failures"]:
-        out += ["", "## Failures", "", f"All {ctx['n_failures']} misclassified images: `failures.csv`."]
-        img("failures")
-    for key, title in (("predictions", "Predictions"), ("filters", "Inside the model")):
-        if key in figs:
-            out += ["", f"## {title}"]
-            img(key)
-            if key == "filters":
-                img("feature_maps")
-                img("gradcam")
-    d = run["data"]
-    if d:
-        counts = d.get("counts") or {}
-        splits = [x for x in ("train", "val", "test") if counts.get(x)]
-        out += ["", "## Data", "", f"mean {d.get('mean')}, std {d.get('std')}", ""]
-        out.append(_md_table(["class"] + splits, [[c] + [counts[x].get(c, 0) for x in splits] for c in run["classes"]]))
-    if (run["model"] or {}).get("summary_text"):
-        out += ["", "## Model", "", "```", run["model"]["summary_text"].rstrip(), "```"]
-    if run["config_text"]:
-        out += ["", "## Config", "", "```yaml", run["config_text"].rstrip(), "```"]
-    if run["env"]:
-        out += ["", "## Environment", "", "```json", json.dumps(run["env"], indent=1), "```"]
-    return "\n".join(out) + "\n"

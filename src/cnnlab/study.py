@@ -3,6 +3,7 @@ study folder, with a study.json manifest; run in this process, as parallel subpr
 (only what is missing runs again), then compared in study.html / study.md (study_report.py)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -52,14 +53,9 @@ class Study:
 
 def fmt_value(v) -> str:
     """A setting as people write it: 1e-5 not 1e-05, true/false, 0.5."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        s = f"{v:g}"
-        return s.replace("e-0", "e-").replace("e+0", "e")
-    if v is None:
-        return "null"
-    return str(v)
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return f"{v:g}".replace("e-0", "e-").replace("e+0", "e") if isinstance(v, float) else str(v)
 
 
 def _node(cfg, dotted: str):
@@ -104,9 +100,8 @@ def groups(cfg: C.Config) -> list[tuple[str, dict]]:
             parts = [vname] * bool(vname) + [f"{short[k]}={fmt_value(v)}" for k, v in zip(keys, point)]
             name = "+".join(parts) or "main"
             out.append((name.replace("/", "_").replace(" ", "_"), {**ov, **dict(zip(keys, point))}))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise C.ConfigError(f"variation names must be unique, got {names}")
+    if len({n for n, _ in out}) != len(out):
+        raise C.ConfigError(f"variation names must be unique, got {[n for n, _ in out]}")
     for name, ov in out:
         bad = [k for k in ov if k.split(".")[0] in STUDY_KEYS or k.startswith("output.")]
         if bad:
@@ -119,31 +114,23 @@ def study_dir(cfg: C.Config) -> Path:
 
 
 def baseline_of(cfg: C.Config, names: list[str]) -> str:
-    if cfg.baseline is None:
-        return names[0]
-    if cfg.baseline not in names:
-        import difflib
+    import difflib
 
-        close = difflib.get_close_matches(cfg.baseline, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise C.ConfigError(f"baseline={cfg.baseline!r} is not a variation of this study.{hint} "
-                            f"Variations: {', '.join(names)}")
-    return cfg.baseline
+    if cfg.baseline is None or cfg.baseline in names:
+        return cfg.baseline or names[0]
+    hint = "".join(f" Did you mean {c!r}?" for c in difflib.get_close_matches(cfg.baseline, names, n=1))
+    raise C.ConfigError(f"baseline={cfg.baseline!r} is not a variation of this study.{hint} Variations: {', '.join(names)}")
 
 
 def plan(cfg: C.Config) -> list[Planned]:
     """Every run of the study with its resolved single-run config (validated up front)."""
-    root = study_dir(cfg)
-    tree = C.to_dict(cfg)
-    for k in STUDY_KEYS:
-        tree.pop(k)
-    out = []
+    root, out = study_dir(cfg), []
+    tree = {k: v for k, v in C.to_dict(cfg).items() if k not in STUDY_KEYS}
     for name, ov in groups(cfg):
         for r in range(cfg.repeats):
             seed = cfg.train.seed + r
             rid = name if cfg.repeats == 1 else f"{name}/seed-{seed}"
-            run_path = root / rid
-            fixed = {**ov, "train.seed": seed, "output.dir": str(run_path.parent), "output.name": run_path.name}
+            fixed = {**ov, "train.seed": seed, "output.dir": str((root / rid).parent), "output.name": Path(rid).name}
             try:
                 rcfg = C.load(tree, fixed)
             except C.ConfigError as e:
@@ -155,11 +142,11 @@ def plan(cfg: C.Config) -> list[Planned]:
 
 def differences(a: dict, b: dict) -> list[str]:
     """Dotted keys whose values differ between two flat config dicts (ignoring IGNORED)."""
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
+    return [k for k in sorted(set(a) | set(b)) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value} (plain dict settings such as model.options kept whole)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict) and v and k not in ("options",):
@@ -194,9 +181,9 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     names = list(dict.fromkeys(p.variation for p in planned))
     base = baseline_of(cfg, names)
     root = study_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
     if jobs < 1:
         raise C.ConfigError(f"--jobs {jobs}: must be at least 1")
+    root.mkdir(parents=True, exist_ok=True)
     with _lock(root):
         (root / "study.yaml").write_text(C.dump_yaml(cfg))
         todo, status = [], {}
@@ -218,9 +205,8 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
                     shutil.rmtree(path)  # nothing resumable in it: start it cleanly
             todo.append((p, mode))
         write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
-        n_groups = len(names)
-        say(f"study {root}: {n_groups} variation{'s' * (n_groups != 1)} x {cfg.repeats} seed"
-            f"{'s' * (cfg.repeats != 1)} = {len(planned)} runs; {len(planned) - len(todo)} done, {len(todo)} to run")
+        say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
+            f"{len(planned) - len(todo)} done, {len(todo)} to run")
         kind = executor if executor != "auto" else ("process" if jobs > 1 else "inline")
         if kind not in EXECUTORS:
             raise C.ConfigError(f"--executor {executor!r}: must be one of auto, {', '.join(EXECUTORS)}")
@@ -247,8 +233,7 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
     variations = []
     for name, ov in groups(cfg):
         runs = [p for p in planned if p.variation == name]
-        variations.append({"name": name, "overrides": {k: v for k, v in ov.items()},
-                           "config": C.to_dict(runs[0].cfg),
+        variations.append({"name": name, "overrides": ov, "config": C.to_dict(runs[0].cfg),
                            "runs": [{"seed": p.seed, "dir": p.id, "status": status.get(p.id, "pending"),
                                      **({"error": failures[p.id]} if p.id in failures else {})} for p in runs]})
     write_json(root / "study.json", {
@@ -258,25 +243,17 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
         "complete": all(s == "done" for s in status.values()), "variations": variations})
 
 
-class _lock:
+@contextlib.contextmanager
+def _lock(root: Path):
     """An exclusive flock on <study>/.lock: two processes never run one study; the OS frees it on any death."""
+    import fcntl
 
-    def __init__(self, root: Path):
-        self.path = root / ".lock"
-
-    def __enter__(self):
-        import fcntl
-
-        self.f = open(self.path, "w")
+    with open(root / ".lock", "w") as f:
         try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.f.close()
-            raise StudyError(f"another cnnlab process is running the study in {self.path.parent}") from None
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+            raise StudyError(f"another cnnlab process is running the study in {root}") from None
+        yield
 
 
 def _done_line(root: Path, p: Planned, seconds: float) -> str:
@@ -393,10 +370,13 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, log_to_driver=False)
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(jobs, 1))
+    # --jobs N: N runs at a time on the cluster; by default all at once. A run never spans nodes.
+    node_cpus = max([n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1])
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = int(max(1, min(node_cpus, cpus // (jobs if jobs > 1 else min(len(todo), cpus)))))
     task = ray.remote(num_cpus=threads)(_ray_task)
     refs = {task.remote(C.to_dict(p.cfg), p.id.replace("/", "__"), threads): p for p, _ in todo}
-    say(f"sent {len(refs)} runs to Ray ({threads} CPUs each)")
+    say(f"sent {len(refs)} runs to Ray ({threads} CPUs each, {cpus} in the cluster)")
     failures = {}
     try:
         while refs:

@@ -175,7 +175,8 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
     gstats = {d["name"]: d for d in out["groups"]}
     for g, t in tests:
         diff = 100 * (gstats[g.name]["stats"]["test_acc"]["mean"] - gstats[base]["stats"]["test_acc"]["mean"])
-        pcd = (np.array(gstats[g.name]["per_class_acc"]) - np.array(gstats[base]["per_class_acc"])) * 100
+        pa, pb = np.array(gstats[g.name]["per_class_acc"]), np.array(gstats[base]["per_class_acc"])
+        pcd = (pa - pb) * 100 if pa.shape == pb.shape else np.array([])  # other classes: nothing to set side by side
         out["comparisons"].append({"name": g.name, "diff_points": diff, "per_class_diff_points": pcd.tolist(),
                                    **t, "text": sentence(g.name, base, diff, t, len(valid), gstats)})
     return out
@@ -262,7 +263,7 @@ def figures(res: dict, groups: list[Group], out: Path) -> dict[str, Path]:
     ax.margins(x=0.25, y=0.2)
     figs["accuracy"] = P.save(fig, out / "study_accuracy.png")
 
-    comps = res["comparisons"]
+    comps = [c for c in res["comparisons"] if len(c["per_class_diff_points"]) == len(res["classes"])]
     if comps:
         d = np.array([c["per_class_diff_points"] for c in comps])
         k = d.shape[1]
@@ -332,18 +333,32 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
     return "\n".join(lines) + "\n"
 
 
+class _Raw(str):
+    """HTML that the page's table must not escape."""
+
+
+def _folder(d: str, out: Path) -> _Raw:
+    from html import escape as e
+
+    rel = os.path.relpath(d, out)
+    has = (Path(d) / "report.html").is_file()
+    return _Raw(f'<a href="{e(rel)}/report.html"><code>{e(rel)}</code></a>' if has else f"<code>{e(rel)}</code>")
+
+
 def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path) -> str:
     import base64
     from html import escape as e
 
     from cnnlab.report_html import CSS
 
-    def table(head, rows, first_bold=True):
+    def td(c, bold):  # a cell: text, (value, note) or a _Raw piece of HTML
+        inner = c if isinstance(c, _Raw) else e(c[0]) if isinstance(c, tuple) else e(str(c))
+        note = f"<br><span class=note>{e(c[1])}</span>" if isinstance(c, tuple) and c[1] else ""
+        return f"<td>{'<b>' * bold}{inner}{'</b>' * bold}{note}</td>"
+
+    def table(head, rows):
         th = "".join(f"<th>{e(h)}</th>" for h in head)
-        trs = "".join("<tr>" + "".join(
-            f"<td>{'<b>' if j == 0 and first_bold else ''}{e(c[0]) if isinstance(c, tuple) else e(str(c))}"
-            f"{'<br><span class=note>' + e(c[1]) + '</span>' if isinstance(c, tuple) and c[1] else ''}</td>"
-            for j, c in enumerate(r)) + "</tr>" for r in rows)
+        trs = "".join("<tr>" + "".join(td(c, j == 0) for j, c in enumerate(r)) + "</tr>" for r in rows)
         return f'<div class="card" style="overflow-x:auto"><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>'
 
     def img(key, caption):
@@ -373,7 +388,7 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
         ("classes", "Per class", "Where each variation gains or loses against the baseline.",
          img("per_class", "Blue: better than the baseline on that class; red: worse.")),
         ("runs", "Runs", "The run folders behind these numbers.", table(["variation", "seed", "status", "folder"], [
-            [r["variation"], r.get("seed"), r.get("status"), os.path.relpath(r["dir"], out)] for r in listing]))]
+            [r["variation"], r.get("seed"), r.get("status"), _folder(r["dir"], out)] for r in listing]))]
     seeds = ", ".join(map(str, res["groups"][0]["seeds"])) if n_seeds > 1 else ""
     nav = "".join(f'<a href="#{s}">{e(t)}</a>' for s, t, _, c in sections if c)
     body = "".join(f'<section id="{s}"><h2>{e(t)}</h2><p class="lead">{lead}</p>{c}</section>'

@@ -530,15 +530,17 @@ def _truncate_logs(run_dir: Path, state: State) -> None:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             fields, rows = reader.fieldnames, list(reader)
+        if not fields or key not in fields:  # no usable header: start the file again
+            path.unlink()
+            continue
         keep = [r for r in rows if _row_ok(r, key, limit)]
         if len(keep) == len(rows) and path.read_bytes().endswith(b"\n"):
             continue
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", newline="") as f:
-            if keep and fields:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(keep)
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()  # even with no rows left: later rows are appended under it
+            w.writerows(keep)
         os.replace(tmp, path)
 
 

@@ -31,13 +31,19 @@ DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 @dataclass(frozen=True)
 class Finding:
     severity: str  # error | warning | info
-    kind: str  # e.g. truncated, zero-byte, huge, converted, empty-class, duplicate
+    # kinds: unreadable, truncated, corrupt, zero_byte, missing, huge, converted, label_range,
+    # empty_class, class_mismatch, duplicate_id, duplicate, duplicate_across_splits
+    kind: str
     path: str  # the file, folder or sample id it is about
     message: str
     others: tuple[str, ...] = ()  # related files (the other copies of a duplicate)
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.kind}: {self.path}: {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"severity": self.severity, "kind": self.kind, "path": self.path, "message": self.message,
+                "others": list(self.others)}
 
 
 def errors(findings: list[Finding]) -> list[Finding]:
@@ -79,41 +85,41 @@ def fast_check(source: DataSource) -> list[Finding]:
     for name, s in splits:
         bad = np.flatnonzero((s.labels < 0) | (s.labels >= n_classes))
         for i in bad:
-            out.append(Finding("error", "label-range", s.ids[i],
+            out.append(Finding("error", "label_range", s.ids[i],
                                f"{name} label {int(s.labels[i])} is outside 0..{n_classes - 1}"))
         ok = s.labels[(s.labels >= 0) & (s.labels < n_classes)]
         counts[name] = np.bincount(ok, minlength=n_classes)
         for i, n in Counter(s.ids).items():
             if n > 1:
-                out.append(Finding("error", "duplicate-id", i, f"appears {n} times in {name}"))
+                out.append(Finding("error", "duplicate_id", i, f"appears {n} times in {name}"))
         for ref in s.files or []:
             size = _size(ref)
             if size is None:
                 out.append(Finding("error", "missing", ref, "file does not exist"))
             elif size == 0:
-                out.append(Finding("error", "zero-byte", ref, "file is empty (0 bytes)"))
+                out.append(Finding("error", "zero_byte", ref, "file is empty (0 bytes)"))
     seen = set()
     for name, s in splits:  # ids shared between splits: the same sample trains and evaluates
         for i in set(s.ids) & seen:
-            out.append(Finding("error", "duplicate-id", i, f"is in {name} and in an earlier split"))
+            out.append(Finding("error", "duplicate_id", i, f"is in {name} and in an earlier split"))
         seen |= set(s.ids)
     train = counts["train"]
     for ci, c in enumerate(source.classes):
         if train[ci]:
             for name, s in splits[1:]:
                 if not counts[name][ci]:
-                    out.append(Finding("warning", "class-mismatch", _class_dir(name, s, c),
+                    out.append(Finding("warning", "class_mismatch", _class_dir(name, s, c),
                                        f"class {c!r} has {train[ci]} train images but none in {name}; "
                                        f"its {name} metrics will be empty"))
             continue
         held = [(name, s) for name, s in splits[1:] if counts[name][ci]]
         if held:
             for name, s in held:
-                out.append(Finding("error", "class-mismatch", _class_dir(name, s, c),
+                out.append(Finding("error", "class_mismatch", _class_dir(name, s, c),
                                    f"class {c!r} has {counts[name][ci]} {name} images but no train images "
                                    f"(a misspelt folder?)"))
         else:
-            out.append(Finding("error", "empty-class", _class_dir("train", source.train, c),
+            out.append(Finding("error", "empty_class", _class_dir("train", source.train, c),
                                f"class {c!r} has no images; remove the folder or fill it"))
     return out
 
@@ -215,7 +221,7 @@ def _duplicates(source: DataSource, hashes: dict[str, list[str | None]]) -> list
         others = tuple(m[1] for m in members[1:])
         where = " and ".join(splits_in)
         if len(splits_in) > 1:
-            kind, msg = "leak", f"the same image is in {where} ({len(members)} copies)"
+            kind, msg = "duplicate_across_splits", f"the same image is in {where} ({len(members)} copies)"
         else:
             kind, msg = "duplicate", f"{len(members) - 1} exact copies in {where}"
         if len(labels) > 1:
@@ -267,7 +273,7 @@ def check(source: DataSource, *, jobs: int | None = None, max_pixels: int | None
 def summary(findings: list[Finding]) -> dict:
     c = Counter(f.severity for f in findings)
     dup = [f for f in findings if f.kind == "duplicate"]
-    leak = [f for f in findings if f.kind == "leak"]
+    leak = [f for f in findings if f.kind == "duplicate_across_splits"]
     return {"errors": c["error"], "warnings": c["warning"], "info": c["info"],
             "duplicate_images": sum(len(f.others) for f in dup), "duplicate_groups": len(dup),
             "leaked_images": sum(len(f.others) for f in leak)}

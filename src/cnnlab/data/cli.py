@@ -65,8 +65,7 @@ def _check(args) -> int:
     src = open_source(args.data, root=args.root, download=args.download, options=_options(args.option))
     findings = check(src, jobs=args.jobs, max_pixels=args.max_pixels)
     if args.json:
-        print(json.dumps({"summary": summary(findings), "findings": [f.__dict__ | {"others": list(f.others)}
-                                                                       for f in findings]}, indent=1))
+        print(json.dumps({"summary": summary(findings), "findings": [f.to_dict() for f in findings]}, indent=1))
     else:
         n = sum(len(s) for s in (src.train, src.val, src.test) if s is not None)
         print(f"{args.data}: {n:,} images checked in {time.perf_counter() - t0:.1f} s")

@@ -16,10 +16,10 @@ import torch
 
 from cnnlab.data import DATASETS
 from cnnlab.data.base import DataSource, ImageSet
-from cnnlab.data.download import download as fetch, restricted_load, safe_extract, verify
+from cnnlab.data.download import download as fetch, file_hash, restricted_load, safe_extract, verify
 
 SYSTEM_DIR = Path("/usr/share/datasets")  # where `apt-get install dataset-<name>` puts files
-CACHE_DIR = Path("~/.cache/cnnlab")
+CACHE_DIR = Path(os.environ.get("CNNLAB_CACHE", "~/.cache/cnnlab"))  # as the training pipeline
 DIGITS = [str(i) for i in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -147,8 +147,11 @@ def _idx_source(name: str, root: str | None, download: bool, options: dict) -> D
         _check_labels(found[lab_f], labels, len(classes))
         splits[split] = ImageSet(labels=labels, classes=classes, ids=_ids(name, split, len(labels)),
                                  images=torch.from_numpy(images.astype(np.uint8, copy=False)).unsqueeze(1))
+    # local copies are read by the strict reader above; say whether they are the published bytes too
+    same = all(p.suffix == ".gz" and file_hash(p, "md5") == m for p, m in zip(found.values(), md5s))
+    how = "the published .gz files" if same else "a repackaged copy (not the published .gz bytes; headers checked)"
     return DataSource(train=splits["train"], test=splits["test"], classes=classes,
-                      description=f"{name} (official IDX files in {found[IDX_FILES[0]].parent})")
+                      description=f"{name} IDX files in {found[IDX_FILES[0]].parent}: {how}")
 
 
 @DATASETS.register("mnist")
@@ -393,7 +396,7 @@ def mnist_m(root: str | None = None, *, download: bool = True, **options) -> Dat
 
     Reads the original release (`mnist_m_train/` + `mnist_m_train_labels.txt`, file-backed) or the
     PyTorch release (`mnist_m_train.pt`, in memory); option `release`: auto | original | pt.
-    `cnnlab data build-mnist-m` builds it from MNIST and a folder of photos.
+    `cnnlab data build-mnist-m` builds it from MNIST and photos, as a folder data set (data.name: folder).
     """
     (release,) = _options("mnist-m", options, release="auto")
     if release not in ("auto", "original", "pt"):

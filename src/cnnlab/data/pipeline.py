@@ -41,6 +41,7 @@ class Splits:
     description: str = ""
     indices: dict = field(default_factory=dict)  # split name -> indices into the source's train split
     notes: list[str] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)  # data-check findings (warnings; errors refuse to start)
 
     @property
     def eval_set(self) -> ImageSet:
@@ -187,6 +188,11 @@ def load_source(d: DataConfig) -> DataSource:
 def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = None) -> Splits:
     """Load the data set a DataConfig names and return its train/val/test splits, decoded where they fit."""
     src = load_source(d)
+    findings = []
+    if d.check:  # the fast checks; an error (labels out of range, unreadable files...) refuses to start
+        from cnnlab.data.check import require_trainable
+
+        findings = require_trainable(src)
     notes = []
     train = src.train
     base_index = np.arange(len(train))
@@ -243,7 +249,8 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         raise ValueError(f"data.mean has {len(mean)} values but the images have {channels} channels")
     return Splits(train=train, val=sets["val"], test=sets["test"], classes=src.classes, channels=channels,
                   size=size, mean=mean, std=std, eval_split="test" if sets["test"] is not None else "val",
-                  description=src.description, indices={k: np.asarray(v) for k, v in indices.items()}, notes=notes)
+                  description=src.description, indices={k: np.asarray(v) for k, v in indices.items()}, notes=notes,
+                  findings=[f.to_dict() for f in findings])
 
 
 def save_splits(splits: Splits, path: Path) -> None:

@@ -1,0 +1,217 @@
+"""torchrun on CPU (gloo): 2 processes train the same weights as 1 with the same global batch, evaluate
+every sample exactly once, write each file once; a failure on one rank ends both promptly.
+
+Failures are planted through a test-only plugin, `plant.py`, written by the test: it registers a
+model that raises (or returns NaN) at its k-th training call on one rank, then runs the cnnlab CLI.
+torchrun runs it as the script (`torchrun ... plant.py train CONFIG`); the product has no debug knob.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cnnlab import checkpoint as ckpt
+from cnnlab import cli
+from cnnlab.data.loader import eval_indices
+
+REPO = Path(__file__).resolve().parents[1]
+
+# No BatchNorm, no dropout: 2 ranks then compute exactly what 1 process computes (up to float sums).
+# Batch 63 splits 32 + 31 over 2 ranks; 215 validation and 359 test images do not split evenly either.
+CONFIG = {
+    "data": {"name": "digits", "val_split": 215, "test_split": 0.2, "augment": {"crop_padding": 1, "hflip": True}},
+    "model": {"name": "layers", "layers": [{"conv": {"out": 8, "k": 3, "padding": 1}}, "relu", {"maxpool": 2},
+                                           "flatten", {"linear": "classes"}]},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "schedule": {"name": "cosine"},
+    "train": {"epochs": 2, "batch_size": 63, "seed": 3, "progress": "off", "threads": 1,
+              "checkpoint_every_steps": 10},
+    "output": {"report": False, "name": "ddp"},
+}
+
+PLANT = '''
+"""Test-only plugin: a model that fails on one rank at its k-th training call; then the cnnlab CLI."""
+import os
+import sys
+import time
+
+from torch import nn
+
+from cnnlab.models import MODELS
+
+
+class Planted(nn.Module):
+    def __init__(self, num_classes, in_channels, input_size, rank, at, what):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(8 * input_size * input_size, num_classes))
+        self.rank, self.at, self.what, self.calls = rank, at, what, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at and int(os.environ.get("RANK", 0)) == self.rank:
+                if self.what == "raise":
+                    print(f"planted failure at {time.time()}", file=sys.stderr, flush=True)
+                    raise RuntimeError(f"planted failure on rank {self.rank} at training call {self.calls}")
+                return out * float("nan")
+        return out
+
+
+@MODELS.register("planted")
+def planted(*, num_classes, in_channels, input_size, rank: int = 1, at: int = 3, what: str = "raise"):
+    return Planted(num_classes, in_channels, input_size, rank, at, what)
+
+
+if __name__ == "__main__":
+    from cnnlab.cli import main
+
+    sys.exit(main())
+'''
+
+
+def torchrun(args: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return r, time.perf_counter() - t0
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_config(folder: Path, **over) -> Path:
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["output"]["dir"] = str(folder / "runs")
+    for k, v in over.items():
+        section, key = k.split(".")
+        cfg[section][key] = v
+    path = folder / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same config trained by 1 process (in this one) and by 2 under torchrun."""
+    one = tmp_path_factory.mktemp("one")
+    n_threads = torch.get_num_threads()
+    try:
+        assert cli.main(["train", str(write_config(one))]) == 0
+    finally:
+        torch.set_num_threads(n_threads)
+    two = tmp_path_factory.mktemp("two")
+    r, seconds = torchrun(["-m", "cnnlab", "train", str(write_config(two))])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    print(f"\n2-process torchrun run: {seconds:.1f} s")
+    return one / "runs", two / "runs", r
+
+
+def test_two_processes_train_the_weights_of_one(runs):
+    one, two, _ = runs
+    a, b = ckpt.load(one / "ddp/checkpoints/last.pt"), ckpt.load(two / "ddp/checkpoints/last.pt")
+    assert a["state"]["step"] == b["state"]["step"] == 2 * (1222 // 63)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=0), k
+    h1, h2 = rows(one / "ddp/history.csv"), rows(two / "ddp/history.csv")
+    for r1, r2 in zip(h1, h2, strict=True):
+        assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), abs=1e-5)
+        assert r1["train_acc"] == r2["train_acc"]
+
+
+def test_evaluation_counts_every_sample_once_and_matches_one_process(runs):
+    one, two, _ = runs
+    h1, h2 = rows(one / "ddp/history.csv"), rows(two / "ddp/history.csv")
+    for r1, r2 in zip(h1, h2, strict=True):
+        assert r1["val_acc"] == r2["val_acc"]  # 215 validation images, 108 + 107 over the ranks
+        assert float(r1["val_loss"]) == pytest.approx(float(r2["val_loss"]), abs=1e-5)
+    m1 = json.loads((one / "ddp/metrics.json").read_text())
+    m2 = json.loads((two / "ddp/metrics.json").read_text())
+    assert m1["test"]["accuracy"] == m2["test"]["accuracy"]
+    assert m1["test"]["confusion"] == m2["test"]["confusion"]
+    assert m2["test"]["n"] == 359 and sum(map(sum, m2["test"]["confusion"])) == 359
+    p = rows(two / "ddp/predictions.csv")
+    assert [int(r["index"]) for r in p] == list(range(359))
+    assert [r["id"] for r in p] == [r["id"] for r in rows(one / "ddp/predictions.csv")]
+
+
+def test_only_rank_0_writes_and_each_file_once(runs):
+    one, two, r = runs
+    assert [p.name for p in two.iterdir()] == ["ddp"]  # one run folder
+    hist = rows(two / "ddp/history.csv")
+    assert [int(h["epoch"]) for h in hist] == [1, 2]  # no row written twice
+    steps = [int(s["step"]) for s in rows(two / "ddp/steps.csv")]
+    assert steps == sorted(set(steps)) == [int(s["step"]) for s in rows(one / "ddp/steps.csv")]
+    assert r.stdout.count("run folder:") == 1 and r.stdout.count("best epoch") == 1
+    assert not list(two.rglob("*.tmp"))
+
+
+def test_eval_blocks_cover_every_index_once():
+    for n in (0, 1, 2, 7, 215, 359, 1000):
+        for world in (1, 2, 3, 8):
+            blocks = [eval_indices(n, r, world) for r in range(world)]
+            assert torch.cat(blocks).tolist() == list(range(n))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+@pytest.fixture(scope="module")
+def plant(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("plugin") / "plant.py"
+    path.write_text(PLANT)
+    return path
+
+
+def _alive(marker: str) -> list[int]:
+    """Processes whose command line mentions `marker` (our own torchrun workers)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_exception_on_rank_1_ends_both_ranks_promptly(plant, tmp_path):
+    cfg = write_config(tmp_path)
+    r, seconds = torchrun([str(plant), "train", str(cfg), "model.name=planted", "model.layers=null",
+                           "model.options.at=5"], timeout=120)
+    end = time.time()
+    out = r.stdout + r.stderr
+    failed_at = float(re.search(r"planted failure at ([0-9.]+)", out).group(1))
+    print(f"\nplanted exception: both ranks ended {end - failed_at:.1f} s after it ({seconds:.1f} s after launch), "
+          f"torchrun exit {r.returncode}")
+    assert r.returncode != 0
+    assert "planted failure on rank 1 at training call 5" in out
+    assert end - failed_at < 60
+    assert not _alive(str(plant))  # no rank survives the group
+    assert not (tmp_path / "runs/ddp/history.csv").exists()
+
+
+def test_nan_on_rank_1_stops_every_rank_at_that_step(plant, tmp_path):
+    cfg = write_config(tmp_path)
+    r, seconds = torchrun([str(plant), "train", str(cfg), "model.name=planted", "model.layers=null",
+                           "model.options.at=23", "model.options.what=nan"], timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and seconds < 60
+    # both ranks report the same step (19 steps per epoch: step 23 is in epoch 2) and who saw it
+    assert out.count("at step 23 (epoch 2) on rank 1") == 2, out[-3000:]
+    last = ckpt.load(tmp_path / "runs/ddp/checkpoints/last.pt")
+    assert last["state"]["step"] == 20 and ckpt.all_finite(last["model"])
+    assert len(rows(tmp_path / "runs/ddp/history.csv")) == 1
