@@ -1,8 +1,8 @@
 """Diagnostics: overfitting onset on synthetic curves (many noise draws), a planted label-mapping bug found
 by name on a really trained model, divergence, underfitting, weak classes, duplicates, healthy runs.
 
-How to check the onset on a real run (see also test_report.test_real_run): train a model that overfits on
-purpose, e.g. `cnnlab train examples/quickstart.yaml data.limit_train=200 train.epochs=40 model.dropout=0`,
+On a real run (test_report.test_real_run_made_to_overfit does this when the trainer is there): train a model
+that overfits on purpose (quickstart on 60 training images, no augmentation or weight decay, 30 epochs),
 then `cnnlab report runs/quickstart` and check that findings.json's overfitting epoch is within one epoch of
 the arg-min of history.csv's val_loss, and that the curves show the red band from there on.
 """

@@ -215,3 +215,38 @@ def test_nan_on_rank_1_stops_every_rank_at_that_step(plant, tmp_path):
     last = ckpt.load(tmp_path / "runs/ddp/checkpoints/last.pt")
     assert last["state"]["step"] == 20 and ckpt.all_finite(last["model"])
     assert len(rows(tmp_path / "runs/ddp/history.csv")) == 1
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(runs, tmp_path):
+    """torchrun passes SIGTERM on to every rank: they stop after the same step, rank 0 saves, and a resumed
+    torchrun run ends exactly where the uninterrupted one did."""
+    import signal
+
+    _, two, _ = runs
+    cfg = write_config(tmp_path)
+    run_dir = tmp_path / "runs" / "ddp"
+    last = run_dir / "checkpoints" / "last.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cnnlab"]
+    p = subprocess.Popen([*base, "train", str(cfg)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    while p.poll() is None and not last.exists():
+        time.sleep(0.005)
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=90)
+    seconds = time.perf_counter() - t0
+    step = ckpt.load(last)["state"]["step"]
+    print(f"\nSIGTERM to torchrun: ranks stopped after step {step}, group gone {seconds:.1f} s later")
+    assert seconds < 30
+    assert (out + err).count(f"stopped by a signal after step {step}") == 1  # rank 0 saved, once
+    assert 0 < step < 2 * (1223 // 63)
+    r = subprocess.run([*base, "train", "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                       timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    drop = lambda rs: [{k: v for k, v in x.items() if k != "seconds"} for x in rs]  # noqa: E731
+    assert drop(rows(run_dir / "history.csv")) == drop(rows(two / "ddp/history.csv"))
+    assert (run_dir / "metrics.json").read_bytes() == (two / "ddp/metrics.json").read_bytes()
+    a, b = ckpt.load(last)["model"], ckpt.load(two / "ddp/checkpoints/last.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

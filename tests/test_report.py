@@ -153,7 +153,7 @@ def test_report_has_every_section(built):
     assert len(fails) == sum(r["target"] != r["pred"] for r in preds) > 0
     assert [r["loss"] for r in fails] == sorted((r["loss"] for r in fails), reverse=True)
     md = (run / "report.md").read_text()
-    assert "](plots/confusion.png)" in md and "## Diagnostics" in md
+    assert "](plots/confusion_matrix.png)" in md and "## Diagnostics" in md
     # the diagnostics: overfitting onset at the validation-loss minimum, duplicates from data.json
     found = json.loads((run / "findings.json").read_text())
     kinds = {f["kind"]: f for f in found}
@@ -335,3 +335,22 @@ def test_real_run(tmp_path):
         return re.sub(r"data:image/png;base64,[^\"]+", "", html)
 
     assert text((d / "report.html").read_text()) == text(page)
+
+
+@pytest.mark.skipif(not _has_trainer(), reason="cnnlab.train or examples/quickstart.yaml not there yet")
+def test_real_run_made_to_overfit(tmp_path):
+    """60 training images, no augmentation or weight decay, 30 epochs: validation loss bottoms out and climbs
+    while training loss goes to ~0. The onset found must be within one epoch of the validation-loss minimum."""
+    import cnnlab
+
+    run = cnnlab.train("examples/quickstart.yaml", [
+        "train.epochs=30", f"output.dir={tmp_path}", "output.name=overfit", "data.limit_train=60",
+        "data.augment.crop_padding=0", "optim.weight_decay=0", "schedule.name=none", "train.batch_size=20",
+        "output.report=false", "train.progress=off"])
+    report.build(run.dir)
+    hist = report.columns(report.read_csv(Path(run.dir) / "history.csv"))
+    found = json.loads((Path(run.dir) / "findings.json").read_text())
+    onset = [f for f in found if f["kind"] == "overfitting"]
+    assert onset, f"no overfitting found in val_loss {np.round(hist['val_loss'], 3).tolist()}"
+    assert abs(onset[0]["data"]["epoch"] - (int(np.argmin(hist["val_loss"])) + 1)) <= 1
+    assert f"overfitting from epoch {onset[0]['data']['epoch']}" in (Path(run.dir) / "report.html").read_text().lower()

@@ -82,6 +82,17 @@ def test_mean_ci_and_describe():
     assert one["mean"] == 0.5 and one["n"] == 1 and math.isnan(one["std"]) and math.isnan(one["lo"])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 20000), st.data())
+def test_wilson_interval_matches_statsmodels(n, data):
+    from statsmodels.stats.proportion import proportion_confint
+
+    k = data.draw(st.integers(0, n))
+    lo, hi = S.proportion_ci(k, n)
+    ref = proportion_confint(k, n, alpha=0.05, method="wilson")
+    assert close(lo, ref[0]) and close(hi, ref[1]) and lo - 1e-12 <= k / n <= hi + 1e-12
+
+
 def test_holm_constructed():
     np.testing.assert_allclose(S.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
     assert S.holm([]).shape == (0,)

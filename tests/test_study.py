@@ -39,7 +39,8 @@ def tiny(tmp_path: Path, name: str = "st", **extra) -> dict:
 
 
 def mtimes(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def numbers(study_dir: Path) -> tuple[dict, dict]:
@@ -67,13 +68,15 @@ def test_plan_variations_grid_repeats(tmp_path):
     assert [r.id for r in runs[:4]] == ["main+lr=0.01/seed-0", "main+lr=0.01/seed-1", "main+lr=0.1/seed-0",
                                         "main+lr=0.1/seed-1"]
     l2 = next(r for r in runs if r.variation == "l2+lr=0.1" and r.seed == 1)
-    assert l2.cfg.optim.weight_decay == 1e-5 and l2.cfg.optim.lr == 0.1 and l2.cfg.train.seed == 1  # "1e-5": YAML 1.1 text
+    assert l2.cfg.optim.weight_decay == 1e-5  # the text "1e-5" (PyYAML reads 1e-5 without a dot as text)
+    assert l2.cfg.optim.lr == 0.1 and l2.cfg.train.seed == 1
     assert Path(l2.cfg.output.dir) == tmp_path / "st" / "l2+lr=0.1" and l2.cfg.output.name == "seed-1"
     bn = next(r for r in runs if r.variation.startswith("bn"))
     assert bn.overrides == {"model.options": {}, "train.label_smoothing": 0.1, "optim.lr": 0.01}
     assert not bn.cfg.variations and bn.cfg.repeats == 1
-    only_grid = study.plan(C.load(tiny(tmp_path, grid={"model.layers": [TINY["model"]["layers"]]})))
-    assert [r.id for r in only_grid] == [f"layers={TINY['model']['layers']}".replace(" ", "_")] or len(only_grid) == 1
+    only_grid = study.plan(C.load(tiny(tmp_path, grid={"optim.lr": [0.01, 1e-3], "train.batch_size": [64]})))
+    assert [r.id for r in only_grid] == ["lr=0.01+batch_size=64", "lr=0.001+batch_size=64"]
+    assert only_grid[1].overrides == {"optim.lr": 1e-3, "train.batch_size": 64}
     assert study.plan(C.load(tiny(tmp_path, repeats=3)))[2].id == "main/seed-2"
 
 
@@ -125,7 +128,8 @@ def test_study_with_repeats_inline_and_rerun_keeps_finished_runs(tmp_path):
 
 
 def test_single_runs_use_mcnemar_and_compare_cli_agrees(tmp_path, capsys):
-    cfg = C.load(tiny(tmp_path, variations={"main": {}, "slow": {"optim.lr": 0.001}, "wd": {"optim.weight_decay": 0.1}}))
+    cfg = C.load(tiny(tmp_path, variations={"main": {}, "slow": {"optim.lr": 0.001},
+                                            "wd": {"optim.weight_decay": 0.1}}))
     study.run_study(cfg, quiet=True)
     root = tmp_path / "st"
     comp = json.loads((root / "comparison.json").read_text())
@@ -148,10 +152,18 @@ def test_single_runs_use_mcnemar_and_compare_cli_agrees(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path / "nothing")]) == 2
 
 
-def test_failed_variation_is_reported_and_the_others_finish(tmp_path):
-    cfg = C.load(tiny(tmp_path, variations={"main": {}, "broken": {"model.options": {"no_such_option": 1}}}))
+def test_failed_variation_is_reported_and_the_others_finish(tmp_path, monkeypatch, capsys):
+    from cnnlab import experiment
+
+    def broken_report(run_dir, say):
+        raise AttributeError("the per-run report broke")
+
+    monkeypatch.setattr(experiment, "_report", broken_report)  # after metrics.json: the run itself is done
+    tree = tiny(tmp_path, variations={"main": {}, "broken": {"model.options": {"no_such_option": 1}}})
+    tree["output"]["report"] = True
     with pytest.raises(study.StudyError, match=r"(?s)1 of 2 runs .* broken: ModelConfigError"):
-        study.run_study(cfg, quiet=True)
+        study.run_study(C.load(tree))
+    assert "main was trained and evaluated (metrics.json), but then: AttributeError" in capsys.readouterr().out
     man = json.loads((tmp_path / "st" / "study.json").read_text())
     assert [r["status"] for v in man["variations"] for r in v["runs"]] == ["done", "failed"]
     assert (tmp_path / "st" / "study.html").is_file()
@@ -210,5 +222,5 @@ def test_ray_executor_on_a_local_instance(tmp_path):
     root = tmp_path / "ray"
     assert set(st.status.values()) == {"done"}
     assert C.load(root / "fast" / "config.yaml").output.dir == str(root)  # the study's path, not the worker's
-    assert {p.name for p in (root / "main").iterdir()} >= {"metrics.json", "predictions.csv", "history.csv", "checkpoints"}
+    assert {p.name for p in (root / "main").iterdir()} >= {"metrics.json", "predictions.csv", "checkpoints"}
     assert json.loads((root / "comparison.json").read_text())["comparisons"][0]["test"] == "mcnemar"

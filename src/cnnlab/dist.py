@@ -1,4 +1,4 @@
-"""torchrun / DistributedDataParallel plumbing: who am I, only rank 0 writes, gather evaluation.
+"""torchrun / DistributedDataParallel plumbing: who am I, only rank 0 writes, gather evaluation, stop on a signal.
 
 Launched by `torchrun --nproc_per_node N -m cnnlab train CONFIG`, every process reads RANK,
 LOCAL_RANK and WORLD_SIZE from its environment and joins one process group: NCCL on GPUs (one GPU
@@ -12,6 +12,10 @@ and torchrun then stops every process.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -104,3 +108,72 @@ def broadcast_object(obj):
 def shutdown() -> None:
     if active():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: every rank stops after the same step; none waits forever for a rank that is gone
+
+
+# Seconds a rank of a distributed run may take, after SIGTERM/SIGINT, to reach a step boundary and
+# (rank 0) save; past it the process exits anyway. torchrun itself sends SIGKILL 30 s after SIGTERM.
+DIST_SIGNAL_GRACE_S = 20.0
+
+
+class SignalGuard:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits 143/130.
+
+    A second signal stops at once (KeyboardInterrupt, exit 130). In a distributed run the flag is
+    shared at each step boundary through the step's all-reduce, so every rank stops after the same
+    step and rank 0 saves (no collective is needed to save). A rank whose peers are gone or hung
+    would wait in a collective instead of reaching that boundary; a watchdog thread ends it after
+    DIST_SIGNAL_GRACE_S seconds with the signal's exit code, so no rank outlives the group.
+    """
+
+    def __init__(self, distributed: bool = False):
+        self.signum: int | None = None
+        self.distributed = distributed
+        self._old = {}
+        self._done = threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.distributed:
+            threading.Thread(target=self._watchdog, args=(exit_code(signum),), daemon=True).start()
+
+    def _watchdog(self, code: int) -> None:
+        if self._done.wait(DIST_SIGNAL_GRACE_S):
+            return
+        print(f"cnnlab: rank {world()[0]}: no clean stop {DIST_SIGNAL_GRACE_S:.0f} s after the signal "
+              f"(a collective is waiting for a rank that is gone); exiting with {code}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def code(self) -> int | None:
+        """This process's exit code for the signal received (143 SIGTERM, 130 SIGINT), None without one."""
+        return None if self.signum is None else exit_code(self.signum)
+
+    def __exit__(self, exc_type, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        if exc_type is None or issubclass(exc_type, SystemExit):  # stopped cleanly: no watchdog needed
+            self._done.set()
+
+
+def exit_code(signum: int) -> int:
+    return 143 if signum == signal.SIGTERM else 130
+
+
+def stop_code(guard: SignalGuard) -> int | None:
+    """The exit code if any rank was signalled (one small collective when distributed)."""
+    if not active():
+        return guard.code()
+    t = torch.tensor([guard.code() == 143, guard.code() == 130], dtype=torch.float64)
+    all_reduce_sum(t)
+    return 143 if t[0] > 0 else 130 if t[1] > 0 else None

@@ -125,7 +125,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     pick = rng.permutation(len(targets))[:48]
     wrong = torch.nonzero(pred != targets).flatten()
     worst = wrong[losses[wrong].argsort(descending=True)][:64].numpy()
-    index = np.unique(np.concatenate([pick, worst])).astype(np.int64)
+    index = np.concatenate([pick, worst[~np.isin(worst, pick)]]).astype(np.int64)  # the seeded pick first
     if s.images is not None:
         imgs = s.images[torch.from_numpy(index)].cpu()
     else:
@@ -254,7 +254,15 @@ def _report(run_dir: Path, say) -> None:
         from cnnlab import report
     except ImportError:
         return
-    path = report.build(run_dir)
+    try:
+        path = report.build(run_dir)
+    except Exception as e:  # training results are saved; a drawing failure must not lose or hide them
+        import traceback
+
+        traceback.print_exc()
+        print(f"cnnlab: warning: the report could not be drawn ({type(e).__name__}: {e}); the run is complete. "
+              f"Redraw it with: cnnlab report {run_dir}", file=sys.stderr)
+        return
     say(f"report: {path}")
 
 

@@ -16,7 +16,7 @@ from cnnlab import diagnose as dg
 from cnnlab import metrics as M
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
-PLOTS = ("curves", "steps", "lr", "confusion", "confusion_normalized", "per_class", "reliability", "failures",
+PLOTS = ("curves", "steps", "lr", "confusion_matrix", "confusion_normalized", "per_class", "reliability", "failures",
          "predictions", "filters", "feature_maps", "gradcam")  # plots/<name>.png that build() owns
 TEXT_COLS = {"id", "target_name", "pred_name"}
 
@@ -192,7 +192,7 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
     if summ:
         cm, k = summ["confusion"], len(run["classes"])
         dpi = 90 if k > 60 else None
-        add("confusion", P.confusion(cm, run["classes"]), "Confusion matrix (counts)",
+        add("confusion_matrix", P.confusion(cm, run["classes"]), "Confusion matrix (counts)",
             "Rows are true classes, columns predicted; blank cells are zero.", dpi)
         add("confusion_normalized", P.confusion(cm, run["classes"], normalize=True),
             "Confusion matrix (share of each true class)",

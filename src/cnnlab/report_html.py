@@ -332,7 +332,7 @@ def _sections(ctx: dict, f: dict) -> dict[str, str]:
     mod = run["model"] or {}
     out = {"diagnostics": _diagnostics(ctx), "curves": figs_of("curves", "steps", "lr")}
     if run["summary"]:
-        out["confusion"] = figs_of("confusion", "confusion_normalized", pair=True)
+        out["confusion"] = figs_of("confusion_matrix", "confusion_normalized", pair=True)
         out["classes"] = _classes(ctx) + '<div style="height:16px"></div>' + figs_of("per_class", "reliability", pair=True)
     out["failures"] = figs_of("failures") + _failures_table(ctx)
     out["predictions"] = figs_of("predictions")

@@ -39,7 +39,7 @@ def markdown(ctx: dict) -> str:
     s = run["summary"]
     if s:
         out += ["", "## Confusion matrices"]
-        img("confusion")
+        img("confusion_matrix")
         img("confusion_normalized")
         out += ["", "## Per-class results", ""]
         rows = [[r["name"], _num(r["precision"]), _num(r["recall"]), _num(r["f1"]), r["support"]]

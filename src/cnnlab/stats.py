@@ -104,6 +104,16 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (one model's accuracy on n test items)."""
+    if n <= 0:
+        return math.nan, math.nan
+    z = float(_st.norm.ppf(0.5 + level / 2))
+    p, z2 = k / n, z * z / n
+    centre, half = (p + z2 / 2) / (1 + z2), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n)) / (1 + z2)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def describe(values, level: float = 0.95) -> dict:
     """{n, mean, std, lo, hi} of repeated measurements (std with ddof=1; nan where n < 2)."""
     x = _floats(values, "values")

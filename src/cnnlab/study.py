@@ -119,7 +119,8 @@ def baseline_of(cfg: C.Config, names: list[str]) -> str:
     if cfg.baseline is None or cfg.baseline in names:
         return cfg.baseline or names[0]
     hint = "".join(f" Did you mean {c!r}?" for c in difflib.get_close_matches(cfg.baseline, names, n=1))
-    raise C.ConfigError(f"baseline={cfg.baseline!r} is not a variation of this study.{hint} Variations: {', '.join(names)}")
+    raise C.ConfigError(f"baseline={cfg.baseline!r} is not a variation of this study.{hint} "
+                        f"Variations: {', '.join(names)}")
 
 
 def plan(cfg: C.Config) -> list[Planned]:
@@ -199,7 +200,8 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
                 continue
             mode = "fresh"
             if state == "partial":
-                if saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file() and executor != "ray":
+                resumable = saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file()
+                if resumable and executor != "ray":  # (Ray workers start from scratch)
                     mode = "resume"
                 else:
                     shutil.rmtree(path)  # nothing resumable in it: start it cleanly
@@ -211,6 +213,8 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         if kind not in EXECUTORS:
             raise C.ConfigError(f"--executor {executor!r}: must be one of auto, {', '.join(EXECUTORS)}")
         failures = EXECUTORS[kind](root, todo, jobs=jobs, quiet=quiet, say=say, address=address) if todo else {}
+        for rid in [k for k in failures if run_state(root / k) == "done"]:  # e.g. its own report.html failed
+            say(f"warning: {rid} was trained and evaluated (metrics.json), but then: {failures.pop(rid)}")
         for p in planned:
             status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
         write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)

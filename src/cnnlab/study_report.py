@@ -155,10 +155,11 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
     classes = [c["name"] for c in bg.runs[0].metrics["test"]["per_class"]]
     c0 = firsts[base]
     setup = {"model.name": f"{c0.get('model.name')} on {c0.get('data.name')}", "optim.name": c0.get("optim.name"),
-             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.batch_size": f"batch {c0.get('train.batch_size')}",
-             "train.epochs": f"{c0.get('train.epochs')} epochs"}
+             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epochs",
+             "train.batch_size": f"batch {c0.get('train.batch_size')}"}
     setup = [str(v) for k, v in setup.items() if k not in differ]
-    out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes, "eval_split": bg.runs[0].metrics.get("eval_split"),
+    out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes,
+           "eval_split": bg.runs[0].metrics.get("eval_split"),
            "differs": [{"key": k, "label": _label(k), "values": {n: _setting(firsts[n].get(k)) for n in names}}
                        for k in differ],
            "groups": [], "comparisons": []}
@@ -252,9 +253,10 @@ def figures(res: dict, groups: list[Group], out: Path) -> dict[str, Path]:
     for i, (g, st) in enumerate(zip(groups, res["groups"])):
         y, s = len(groups) - 1 - i, st["stats"]["test_acc"]
         ax.scatter(np.array(_values(g, "test_acc")) * 100, [y] * len(g.runs), s=14, color="#94a3b8", zorder=2)
-        if s["n"] > 1:
-            ax.errorbar(s["mean"] * 100, y, xerr=[[100 * (s["mean"] - s["lo"])], [100 * (s["hi"] - s["mean"])]],
-                        fmt="none", ecolor=colours[i % 10], elinewidth=2, capsize=4, zorder=3)
+        lo, hi = (s["lo"], s["hi"]) if s["n"] > 1 else S.proportion_ci(
+            round(s["mean"] * g.runs[0].metrics["test"]["n"]), g.runs[0].metrics["test"]["n"])
+        ax.errorbar(s["mean"] * 100, y, xerr=[[100 * (s["mean"] - lo)], [100 * (hi - s["mean"])]],
+                    fmt="none", ecolor=colours[i % 10], elinewidth=2, capsize=4, zorder=3)
         ax.plot(s["mean"] * 100, y, "D", color=colours[i % 10], ms=7, zorder=4)
         if g.name == res["baseline"]:
             ax.axvline(s["mean"] * 100, color=P.INK, ls=":", lw=1)
@@ -320,7 +322,8 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
                          + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows])
 
     dhead, drows, rhead, rrows = tables(res)
-    lines = [f"# {title}", "", f"{res['setup']}. Baseline: **{res['baseline']}**; significance level {res['alpha']}.", ""]
+    lines = [f"# {title}", "", f"{res['setup']}. Baseline: **{res['baseline']}**; significance level "
+             f"{res['alpha']}.", ""]
     lines += [f"- **{c['text']['head']}.** {c['text']['detail']}" for c in res["comparisons"]]
     lines += ["", "## What differs", "", table(dhead, drows) if drows else "Nothing: the runs share one config.",
               "", "## Results", "", "Mean ± std over seeds, [95% t-interval].", "",
@@ -359,7 +362,8 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
     def table(head, rows):
         th = "".join(f"<th>{e(h)}</th>" for h in head)
         trs = "".join("<tr>" + "".join(td(c, j == 0) for j, c in enumerate(r)) + "</tr>" for r in rows)
-        return f'<div class="card" style="overflow-x:auto"><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>'
+        return (f'<div class="card" style="overflow-x:auto"><table><thead><tr>{th}</tr></thead>'
+                f"<tbody>{trs}</tbody></table></div>")
 
     def img(key, caption):
         if key not in figs:
@@ -381,8 +385,9 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
          table(dhead, drows) if drows else "<p>Nothing: the runs share one config.</p>"),
         ("results", "Results", ("Mean ± std over seeds with the 95% t-interval below." if n_seeds > 1 else
                                 "One run per variation.") + " Train time is wall time of one run on its machine.",
-         table(rhead, rrows) + img("accuracy", "Test accuracy of each run (grey), the mean (diamond) and its "
-                                    "95% interval.")),
+         table(rhead, rrows) + img("accuracy", "Test accuracy of each run (grey) and the mean (diamond) with its 95% "
+                                   + ("t-interval over the seeds." if n_seeds > 1 else "Wilson interval over the test "
+                                      "images (how much the test set alone leaves open).")) ),
         ("curves", "Curves", "Validation solid, training dashed; one colour per variation"
          + ("; the band spans the seeds." if n_seeds > 1 else "."), img("curves", "Loss and accuracy per epoch.")),
         ("classes", "Per class", "Where each variation gains or loses against the baseline.",

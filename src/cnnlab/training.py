@@ -10,7 +10,6 @@ import csv
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,72 +102,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-# Seconds a rank of a distributed run may take, after SIGTERM/SIGINT, to reach a step boundary and
-# (rank 0) save; past it the process exits anyway. torchrun itself sends SIGKILL 30 s after SIGTERM.
-DIST_SIGNAL_GRACE_S = 20.0
-
-
-class _SignalGuard:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits 143/130.
-
-    A second signal stops at once (KeyboardInterrupt, exit 130). In a distributed run the flag is
-    shared at each step boundary through the step's all-reduce, so every rank stops after the same
-    step and rank 0 saves (no collective is needed to save). A rank whose peers are gone or hung
-    would wait in a collective instead of reaching that boundary; a watchdog thread ends it after
-    DIST_SIGNAL_GRACE_S seconds with the signal's exit code, so no rank outlives the group.
-    """
-
-    def __init__(self, distributed: bool = False):
-        self.signum: int | None = None
-        self.distributed = distributed
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        if self.distributed:
-            import threading
-
-            threading.Thread(target=self._watchdog, args=(_exit_code(signum),), daemon=True).start()
-
-    @staticmethod
-    def _watchdog(code: int) -> None:
-        time.sleep(DIST_SIGNAL_GRACE_S)
-        print(f"cnnlab: rank {dist.world()[0]}: no clean stop {DIST_SIGNAL_GRACE_S:.0f} s after the signal "
-              f"(a collective is waiting for a rank that is gone); exiting with {code}", file=sys.stderr, flush=True)
-        os._exit(code)
-
-    def code(self) -> int | None:
-        """This process's exit code for the signal received (143 SIGTERM, 130 SIGINT), None without one."""
-        return None if self.signum is None else _exit_code(self.signum)
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _exit_code(signum: int) -> int:
-    return 143 if signum == signal.SIGTERM else 130
-
-
-def _stop_code(guard: _SignalGuard) -> int | None:
-    """The exit code if any rank was signalled (one small collective when distributed)."""
-    if not dist.active():
-        return guard.code()
-    t = torch.tensor([guard.code() == 143, guard.code() == 130], dtype=torch.float64)
-    dist.all_reduce_sum(t)
-    return 143 if t[0] > 0 else 130 if t[1] > 0 else None
-
-
 def _loss_fn(cfg: Config):
     return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
@@ -184,7 +117,7 @@ def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, r
 
 
 def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, normalize, cfg: Config,
-                    state: State, device, dtype, on_step, guard: _SignalGuard) -> None:
+                    state: State, device, dtype, on_step, guard: dist.SignalGuard) -> None:
     """One pass over the training split from `state.batch_in_epoch`, updating `state` as it goes.
 
     A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
@@ -205,9 +138,9 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         step = state.step + 1  # 1-based number of the step being taken
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # augmentation depends only on (seed, step)
         i, n_order = state.batch_in_epoch, len(order)
-        # draws for the whole global batch, this rank's rows of it: the same images as with 1 process
-        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=batches.local_offset(i, n_order) if world > 1 else 0,
-                                    total=batches.global_size(i, n_order) if world > 1 else None))
+        # random draws for the whole global batch, this rank's rows of them: the same images as with 1 process
+        offset, total = (batches.local_offset(i, n_order), batches.global_size(i, n_order)) if world > 1 else (0, None)
+        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=total))  # (B, C, H, W) float
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)  # (B, K)
             loss = loss_fn(logits.float(), y)
@@ -467,7 +400,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
             save_last()
 
     eval_model = ema.module if ema is not None else model
-    with _SignalGuard(distributed) as guard:
+    with dist.SignalGuard(distributed) as guard:
         try:
             while state.epoch < t.epochs and not state.stopped_early:
                 clock[0] = time.perf_counter()
@@ -501,7 +434,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                     _csv_append(run_dir / "history.csv", {k: _fmt(v) for k, v in row.items()})
                 save_last()
                 progress.epoch(row)
-                code = _stop_code(guard)  # a signal during evaluation: stop now, not after another step
+                code = dist.stop_code(guard)  # a signal during evaluation: stop now, not after another step
                 if code is not None:
                     raise Stopped(code)
         except Stopped as e:

@@ -37,14 +37,14 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     b, c, h, w = x.shape
     dev = x.device
     total = b if total is None else total
-    rows = slice(offset, offset + b)
+    mine = slice(offset, offset + b)  # this slice's rows of the global batch's draws
     if aug.hflip:
-        flip = (torch.rand(total, generator=gen)[rows] < 0.5).to(dev)
+        flip = (torch.rand(total, generator=gen)[mine] < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     p = aug.crop_padding
     if p:
-        dy = torch.randint(0, 2 * p + 1, (total,), generator=gen)[rows].to(dev)
-        dx = torch.randint(0, 2 * p + 1, (total,), generator=gen)[rows].to(dev)
+        dy = torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine].to(dev)
+        dx = torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine].to(dev)
         padded = torch.nn.functional.pad(x, (p, p, p, p))
         rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
@@ -53,8 +53,8 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
         x = padded[bi, ci, rows, cols]  # (B, C, H, W)
     if aug.cutout:
         s = aug.cutout
-        cy = torch.randint(0, h, (total,), generator=gen)[rows].to(dev).view(b, 1, 1)
-        cx = torch.randint(0, w, (total,), generator=gen)[rows].to(dev).view(b, 1, 1)
+        cy = torch.randint(0, h, (total,), generator=gen)[mine].to(dev).view(b, 1, 1)
+        cx = torch.randint(0, w, (total,), generator=gen)[mine].to(dev).view(b, 1, 1)
         yy = torch.arange(h, device=dev).view(1, h, 1)
         xx = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((yy >= cy - s // 2) & (yy < cy - s // 2 + s) & (xx >= cx - s // 2) & (xx < cx - s // 2 + s))
