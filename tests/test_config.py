@@ -13,6 +13,16 @@ def test_defaults_and_overrides_are_typed():
     assert C.load(None, ["data.val_split=0.2"]).data.val_split == 0.2
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads `1e-4` as the string "1e-4"; people write it that way, so a float field takes it
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  weight_decay: 1e-4\n  lr: 5E-3\n")
+    cfg = C.load(p, ["schedule.min_lr=1e-6"])
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.schedule.min_lr) == (1e-4, 5e-3, 1e-6)
+    with pytest.raises(C.ConfigError, match="optim.lr"):
+        C.load(None, ["optim.lr=1e-4x"])
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = C.load("examples/quickstart.yaml", ["optim.lr=0.01"])
     p = tmp_path / "c.yaml"

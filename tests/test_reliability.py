@@ -88,6 +88,7 @@ import torch
 torch.set_num_threads(1)  # no OpenMP pool before fork
 import torch._dynamo, cnnlab.cli, cnnlab.experiment, cnnlab.training  # the slow imports, once
 cnnlab.cli.build_parser()
+assert len(os.listdir("/proc/self/task")) == 1, "fork needs a single-threaded parent"
 print("ready", flush=True)
 for line in sys.stdin:
     argv, log = json.loads(line)
@@ -112,8 +113,10 @@ for line in sys.stdin:
 
 class Zygote:
     def __init__(self, cwd: Path):
+        # one thread everywhere, so the zygote is single-threaded when it forks (no lock held by another thread)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.p = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, cwd=cwd)
+                                  text=True, cwd=cwd, env=env)
         self.lines: queue.Queue = queue.Queue()
         self.status: int | None = None
         threading.Thread(target=self._read, daemon=True).start()
@@ -157,6 +160,8 @@ class Zygote:
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kill test forks its runs (Linux)")
     z = Zygote(REPO)
     yield z
     z.close()

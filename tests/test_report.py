@@ -141,7 +141,7 @@ def test_report_has_every_section(built):
     for sid in ("diagnostics", "curves", "confusion", "classes", "failures", "predictions", "inside", "data",
                 "model", "config", "environment"):
         assert f'id="{sid}"' in page, sid
-    for name in ("curves", "steps", "confusion", "confusion_normalized", "per_class", "reliability",
+    for name in ("curves", "steps", "confusion_matrix", "confusion_normalized", "per_class", "reliability",
                  "failures", "predictions", "filters", "feature_maps", "gradcam"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
     # self-contained: no external references of any kind, no scripts

@@ -175,23 +175,26 @@ def _write_yaml(tmp_path: Path, tree: dict, name: str) -> Path:
     return path
 
 
-def test_sigkill_half_way_then_rerun_completes_only_the_missing_run(tmp_path):
+def test_sigkill_half_way_then_rerun_completes_only_the_missing_run(tmp_path, capsys):
     tree = tiny(tmp_path, name="killed", variations={"main": {}, "l2": {"optim.weight_decay": 1e-4}})
     tree["train"]["epochs"] = 6
     path = _write_yaml(tmp_path, tree, "killed")
     root = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (root / "l2" / "history.csv").is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # the second run has finished an epoch (so it holds a checkpoint): kill the study
+    deadline = time.monotonic() + 300
+    last = root / "l2" / "checkpoints" / "last.pt"
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the second run has saved its first epoch's checkpoint: kill the whole study
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert study.run_state(root / "main") == "done" and study.run_state(root / "l2") == "partial"
     finished = mtimes(root / "main")
 
-    resumed = study.run_study(C.load(path), quiet=True)
+    resumed = study.run_study(C.load(path))
     assert set(resumed.status.values()) == {"done"} and mtimes(root / "main") == finished
+    out = capsys.readouterr().out
+    assert "1 done, 1 to run" in out and "[1/1] l2 (resuming)" in out  # from its last.pt, not from scratch
 
     ref = tiny(tmp_path, name="uninterrupted", variations=tree["variations"])
     ref["train"]["epochs"] = 6

@@ -55,7 +55,12 @@ def fmt_value(v) -> str:
     """A setting as people write it: 1e-5 not 1e-05, true/false, 0.5."""
     if isinstance(v, bool) or v is None:
         return {True: "true", False: "false", None: "null"}[v]
-    return f"{v:g}".replace("e-0", "e-").replace("e+0", "e") if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    if v and abs(v) < 1e-3 or abs(v) >= 1e6:
+        m, e = f"{v:.6e}".split("e")
+        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+    return f"{v:g}"
 
 
 def _node(cfg, dotted: str):
@@ -181,9 +186,10 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     planned = plan(cfg)
     names = list(dict.fromkeys(p.variation for p in planned))
     base = baseline_of(cfg, names)
-    root = study_dir(cfg)
-    if jobs < 1:
-        raise C.ConfigError(f"--jobs {jobs}: must be at least 1")
+    root, kind = study_dir(cfg), executor if executor != "auto" else ("process" if jobs > 1 else "inline")
+    if jobs < 1 or kind not in EXECUTORS:
+        raise C.ConfigError(f"--jobs {jobs} --executor {executor}: jobs must be >= 1, the executor one of auto, "
+                            f"{', '.join(EXECUTORS)}")
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root):
         (root / "study.yaml").write_text(C.dump_yaml(cfg))
@@ -209,9 +215,6 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
         say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
             f"{len(planned) - len(todo)} done, {len(todo)} to run")
-        kind = executor if executor != "auto" else ("process" if jobs > 1 else "inline")
-        if kind not in EXECUTORS:
-            raise C.ConfigError(f"--executor {executor!r}: must be one of auto, {', '.join(EXECUTORS)}")
         failures = EXECUTORS[kind](root, todo, jobs=jobs, quiet=quiet, say=say, address=address) if todo else {}
         for rid in [k for k in failures if run_state(root / k) == "done"]:  # e.g. its own report.html failed
             say(f"warning: {rid} was trained and evaluated (metrics.json), but then: {failures.pop(rid)}")
@@ -282,7 +285,7 @@ def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
             experiment.run(p.cfg, resume_dir=root / p.id if mode == "resume" else None, quiet=quiet)
         except Exception as e:  # one broken variation must not stop the others
             failures[p.id] = f"{type(e).__name__}: {e}"
-            say(f"  {p.id} failed: {failures[p.id]}")
+            say(f"  {p.id}: {failures[p.id]}")
             continue
         say(_done_line(root, p, time.perf_counter() - t0))
     return failures

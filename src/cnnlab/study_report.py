@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab import stats as S
-from cnnlab.study import flat, fmt_value
+from cnnlab.study import IGNORED, STUDY_KEYS, flat, fmt_value
 
 ALPHA = 0.05
-IGNORED = ("output.", "train.progress", "train.threads", "variations", "grid", "repeats", "baseline")
+IGNORED = IGNORED + STUDY_KEYS  # settings that never make two runs' results differ, and the study's own keys
 LABELS = {"model.batchnorm": "batch norm", "optim.weight_decay": "weight decay (L2)", "model.dropout": "dropout",
           "optim.lr": "learning rate", "optim.name": "optimizer", "model.name": "model", "train.epochs": "epochs",
           "train.batch_size": "batch size", "schedule.name": "LR schedule", "train.seed": "seed",
@@ -134,11 +134,19 @@ def test_pair(a: Group, b: Group) -> dict:
             "only_baseline": only_a, "seeds": [ra.seed, rb.seed]}
 
 
-def _label(key: str) -> str:
-    return LABELS.get(key, key)
+def _setting(v, key: str = "", cfg: dict | None = None) -> str:
+    """A value as people write it; a model setting left at null shows the builder's own default."""
+    if v is None and key.startswith("model.") and cfg:
+        try:
+            import inspect
 
+            from cnnlab.models import MODELS
 
-def _setting(v) -> str:
+            p = inspect.signature(MODELS.get(cfg.get("model.name"))).parameters.get(key.split(".")[-1])
+            if p is not None and p.default is not inspect.Parameter.empty:
+                return f"{_setting(p.default)} (default)"
+        except (KeyError, ValueError, TypeError):
+            pass
     return "default" if v is None else ("yes" if v else "no") if isinstance(v, bool) else fmt_value(v)
 
 
@@ -160,8 +168,8 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
     setup = [str(v) for k, v in setup.items() if k not in differ]
     out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes,
            "eval_split": bg.runs[0].metrics.get("eval_split"),
-           "differs": [{"key": k, "label": _label(k), "values": {n: _setting(firsts[n].get(k)) for n in names}}
-                       for k in differ],
+           "differs": [{"key": k, "label": LABELS.get(k, k),
+                        "values": {n: _setting(firsts[n].get(k), k, firsts[n]) for n in names}} for k in differ],
            "groups": [], "comparisons": []}
     for g in groups:
         pc = np.mean([[c["accuracy"] for c in r.metrics["test"]["per_class"]] for r in g.runs], axis=0)
@@ -215,78 +223,94 @@ def sentence(name: str, base: str, diff: float, t: dict, m: int, gstats: dict) -
 # Figures (the look of plots.py)
 
 
-def figures(res: dict, groups: list[Group], out: Path) -> dict[str, Path]:
+def fig_curves(groups: list[Group]):
+    """Train (dashed) and val (solid) loss and accuracy per epoch, one colour per group; mean over seeds with
+    the seeds' min-max band."""
     from matplotlib.ticker import MaxNLocator
 
-    from cnnlab import plots as P
-
-    plt = P.plt
-    colours = plt.get_cmap("tab10").colors
-    figs = {}
-    names = [g.name for g in groups]
+    plt = P().plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), constrained_layout=True)
     for i, g in enumerate(groups):
-        c = colours[i % 10]
         for ax, what, scale in ((axes[0], "loss", 1.0), (axes[1], "acc", 100.0)):
             for split, ls in (("train", "--"), ("val", "-")):
                 runs = [r.history for r in g.runs if r.history.get(f"{split}_{what}")]
                 if not runs:
                     continue
-                n = max(len(h["epoch"]) for h in runs)
-                ys = np.full((len(runs), n), np.nan)
+                ys = np.full((len(runs), max(len(h["epoch"]) for h in runs)), np.nan)  # (seeds, epochs)
                 for j, h in enumerate(runs):
                     ys[j, :len(h["epoch"])] = np.asarray(h[f"{split}_{what}"]) * scale
-                ep = np.arange(1, n + 1)
-                ax.plot(ep, np.nanmean(ys, 0), ls=ls, color=c, lw=1.9 if split == "val" else 1.3,
+                ep = np.arange(1, ys.shape[1] + 1)
+                ax.plot(ep, np.nanmean(ys, 0), ls=ls, color=_colour(i), lw=1.9 if split == "val" else 1.3,
                         marker="o" if split == "val" else None, ms=3,
                         label=g.name if split == "val" and what == "loss" else None)
                 if len(runs) > 1 and split == "val":
-                    ax.fill_between(ep, np.nanmin(ys, 0), np.nanmax(ys, 0), color=c, alpha=0.15, lw=0)
+                    ax.fill_between(ep, np.nanmin(ys, 0), np.nanmax(ys, 0), color=_colour(i), alpha=0.15, lw=0)
             ax.set(xlabel="epoch", title="Loss" if what == "loss" else "Accuracy (%)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].plot([], [], "k-", label="validation")
     axes[0].plot([], [], "k--", label="training")
     fig.legend(loc="outside right upper", fontsize=8)
-    figs["curves"] = P.save(fig, out / "study_curves.png")
+    return fig
 
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.2), constrained_layout=True)
+
+def fig_accuracy(res: dict, groups: list[Group]):
+    """Test accuracy per group: each seed (grey), the mean (diamond), its 95% t-interval over seeds, or for a
+    single run the Wilson interval over the test images."""
+    fig, ax = P().plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.2), constrained_layout=True)
     for i, (g, st) in enumerate(zip(groups, res["groups"])):
-        y, s = len(groups) - 1 - i, st["stats"]["test_acc"]
+        y, s, n = len(groups) - 1 - i, st["stats"]["test_acc"], g.runs[0].metrics["test"]["n"]
         ax.scatter(np.array(_values(g, "test_acc")) * 100, [y] * len(g.runs), s=14, color="#94a3b8", zorder=2)
-        lo, hi = (s["lo"], s["hi"]) if s["n"] > 1 else S.proportion_ci(
-            round(s["mean"] * g.runs[0].metrics["test"]["n"]), g.runs[0].metrics["test"]["n"])
+        lo, hi = (s["lo"], s["hi"]) if s["n"] > 1 else S.proportion_ci(round(s["mean"] * n), n)
         ax.errorbar(s["mean"] * 100, y, xerr=[[100 * (s["mean"] - lo)], [100 * (hi - s["mean"])]],
-                    fmt="none", ecolor=colours[i % 10], elinewidth=2, capsize=4, zorder=3)
-        ax.plot(s["mean"] * 100, y, "D", color=colours[i % 10], ms=7, zorder=4)
+                    fmt="none", ecolor=_colour(i), elinewidth=2, capsize=4, zorder=3)
+        ax.plot(s["mean"] * 100, y, "D", color=_colour(i), ms=7, zorder=4)
         if g.name == res["baseline"]:
-            ax.axvline(s["mean"] * 100, color=P.INK, ls=":", lw=1)
-    ax.set_yticks(range(len(groups)), names[::-1])
+            ax.axvline(s["mean"] * 100, color=P().INK, ls=":", lw=1)
+    ax.set_yticks(range(len(groups)), [g.name for g in groups][::-1])
     ax.set(xlabel=f"{res['eval_split'] or 'test'} accuracy (%)", title="Test accuracy per variation")
     ax.margins(x=0.25, y=0.2)
-    figs["accuracy"] = P.save(fig, out / "study_accuracy.png")
+    return fig
 
+
+def fig_per_class(res: dict):
+    """Heat map of per-class accuracy differences against the baseline (points), or None."""
     comps = [c for c in res["comparisons"] if len(c["per_class_diff_points"]) == len(res["classes"])]
-    if comps:
-        d = np.array([c["per_class_diff_points"] for c in comps])
-        k = d.shape[1]
-        lim = max(0.5, float(np.nanmax(np.abs(d))))
-        fig, ax = plt.subplots(figsize=(max(6.5, min(0.75 * k + 2.5, 24)), 0.55 * len(comps) + 1.9),
+    if not comps:
+        return None
+    d = np.array([c["per_class_diff_points"] for c in comps])  # (variations, classes)
+    k, lim = d.shape[1], max(0.5, float(np.nanmax(np.abs(d))))
+    fig, ax = P().plt.subplots(figsize=(max(6.5, min(0.75 * k + 2.5, 24)), 0.55 * len(comps) + 1.9),
                                constrained_layout=True)
-        im = ax.imshow(d, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        base_acc = res["groups"][names.index(res["baseline"])]["per_class_acc"]
-        ticks = [f"{c}\n{100 * a:.0f}%" for c, a in zip(res["classes"], base_acc)] if k <= 20 else res["classes"]
-        ax.set_xticks(range(k), ticks, fontsize=8 if k <= 20 else 6, rotation=0 if k <= 12 else 90)
-        ax.set_yticks(range(len(comps)), [c["name"] for c in comps])
-        ax.grid(False)
-        if k * len(comps) <= 400:
-            for (r, j), v in np.ndenumerate(d):
-                ax.text(j, r, f"{v:+.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(v) > 0.6 * lim else P.INK)
-        fig.colorbar(im, ax=ax, label="points", shrink=0.9)
-        ax.set_title(f"Per-class test accuracy against {res['baseline']} (percentage points; "
-                     f"{res['baseline']}'s own accuracy under each class)")
-        figs["per_class"] = P.save(fig, out / "study_per_class.png")
-    return figs
+    im = ax.imshow(d, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    base_acc = next(g["per_class_acc"] for g in res["groups"] if g["name"] == res["baseline"])
+    ticks = [f"{c}\n{100 * a:.0f}%" for c, a in zip(res["classes"], base_acc)] if k <= 20 else res["classes"]
+    ax.set_xticks(range(k), ticks, fontsize=8 if k <= 20 else 6, rotation=0 if k <= 12 else 90)
+    ax.set_yticks(range(len(comps)), [c["name"] for c in comps])
+    ax.grid(False)
+    if k * len(comps) <= 400:
+        for (r, j), v in np.ndenumerate(d):
+            ax.text(j, r, f"{v:+.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(v) > 0.6 * lim else P().INK)
+    fig.colorbar(im, ax=ax, label="points", shrink=0.9)
+    ax.set_title(f"Per-class test accuracy against {res['baseline']} (percentage points; "
+                 f"{res['baseline']}'s own accuracy under each class)")
+    return fig
+
+
+def P():
+    """plots.py: its style (rcParams), colours and `save` (imported late: matplotlib is slow to load)."""
+    from cnnlab import plots
+
+    return plots
+
+
+def _colour(i: int):
+    return P().plt.get_cmap("tab10").colors[i % 10]
+
+
+def figures(res: dict, groups: list[Group], out: Path) -> dict[str, Path]:
+    figs = {"curves": fig_curves(groups), "accuracy": fig_accuracy(res, groups), "per_class": fig_per_class(res)}
+    return {k: P().save(f, out / f"study_{k}.png") for k, f in figs.items() if f is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +327,8 @@ def _cell(key: str, s: dict) -> tuple[str, str]:
     unit = {"best_val_acc": "%", "test_acc": "%", "train_seconds": " s"}.get(key, "")
     if s["n"] == 1 or (key == "params" and s["std"] == 0):
         return (f"{s['mean']:.0f}" if key == "best_epoch" else f(s["mean"])) + unit, ""
-    return f"{f(s['mean'])} ± {f(s['std'])}{unit}", f"[{f(s['lo'])}, {f(s['hi'])}]"
+    hi = min(s["hi"], 1.0) if key.endswith("acc") else s["hi"]  # shown within what the quantity can be
+    return f"{f(s['mean'])} ± {f(s['std'])}{unit}", f"[{f(max(s['lo'], 0.0))}, {f(hi)}]"
 
 
 def tables(res: dict) -> tuple[list, list, list, list]:
@@ -326,7 +351,8 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
              f"{res['alpha']}.", ""]
     lines += [f"- **{c['text']['head']}.** {c['text']['detail']}" for c in res["comparisons"]]
     lines += ["", "## What differs", "", table(dhead, drows) if drows else "Nothing: the runs share one config.",
-              "", "## Results", "", "Mean ± std over seeds, [95% t-interval].", "",
+              "", "## Results", "", "Mean ± std over seeds, [95% t-interval]." if any(len(g["seeds"]) > 1 for g in
+                                                                               res["groups"]) else "One run each.", "",
               table(rhead, [r[:2] + [" ".join(x for x in c if x) for c in r[2:]] for r in rrows]), ""]
     for key, cap in (("accuracy", "Test accuracy"), ("curves", "Training curves"), ("per_class", "Per-class accuracy")):
         if key in figs:
@@ -385,9 +411,10 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
          table(dhead, drows) if drows else "<p>Nothing: the runs share one config.</p>"),
         ("results", "Results", ("Mean ± std over seeds with the 95% t-interval below." if n_seeds > 1 else
                                 "One run per variation.") + " Train time is wall time of one run on its machine.",
-         table(rhead, rrows) + img("accuracy", "Test accuracy of each run (grey) and the mean (diamond) with its 95% "
-                                   + ("t-interval over the seeds." if n_seeds > 1 else "Wilson interval over the test "
-                                      "images (how much the test set alone leaves open).")) ),
+         table(rhead, rrows) + img("accuracy", "Test accuracy of each seed (grey), the mean (diamond) and its 95% "
+                                   "t-interval over the seeds." if n_seeds > 1 else "Test accuracy with its 95% Wilson "
+                                   "interval over the test images. Overlapping intervals do not rule out a real "
+                                   "difference: the McNemar test above pairs the two models image by image.")),
         ("curves", "Curves", "Validation solid, training dashed; one colour per variation"
          + ("; the band spans the seeds." if n_seeds > 1 else "."), img("curves", "Loss and accuracy per epoch.")),
         ("classes", "Per class", "Where each variation gains or loses against the baseline.",

@@ -2,7 +2,17 @@
 
 Reads top to bottom: `fit` prepares everything, then for each epoch `train_one_epoch` and
 `evaluate`; the best epoch (by `train.monitor`) is kept as checkpoints/best.pt beside last.pt.
-A run stopped by SIGTERM/SIGINT, a crash or a kill resumes exactly (`fit(..., resume=True)`).
+
+Resume is exact: last.pt (written atomically every epoch and every `train.checkpoint_every_steps`)
+holds model, optimizer, scheduler, grad scaler, EMA, the RNG states and `State` (epoch, step, batch
+within the epoch, best metric, early-stopping counters, the interrupted epoch's running sums). The
+sample order is a function of (seed, epoch) and augmentation of (seed, step), so a run stopped by
+SIGTERM/SIGINT (exit 143/130 after saving), a crash or a SIGKILL ends, once resumed, with the same
+history.csv (but its `seconds` column), metrics.json and weights as a run never stopped.
+
+Under torchrun each rank takes its slice of every global batch; gradients are weighted so that W
+processes step exactly as 1 process with the same global batch (BatchNorm aside: SyncBatchNorm on
+GPUs; on CPU/gloo each rank normalises with its own slice's statistics).
 """
 from __future__ import annotations
 
