@@ -167,6 +167,10 @@ def test_failed_variation_is_reported_and_the_others_finish(tmp_path, monkeypatc
     man = json.loads((tmp_path / "st" / "study.json").read_text())
     assert [r["status"] for v in man["variations"] for r in v["runs"]] == ["done", "failed"]
     assert (tmp_path / "st" / "study.html").is_file()
+    # the CLI: the rerun trains only the broken variation, which fails again: exit 1 and the reason, no traceback
+    assert cli.main(["train", str(_write_yaml(tmp_path, tree, "st")), "--executor", "inline"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 runs" in err and "ModelConfigError" in err and "Traceback" not in err
 
 
 def _write_yaml(tmp_path: Path, tree: dict, name: str) -> Path:

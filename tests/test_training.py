@@ -16,7 +16,6 @@ from torch import nn
 
 from cnnlab import checkpoint as ckpt
 from cnnlab import cli
-from cnnlab import training as T
 from cnnlab.config import AugmentConfig
 from cnnlab.data.base import ImageSet
 from cnnlab.data.loader import Batches, augment_batch, epoch_order

@@ -25,7 +25,9 @@ def _train(args) -> int:
     if cfg.variations or cfg.grid or cfg.repeats > 1:
         from cnnlab import study
 
-        study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides)
+        executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
+        study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
+                        executor=executor, address=args.ray_address)
         return 0
     from cnnlab import experiment
 
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where it left off")
     t.add_argument("--jobs", type=int, default=1, help="studies: run this many variations in parallel")
+    t.add_argument("--executor", default="auto", choices=["auto", "inline", "process", "ray"],
+                   help="studies: inline (one process), process (--jobs subprocesses) or ray (default: inline, "
+                        "or process when --jobs > 1)")
+    t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
@@ -95,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except RuntimeError as e:  # a refused checkpoint, a non-finite loss, too little disk space: no traceback
         from cnnlab.checkpoint import CheckpointError
+        from cnnlab.study import StudyError
         from cnnlab.training import TrainingError
 
-        if not isinstance(e, (CheckpointError, TrainingError)):
+        if not isinstance(e, (CheckpointError, TrainingError, StudyError)):
             raise
-        print(f"cnnlab: error: {e}", file=sys.stderr)
+        print(f"cnnlab: {'' if isinstance(e, StudyError) else 'error: '}{e}", file=sys.stderr)
         return 1
     except SystemExit as e:  # Stopped by a signal after saving: 143 / 130
         return int(e.code) if isinstance(e.code, int) else 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import re
@@ -416,7 +415,7 @@ EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: `cnnlab compare`, and --executor / --ray-address on `cnnlab train`
+# CLI: `cnnlab compare` (`cnnlab train` runs a study when the config has variations/grid/repeats)
 
 
 def register(subparsers) -> None:
@@ -428,28 +427,6 @@ def register(subparsers) -> None:
                                  "given, else ./comparison)")
     c.add_argument("--baseline", help="the variation the others are tested against (default: the first)")
     c.set_defaults(func=_compare_cli)
-    train = subparsers.choices.get("train")
-    if train is not None:
-        train.add_argument("--executor", default="auto", choices=["auto", *EXECUTORS],
-                           help="studies: inline (one process), process (--jobs subprocesses) or ray")
-        train.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
-        train.set_defaults(func=functools.partial(_train_cli, train.get_default("func")))
-
-
-def _train_cli(original, args) -> int:
-    try:
-        if args.executor == "auto" and not args.ray_address or args.resume or not args.config:
-            return original(args)
-        cfg = C.load(args.config, args.overrides)
-        if not (cfg.variations or cfg.grid or cfg.repeats > 1) or args.print_config:
-            return original(args)
-        run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
-                  executor="ray" if args.ray_address and args.executor == "auto" else args.executor,
-                  address=args.ray_address)
-        return 0
-    except StudyError as e:
-        print(f"cnnlab: {e}", file=sys.stderr)
-        return 1
 
 
 def _compare_cli(args) -> int:
