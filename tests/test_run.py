@@ -40,6 +40,20 @@ def test_cli_run_folder_holds_every_file(cli_run):
     assert len(_history(run_dir)) == 3
 
 
+def test_tensorboard_scalars_are_written_while_training(cli_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = cli_run
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert {"step/loss", "step/lr", "epoch/train_loss", "epoch/val_acc", "epoch/val_loss"} <= set(tags)
+    hist = _history(run_dir)
+    assert [e.step for e in ea.Scalars("epoch/val_acc")] == [1, 2, 3]
+    assert [round(e.value, 5) for e in ea.Scalars("epoch/val_acc")] == [round(float(r["val_acc"]), 5) for r in hist]
+
+
 def test_best_and_last_checkpoints(cli_run):
     run_dir, _ = cli_run
     hist = _history(run_dir)

@@ -115,6 +115,7 @@ class OutputConfig:
     dir: str = "runs"
     name: str | None = None  # default: the config file's stem
     report: bool = True  # write plots + report.html at the end
+    tensorboard: bool = True  # live scalars in RUN/tensorboard (rank 0) when tensorboard is installed
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnlab import diagnose as dg
 from cnnlab import metrics as M
+from cnnlab.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
 PLOTS = ("curves", "steps", "lr", "confusion_matrix", "confusion_normalized", "per_class", "reliability", "failures",
@@ -285,44 +286,6 @@ def _plain(v):
 
 # ----------------------------------------------------------------------------------------------
 # TensorBoard
-
-
-class TBLogger:
-    """Scalars to TensorBoard event files when torch.utils.tensorboard is importable; a no-op otherwise.
-
-    >>> tb = TBLogger(run.dir / "tensorboard"); tb.scalars({"loss/train": 0.3}, step=10); tb.close()
-    """
-
-    def __init__(self, log_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir))
-        except Exception:  # tensorboard not installed (ImportError) or unusable: log nothing
-            self.writer = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.writer is not None
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None and value is not None:
-            self.writer.add_scalar(tag, float(value), int(step))
-
-    def scalars(self, values: dict, step: int) -> None:
-        for tag, v in values.items():
-            self.scalar(tag, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def __enter__(self) -> "TBLogger":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def write_tensorboard(run_dir: str | Path, log_dir: str | Path | None = None) -> Path | None:

@@ -37,6 +37,7 @@ from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, 
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model
 from cnnlab.optim import build_optimizer, build_scheduler
+from cnnlab.tblog import TBLogger
 
 
 class TrainingError(RuntimeError):
@@ -386,6 +387,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         train_model = torch.compile(train_model)
 
     progress = Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
+    tb = TBLogger(run_dir / "tensorboard") if main and cfg.output.tensorboard else None
     progress.step(state.step, float("nan"))
     saved_at = None  # (epoch, step) of the last write of last.pt
 
@@ -406,6 +408,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         if main and step % t.log_every == 0:
             _csv_append(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1, "loss": _fmt(loss),
                                                 "lr": _fmt(opt.param_groups[0]["lr"])})
+            if tb is not None:
+                tb.scalars({"step/loss": loss, "step/lr": opt.param_groups[0]["lr"]}, step)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
             save_last()
 
@@ -442,6 +446,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                         state.stopped_early = True
                 if main:
                     _csv_append(run_dir / "history.csv", {k: _fmt(v) for k, v in row.items()})
+                    if tb is not None:
+                        tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, state.epoch)
                 save_last()
                 progress.epoch(row)
                 code = dist.stop_code(guard)  # a signal during evaluation: stop now, not after another step
@@ -455,6 +461,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
             raise Stopped(e.code) from None
         finally:
             progress.close()
+            if tb is not None:
+                tb.close()
     if state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
               f"{t.early_stop.patience} epochs (best epoch {state.best_epoch})", flush=True)
