@@ -60,6 +60,7 @@ def time_plain(loader, batches: int) -> float:
 
 def time_cnnlab(splits, batch: int, batches: int) -> float:
     from cnnlab import config as C
+    from cnnlab import dist
     from cnnlab import training as T
     from cnnlab.data.loader import Batches, Normalizer, epoch_order
     from cnnlab.optim import build_optimizer, build_scheduler
@@ -72,7 +73,9 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
     sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=1, steps_per_epoch=batches + 3)
     dev = torch.device("cpu")
     b = Batches(splits.train, batch_size=batch, device=dev, channels=3, size=32, drop_last=True)
-    norm = Normalizer(splits.mean, splits.std, dev)
+    if cfg.train.channels_last:  # as training.fit does (the default)
+        model = model.to(memory_format=torch.channels_last)
+    norm = Normalizer(splits.mean, splits.std, dev, cfg.train.channels_last)
     state = T.State()
     marks = {}
 
@@ -80,9 +83,10 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
         if step in (3, batches + 3):
             marks[step] = time.perf_counter()
 
-    T.train_one_epoch(model, b, epoch_order(len(splits.train), 0, 0), opt=opt, sched=sched, scaler=None, ema=None,
-                      normalize=norm, cfg=cfg, state=state, device=dev, dtype=None, on_step=on_step,
-                      guard=T._SignalGuard())
+    with dist.SignalGuard() as guard:
+        T.train_one_epoch(model, b, epoch_order(len(splits.train), 0, 0), opt=opt, sched=sched, scaler=None,
+                          ema=None, normalize=norm, cfg=cfg, state=state, device=dev, dtype=None, on_step=on_step,
+                          guard=guard)
     return batches * batch / (marks[batches + 3] - marks[3])
 
 

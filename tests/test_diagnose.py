@@ -63,6 +63,19 @@ def test_no_overfitting_when_validation_keeps_improving_or_is_flat_noise():
     assert false <= 3  # pure noise around a plateau: at most a rare false alarm
 
 
+def test_jump_then_plateau_is_overfitting():
+    # a real digits run (60 images, no regularisation): val loss bottoms at epoch 6, jumps, then settles
+    # well above its minimum while train loss goes to ~0; the fitted line is flat, the curve never comes back
+    v = [2.101, 1.682, 1.105, 0.815, 0.587, 0.493, 0.693, 0.727, 0.89, 0.707, 0.587, 0.6, 0.622, 0.643, 0.654,
+         0.658, 0.657, 0.656, 0.654, 0.653, 0.651, 0.65, 0.649, 0.647, 0.646, 0.646, 0.645, 0.646, 0.646, 0.647]
+    e = np.arange(1, 31)
+    h = {"epoch": e, "val_loss": np.array(v), "train_loss": 2.2 * np.exp(-(e - 1) / 2.0)}
+    o = dg.overfitting_onset(h)
+    assert o is not None and o["epoch"] == 6
+    h["val_loss"][12] = 0.495  # ...but a curve that comes back to its minimum is not called overfitting
+    assert dg.overfitting_onset(h) is None or dg.overfitting_onset(h)["epoch"] != 6
+
+
 def test_onset_needs_epochs_after_it_and_finite_values():
     h = _overfit_history(12, 5, 0.0, 0)
     short = {k: v[:6] for k, v in h.items()}  # the minimum is the last-but-one epoch

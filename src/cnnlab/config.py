@@ -101,7 +101,7 @@ class TrainConfig:
     limit_batches: int | None = None  # debugging: at most this many batches per epoch
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC: 5-90% faster for every zoo net on this CPU (benchmarks/throughput.py)
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); None = off
     tta_flip: bool = False  # average logits of the image and its mirror at evaluation
     deterministic: bool = False

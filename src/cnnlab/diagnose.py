@@ -72,8 +72,9 @@ def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
          residuals from a local quadratic fit, skipping the steep first epochs),
          (a) v rises beyond noise: the mean of the last (up to 3) epochs exceeds the 3-epoch mean around
              the onset by > margin,
-             and so does the rise of a least-squares line fitted to v from the onset on (a trend, not
-             one noisy epoch);
+             and it is a trend, not one noisy epoch: either a least-squares line fitted to v from the
+             onset on rises by > margin, or v never comes back: every epoch from onset + 2 on stays
+             above v[onset] + margin (the jump-then-plateau shape of a model that memorised its data);
          (b) the gap keeps widening: its least-squares slope after the onset is positive and its
              mean over the last epochs exceeds g[onset] by > margin;
          (c) the training loss has not risen (rising training loss is instability, not overfitting).
@@ -101,7 +102,8 @@ def overfitting_onset(history: dict, *, min_after: int = 2) -> dict | None:
     x = np.arange(after + 1)
     v_slope, gap_slope = np.polyfit(x, v[k:], 1)[0], np.polyfit(x, g[k:], 1)[0]
     # measured from the 3-epoch mean around the minimum, not the minimum itself, which is biased low by noise
-    rises = v_end - sv[k] > margin and v_slope * after > margin
+    stays_up = after >= 2 and bool(np.all(v[k + 2:] > v[k] + margin))
+    rises = v_end - sv[k] > margin and (v_slope * after > margin or stays_up)
     widens = gap_slope > 0 and g_end - g[k] > margin
     train_ok = t_end <= t[k] + max(noise, 1e-6)
     if not (rises and widens and train_ok):
