@@ -2,7 +2,9 @@
 CIFAR-10 training zip (45,000 train / 5,000 val), against the plain pipeline training the four-conv
 net to its best, both measured in this run.
 
-    python benchmarks/time_to_accuracy.py [--fast-epochs 10] [--plain-epochs 15] [--skip-plain]
+    python benchmarks/time_to_accuracy.py [--fast-epochs 10] [--plain-epochs 15] [--skip-plain] [KEY=VALUE ...]
+
+KEY=VALUE overrides go to the fast recipe, e.g. "model.options.widths=[32,128,128]" for a narrower net.
 
 Time counts training and the per-epoch validation, not the one-off JPEG decode (cached on disk
 after the first run) — the plain pipeline's decode is inside its epochs, as it is for its users.
@@ -28,12 +30,12 @@ def first_reach(rows: list[tuple[float, float]]) -> dict:
     return {t: next((s for s, a in rows if a >= t), None) for t in TARGETS}
 
 
-def run_fast(epochs: int, out: str) -> list[tuple[float, float]]:
+def run_fast(epochs: int, out: str, overrides: list[str]) -> list[tuple[float, float]]:
     import cnnlab
 
     run = cnnlab.train(ROOT / "examples" / "cifar10-fast.yaml",
                        ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000", f"train.epochs={epochs}",
-                        f"output.dir={out}", "output.report=false", "train.progress=lines"])
+                        f"output.dir={out}", "output.report=false", "train.progress=lines", *overrides])
     total, rows = 0.0, []
     with open(run.dir / "history.csv") as f:
         for r in csv.DictReader(f):
@@ -91,12 +93,15 @@ def main() -> None:
     ap.add_argument("--plain-epochs", type=int, default=15)
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--out", default="/tmp/cnnlab-bench")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of examples/cifar10-fast.yaml")
     a = ap.parse_args()
     print(f"machine: {machine()}")
-    fast = run_fast(a.fast_epochs, a.out)
+    fast = run_fast(a.fast_epochs, a.out, a.overrides)
     reach = first_reach(fast)
     for t, s in reach.items():
         print(f"cnnlab fast recipe: {t:.0%} val acc " + (f"after {s:.0f} s" if s else "not reached"))
+    print(f"cnnlab fast recipe ({a.fast_epochs} epochs{', ' + ' '.join(a.overrides) if a.overrides else ''}): "
+          f"history in {a.out}")
     print(f"cnnlab fast recipe: best {max(a for _, a in fast):.4f} in {fast[-1][0]:.0f} s")
     if not a.skip_plain:
         plain = run_plain(a.plain_epochs)

@@ -29,9 +29,10 @@ def _train(args) -> int:
         study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
                         executor=executor, address=args.ray_address)
         return 0
-    from cnnlab import experiment
+    from cnnlab import dist, experiment
 
     experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
+    dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 
 
