@@ -18,15 +18,6 @@ from cnnlab import diagnose as dg
 from cnnlab import metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a busy 2-core machine, 20x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _overfit_history(n: int, vmin: int, noise: float, seed: int) -> dict:
     """Training loss falls throughout; validation loss falls, bottoms out near epoch `vmin`, then climbs."""
     rng = np.random.default_rng(seed)

@@ -298,14 +298,15 @@ def _ckpt_obj(scale: float = 1.0) -> dict:
     return {"model": {"w": torch.full((256, 1024), scale)}, "state": {"step": 1}}  # 1 MiB of tensor
 
 
+class Payload:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle me")
+
+
 def test_unpicklable_object_is_refused_and_previous_checkpoint_kept(tmp_path):
     path = tmp_path / "last.pt"
     ckpt.atomic_save(_ckpt_obj(), path)
     digest = sha256(path)
-
-    class Payload:
-        def __reduce__(self):
-            raise RuntimeError("cannot pickle me")
 
     with pytest.raises(ckpt.CheckpointError, match="Payload"):  # refused before a byte is written
         ckpt.atomic_save({**_ckpt_obj(2.0), "extra": Payload()}, path)
@@ -316,10 +317,6 @@ def test_save_failing_while_pickling_leaves_previous_checkpoint(tmp_path, monkey
     path = tmp_path / "last.pt"
     ckpt.atomic_save(_ckpt_obj(), path)
     digest = sha256(path)
-
-    class Payload:
-        def __reduce__(self):
-            raise RuntimeError("cannot pickle me")
 
     monkeypatch.setattr(ckpt, "check_plain", lambda obj, where="": None)  # let it reach the pickler
     with pytest.raises(ckpt.CheckpointError, match="cannot pickle me"):

@@ -24,15 +24,6 @@ LAYERS = [{"conv": {"out": 8, "k": 3, "padding": 1}}, "relu", {"maxpool": 2},
           {"conv": {"out": 16, "k": 3, "padding": 1}}, "relu", "flatten", {"linear": 32}, "relu", {"linear": "classes"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and on a busy 2-core machine, 20x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _digits():
     from sklearn.datasets import load_digits
 

@@ -39,6 +39,16 @@ def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
     return fig
 
 
+def _forward_with_hooks(model: torch.nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One no-grad forward pass of x with the given (already registered) hooks, removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def conv_stages(model: torch.nn.Module, x: torch.Tensor, *, max_stages: int = 6) -> list[tuple[str, torch.Tensor]]:
     """Activations after each conv stage for input x (1, C, H, W).
 
@@ -48,7 +58,6 @@ def conv_stages(model: torch.nn.Module, x: torch.Tensor, *, max_stages: int = 6)
     """
     names = {m: n for n, m in model.named_modules()}
     stages: list[list] = []
-    hooks = []
 
     def hook(mod, _inp, out):
         if not isinstance(out, torch.Tensor) or out.ndim != 4 or len(list(mod.children())):
@@ -58,14 +67,7 @@ def conv_stages(model: torch.nn.Module, x: torch.Tensor, *, max_stages: int = 6)
         elif stages and out.shape == stages[-1][1].shape:
             stages[-1][1] = out.detach()
 
-    for m in model.modules():
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, x, [m.register_forward_hook(hook) for m in model.modules()])
     out = [(n, t[0].clone()) for n, t in stages]
     if len(out) > max_stages:
         last_per_res = {}
@@ -108,14 +110,8 @@ def layer_label(model: torch.nn.Module, name: str) -> str:
 def cam_layer(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, torch.nn.Module] | None:
     """The last Conv2d (in execution order) whose output is larger than 1x1: Grad-CAM's target layer."""
     seen: list = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, mod, tuple(o.shape))))
-             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, x, [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, mod, tuple(o.shape))))
+                                   for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)])
     ok = [(n, m) for n, m, shape in seen if shape[-1] * shape[-2] > 1]
     return ok[-1] if ok else None
 
