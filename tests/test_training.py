@@ -185,3 +185,23 @@ def test_ranks_split_each_global_batch_and_resume_mid_epoch():
     assert all(torch.equal(a, b) for a, b in zip(resumed, one[2:], strict=True))
     b = Batches(s, rank=1, world=2, **kw)
     assert [b.global_size(i, 23) for i in range(5)] == [5, 5, 5, 5, 3] and b.local_offset(0) == 3
+
+
+def test_progress_lines_in_long_epochs_with_eta(capsys, monkeypatch):
+    from cnnlab import training as T
+
+    clock = iter(range(0, 10_000, 10))  # 10 s between calls
+    monkeypatch.setattr(T.time, "perf_counter", lambda: float(next(clock)))
+    p = T.Progress("lines", total_steps=100, epochs=2, every_s=30)
+    for step in range(0, 8):
+        p.step(step, 0.5)
+    p.epoch({"epoch": 1, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.6, "val_acc": 0.8, "lr": 0.1,
+             "seconds": 70.0})
+    out = capsys.readouterr().out.splitlines()
+    steps = [line for line in out if line.strip().startswith("step")]
+    # the clock reads 0 at start, 10 at step 0, 30 at step 2: 10 s a step, 98 steps to go; then every 30 s
+    assert [line.strip() for line in steps] == ["step 2/100  loss 0.5000  ETA 16m20s",
+                                                "step 5/100  loss 0.5000  ETA 15m50s"]
+    assert out[-1].startswith("epoch   1/2")
+    T.Progress("off", 100, 2, every_s=0).step(5, 0.1)
+    assert capsys.readouterr().out == ""

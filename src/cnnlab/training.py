@@ -269,21 +269,32 @@ def _fmt(v):
 
 
 class Progress:
-    """A tqdm bar with ETA on a terminal, plain periodic lines otherwise (CI logs, files)."""
+    """A tqdm bar with ETA on a terminal; otherwise (CI logs, files) a line per epoch and, in long
+    epochs, a line with the step, loss and ETA every `every_s` seconds."""
 
-    def __init__(self, mode: str, total_steps: int, epochs: int):
+    def __init__(self, mode: str, total_steps: int, epochs: int, every_s: float = 30.0):
         self.bar = None
         self.enabled = mode != "off" and dist.is_main()
         if self.enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
-        self.epochs = epochs
+        self.epochs, self.total, self.every_s = epochs, total_steps, every_s
+        self.start: tuple[float, int] | None = None  # (time, step) of the first step seen (resume-aware ETA)
+        self.last_line = time.perf_counter()
 
     def step(self, n: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(n - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            return
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, n)
+        if self.enabled and now - self.last_line >= self.every_s and n > self.start[1]:
+            eta = (now - self.start[0]) / (n - self.start[1]) * (self.total - n)
+            print(f"  step {n}/{self.total}  loss {loss:.4f}  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            self.last_line = now
 
     def epoch(self, row: dict) -> None:
         if not self.enabled:
@@ -294,6 +305,7 @@ class Progress:
             self.bar.write(line)
         else:
             print(line, flush=True)
+            self.last_line = time.perf_counter()
 
     def close(self) -> None:
         if self.bar is not None:
