@@ -94,8 +94,8 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
     key = _file_key(files, channels, size)
     path = cache_dir() / "decoded" / f"{key}.pt"
     if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
+        try:  # memory-mapped: no copy on load, and parallel runs (a study's --jobs) share the page cache
+            return torch.load(path, weights_only=True, mmap=True)
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             path.unlink(missing_ok=True)
     if size is None:
@@ -234,6 +234,10 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         elif memory:
             sets[k] = ImageSet(labels=s.labels, classes=s.classes, ids=s.ids,
                                images=decode_all(s.files, channels, d.image_size))
+    if memory:
+        from cnnlab.data.base import _open_zip
+
+        _open_zip.cache_clear()  # the archive's member index (~1 KB a file) is not needed once decoded
     train = sets["train"]
     if train.images is not None:
         size = int(train.images.shape[-1])
