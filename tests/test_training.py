@@ -188,11 +188,11 @@ def test_ranks_split_each_global_batch_and_resume_mid_epoch():
 
 
 def test_progress_lines_in_long_epochs_with_eta(capsys, monkeypatch):
-    from cnnlab import training as T
+    from cnnlab import runlog as R
 
     clock = iter(range(0, 10_000, 10))  # 10 s between calls
-    monkeypatch.setattr(T.time, "perf_counter", lambda: float(next(clock)))
-    p = T.Progress("lines", total_steps=100, epochs=2, every_s=30)
+    monkeypatch.setattr(R.time, "perf_counter", lambda: float(next(clock)))
+    p = R.Progress("lines", total_steps=100, epochs=2, every_s=30)
     for step in range(0, 8):
         p.step(step, 0.5)
     p.epoch({"epoch": 1, "train_loss": 0.5, "train_acc": 0.9, "val_loss": 0.6, "val_acc": 0.8, "lr": 0.1,
@@ -203,5 +203,5 @@ def test_progress_lines_in_long_epochs_with_eta(capsys, monkeypatch):
     assert [line.strip() for line in steps] == ["step 2/100  loss 0.5000  ETA 16m20s",
                                                 "step 5/100  loss 0.5000  ETA 15m50s"]
     assert out[-1].startswith("epoch   1/2")
-    T.Progress("off", 100, 2, every_s=0).step(5, 0.1)
+    R.Progress("off", 100, 2, every_s=0).step(5, 0.1)
     assert capsys.readouterr().out == ""

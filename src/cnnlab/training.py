@@ -16,7 +16,6 @@ GPUs; on CPU/gloo each rank normalises with its own slice's statistics).
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab import checkpoint as ckpt
-from cnnlab import dist
+from cnnlab import dist, runlog
 from cnnlab.config import Config
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
@@ -255,63 +254,6 @@ def build_for(cfg: Config, splits: Splits) -> nn.Module:
     return build_model(cfg.model, num_classes=len(splits.classes), in_channels=splits.channels, input_size=splits.size)
 
 
-def _csv_append(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-class Progress:
-    """A tqdm bar with ETA on a terminal; otherwise (CI logs, files) a line per epoch and, in long
-    epochs, a line with the step, loss and ETA every `every_s` seconds."""
-
-    def __init__(self, mode: str, total_steps: int, epochs: int, every_s: float = 30.0):
-        self.bar = None
-        self.enabled = mode != "off" and dist.is_main()
-        if self.enabled and (mode == "bar" or (mode == "auto" and sys.stderr.isatty())):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
-        self.epochs, self.total, self.every_s = epochs, total_steps, every_s
-        self.start: tuple[float, int] | None = None  # (time, step) of the first step seen (resume-aware ETA)
-        self.last_line = time.perf_counter()
-
-    def step(self, n: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(n - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            return
-        now = time.perf_counter()
-        if self.start is None:
-            self.start = (now, n)
-        if self.enabled and now - self.last_line >= self.every_s and n > self.start[1]:
-            eta = (now - self.start[0]) / (n - self.start[1]) * (self.total - n)
-            print(f"  step {n}/{self.total}  loss {loss:.4f}  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            self.last_line = now
-
-    def epoch(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        line = (f"epoch {row['epoch']:>3}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.3g}  {row['seconds']:.1f}s")
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-            self.last_line = time.perf_counter()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
     """About how many bytes checkpoints/best.pt and last.pt take together: each holds the model and the
     optimizer state (~3x the parameter bytes with Adam's two moments; +1x with EMA)."""
@@ -391,14 +333,14 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                 ema.load_state_dict(c["ema"])
             state = State(**c["state"])
             ckpt.set_rng_state(c["rng"])
-        _truncate_logs(run_dir, state)  # rows written after the checkpoint are written again
+        runlog.truncate_after(run_dir, state)  # rows written after the checkpoint are written again
     train_model = model
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         train_model = torch.compile(train_model)
 
-    progress = Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
+    progress = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
     tb = TBLogger(run_dir / "tensorboard") if main and cfg.output.tensorboard else None
     progress.step(state.step, float("nan"))
     saved_at = None  # (epoch, step) of the last write of last.pt
@@ -418,8 +360,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         clock[0] = now
         progress.step(step, loss)
         if main and step % t.log_every == 0:
-            _csv_append(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1, "loss": _fmt(loss),
-                                                "lr": _fmt(opt.param_groups[0]["lr"])})
+            runlog.append_row(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1, "loss": runlog.fmt(loss),
+                                                      "lr": runlog.fmt(opt.param_groups[0]["lr"])})
             if tb is not None:
                 tb.scalars({"step/loss": loss, "step/lr": opt.param_groups[0]["lr"]}, step)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
@@ -457,7 +399,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                     if t.early_stop.patience is not None and state.bad_epochs >= t.early_stop.patience:
                         state.stopped_early = True
                 if main:
-                    _csv_append(run_dir / "history.csv", {k: _fmt(v) for k, v in row.items()})
+                    runlog.append_row(run_dir / "history.csv", {k: runlog.fmt(v) for k, v in row.items()})
                     if tb is not None:
                         tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, state.epoch)
                 save_last()
@@ -479,38 +421,3 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
               f"{t.early_stop.patience} epochs (best epoch {state.best_epoch})", flush=True)
     return model, state
-
-
-def _truncate_logs(run_dir: Path, state: State) -> None:
-    """On resume, drop log rows written after the checkpoint (they will be written again), and any
-    row a kill cut short."""
-    if not dist.is_main():
-        return
-    for name, key, limit in (("history.csv", "epoch", state.epoch), ("steps.csv", "step", state.step)):
-        path = run_dir / name
-        if not path.exists():
-            continue
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields, rows = reader.fieldnames, list(reader)
-        if not fields or key not in fields:  # no usable header: start the file again
-            path.unlink()
-            continue
-        keep = [r for r in rows if _row_ok(r, key, limit)]
-        if len(keep) == len(rows) and path.read_bytes().endswith(b"\n"):
-            continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()  # even with no rows left: later rows are appended under it
-            w.writerows(keep)
-        os.replace(tmp, path)
-
-
-def _row_ok(row: dict, key: str, limit: int) -> bool:
-    if None in row or any(v in (None, "") for v in row.values()):
-        return False
-    try:
-        return int(row[key]) <= limit
-    except ValueError:
-        return False
