@@ -255,3 +255,65 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(ru
     assert (run_dir / "metrics.json").read_bytes() == (two / "ddp/metrics.json").read_bytes()
     a, b = ckpt.load(last)["model"], ckpt.load(two / "ddp/checkpoints/last.pt")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+SPY = '''
+"""Test-only plugin: records which rank decodes a data set into the cache, then runs the cnnlab CLI."""
+import os
+import sys
+import time
+
+from cnnlab.data import pipeline
+
+_decode_all = pipeline.decode_all
+
+
+def log(what):
+    with open(os.environ["SPY_LOG"], "a") as f:
+        f.write(f"rank {os.environ.get('RANK', 0)} {what}\\n")
+
+
+def spy(files, *args, **kw):
+    log("enters")
+    if os.environ.get("RANK") == "0":
+        time.sleep(1.0)  # a slow decode: a rank not made to wait would enter meanwhile
+    out = _decode_all(files, *args, **kw)
+    log("leaves")
+    return out
+
+
+pipeline.decode_all = spy
+if __name__ == "__main__":
+    from cnnlab.cli import main
+    sys.exit(main())
+'''
+
+
+def test_one_process_per_node_decodes_and_caches_the_data(tmp_path):
+    """Both ranks need the decoded images; the node's first process decodes and writes the cache while the
+    other waits, then reads the cache (no two processes writing the same file, or downloading it)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "ds" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "ds" / c / f"{i}.png")
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    cfg = write_config(tmp_path, **{"data.name": "folder", "data.root": str(tmp_path / "ds"), "data.val_split": 8,
+                                    "data.test_split": None, "train.epochs": 1, "train.checkpoint_every_steps": None})
+    os.environ["SPY_LOG"] = str(tmp_path / "spy.log")
+    os.environ["CNNLAB_CACHE"], old_cache = str(tmp_path / "cache"), os.environ.get("CNNLAB_CACHE")
+    try:
+        r, _ = torchrun([str(spy), "train", str(cfg)])
+    finally:
+        del os.environ["SPY_LOG"]
+        os.environ["CNNLAB_CACHE"] = old_cache
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls = (tmp_path / "spy.log").read_text().splitlines()
+    # each rank asks for its train and val images; rank 1 only after rank 0 has decoded and cached both
+    assert calls[:4] == ["rank 0 enters", "rank 0 leaves"] * 2 and sorted(calls[4:]) == ["rank 1 enters"] * 2 + [
+        "rank 1 leaves"] * 2, calls
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2  # train and val, each written once

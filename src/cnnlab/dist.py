@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -102,6 +103,21 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def local_main_first():
+    """The body runs in each node's first process (LOCAL_RANK 0) before the others, which wait and then
+    find its downloads and decoded caches in place: one writer per node, no two processes downloading
+    the same archive (the pattern of torchvision's references)."""
+    first = world()[1] == 0
+    if active() and not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if active() and first:
+            barrier()
 
 
 def shutdown() -> None:

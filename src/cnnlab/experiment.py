@@ -153,7 +153,8 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
         run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
 
     cfg = with_weight_defaults(cfg)
-    splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+    with dist.local_main_first():  # downloads and the decoded cache: written once per node
+        splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     main = dist.is_main()
     t_start = time.perf_counter()
     if main:
