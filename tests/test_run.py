@@ -97,3 +97,4 @@ def test_unknown_dataset_root_is_a_clear_error(tmp_path):
                         f"data.root={tmp_path}/nope", f"output.dir={tmp_path}/runs"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "nope" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder left

@@ -150,6 +150,9 @@ def test_single_runs_use_mcnemar_and_compare_cli_agrees(tmp_path, capsys):
     assert c2["name"] == "slow" and c2["p"] == pytest.approx(slow["p"]) and c2["p_holm"] == pytest.approx(slow["p"])
     assert "slow: " in capsys.readouterr().out and (out / "study.html").is_file()
     assert cli.main(["compare", str(tmp_path / "nothing")]) == 2
+    # without --out: beside the runs, never in the working directory
+    assert cli.main(["compare", str(root / "slow"), str(root / "main")]) == 0
+    assert (root / "comparison-slow-vs-main" / "study.html").is_file() and not Path("comparison").exists()
 
 
 def test_failed_variation_is_reported_and_the_others_finish(tmp_path, monkeypatch, capsys):

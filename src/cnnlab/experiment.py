@@ -142,19 +142,17 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
 
     T.configure_determinism(cfg)  # before any CUDA work (CUBLAS_WORKSPACE_CONFIG)
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-    elif dist.is_main():
-        run_dir = new_run_dir(cfg)
-    else:
-        run_dir = None
     if dist.world()[2] > 1:
         dist.init(T.pick_device(cfg.train.device))
-        run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
-
     cfg = with_weight_defaults(cfg)
     with dist.local_main_first():  # downloads and the decoded cache: written once per node
         splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+    # the run folder only once the data is there: a missing or broken data set leaves no empty folder
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = new_run_dir(cfg) if dist.is_main() else None
+        run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
     main = dist.is_main()
     t_start = time.perf_counter()
     if main:

@@ -56,7 +56,7 @@ figcaption{color:var(--muted);font-size:13.5px;margin-top:10px}
 figcaption b{color:var(--ink2)}
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px;align-items:start;
 margin-bottom:16px}
-.grid2>.card{margin:0}.split{display:grid;grid-template-columns:minmax(0,2fr) minmax(0,3fr);gap:16px}
+.grid2>.card{margin:0}.split{display:grid;grid-template-columns:repeat(auto-fit,minmax(540px,1fr));gap:16px}
 table{border-collapse:collapse;width:100%;font-size:13.5px;font-variant-numeric:tabular-nums}
 th{text-align:left;font-size:11.5px;letter-spacing:.05em;text-transform:uppercase;color:var(--muted);
 font-weight:700;border-bottom:2px solid var(--line);padding:7px 10px;background:#fff;position:sticky;top:0;
@@ -196,7 +196,7 @@ def per_class_rows(ctx: dict) -> list[dict]:
         row = cm[i].copy()
         row[i] = 0
         j = int(np.argmax(row))
-        conf = f"{names[j]} ({_pct(row[j] / r['support'])})" if row[j] > 0 and r["support"] else "–"
+        conf = f"'{names[j]}': {row[j]:,} ({_pct(row[j] / r['support'])})" if row[j] > 0 and r["support"] else "–"
         out.append({**r, "correct": int(cm[i, i]), "confused": conf, "flagged": r["name"] in flagged})
     return sorted(out, key=lambda r: (r["accuracy"], r["index"]))
 

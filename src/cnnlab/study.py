@@ -424,7 +424,7 @@ def register(subparsers) -> None:
                                           "(their variations, with seeds): study.html, study.md, comparison.json.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders and/or study folders")
     c.add_argument("--out", help="where to write the comparison (default: the study folder when one study is "
-                                 "given, else ./comparison)")
+                                 "given, else comparison-A-vs-B beside the runs)")
     c.add_argument("--baseline", help="the variation the others are tested against (default: the first)")
     c.set_defaults(func=_compare_cli)
 

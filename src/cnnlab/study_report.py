@@ -445,6 +445,20 @@ def _plain(o):
     return o
 
 
+def default_out(paths: list[Path]) -> Path:
+    """Beside the runs, not in the working directory: runs/a + runs/b -> runs/comparison-a-vs-b."""
+    import os
+
+    parents = [p.resolve().parent for p in paths]
+    base = Path(os.path.commonpath(parents))
+    try:
+        base = base.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    name = "comparison-" + "-vs-".join(p.resolve().name for p in paths)
+    return base / (name if len(name) <= 80 else name[:80].rstrip("-"))
+
+
 def compare(paths, *, out: str | Path | None = None, baseline: str | None = None, say=None) -> Path:
     """Compare run/study folders; writes comparison.json, study.html, study.md and the PNGs under `out`."""
     paths = [Path(p) for p in paths]
@@ -452,7 +466,7 @@ def compare(paths, *, out: str | Path | None = None, baseline: str | None = None
     if not groups:
         raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))}")
     one_study = len(paths) == 1 and (paths[0] / "study.json").is_file()
-    out = Path(out) if out else paths[0] if one_study else Path("comparison")
+    out = Path(out) if out else paths[0] if one_study else default_out(paths)
     out.mkdir(parents=True, exist_ok=True)
     res = analyze(groups, baseline or study_base)
     title = paths[0].name if one_study else "comparison"
