@@ -73,9 +73,10 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
     sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=1, steps_per_epoch=batches + 3)
     dev = torch.device("cpu")
     b = Batches(splits.train, batch_size=batch, device=dev, channels=3, size=32, drop_last=True)
-    if cfg.train.channels_last:  # as training.fit does (the default)
+    channels_last = T.use_channels_last(cfg, model, dev)  # as training.fit does
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    norm = Normalizer(splits.mean, splits.std, dev, cfg.train.channels_last)
+    norm = Normalizer(splits.mean, splits.std, dev, channels_last)
     state = T.State()
     marks = {}
 

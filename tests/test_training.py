@@ -205,3 +205,30 @@ def test_progress_lines_in_long_epochs_with_eta(capsys, monkeypatch):
     assert out[-1].startswith("epoch   1/2")
     R.Progress("off", 100, 2, every_s=0).step(5, 0.1)
     assert capsys.readouterr().out == ""
+
+
+def test_channels_last_auto_follows_the_measured_rule(tmp_path):
+    from cnnlab import config as C
+    from cnnlab import training as T
+    from cnnlab.models import build_model
+
+    def net(name, c, s):
+        return build_model(C.load(None, [f"model.name={name}"]).model, num_classes=10, in_channels=c, input_size=s)
+
+    lenet, conv4, cpu = net("lenet5", 1, 28), net("cifar_convnet", 3, 32), torch.device("cpu")
+    auto = C.load(None)
+    assert auto.train.channels_last == "auto"
+    assert not T.use_channels_last(auto, lenet, cpu)  # widest conv 16: NCHW (2x faster with batch norm)
+    assert T.use_channels_last(auto, conv4, cpu) and T.use_channels_last(auto, lenet, torch.device("cuda"))
+    assert not T.use_channels_last(auto, nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), cpu)
+    on, off = C.load(None, ["train.channels_last=true"]), C.load(None, ["train.channels_last=off"])
+    assert on.train.channels_last == "on" and T.use_channels_last(on, lenet, cpu)  # older configs said true
+    assert not T.use_channels_last(off, conv4, cpu)
+    with pytest.raises(C.ConfigError, match="train.channels_last"):
+        C.load(None, ["train.channels_last=sometimes"])
+    # the run's final evaluation and `cnnlab eval` use the layout the model trained in: the same logits
+    code, run = train(tmp_path, "train.channels_last=on", "train.epochs=1")
+    assert code == 0 and cli.main(["eval", str(run)]) == 0
+    first = np.load(run / "predictions.npz")["logits"]
+    again = np.load(run / "evals" / "1" / "predictions.npz")["logits"]
+    np.testing.assert_array_equal(first, again)

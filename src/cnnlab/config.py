@@ -101,7 +101,10 @@ class TrainConfig:
     limit_batches: int | None = None  # debugging: at most this many batches per epoch
     amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
     compile: bool = False
-    channels_last: bool = True  # NHWC: 5-90% faster for every zoo net on this CPU (benchmarks/throughput.py)
+    # NHWC memory format: auto | on | off. auto = on where it is faster: on CUDA for any conv net; on CPU
+    # when the widest conv has >= 32 channels (1.1-1.9x faster here); narrower nets such as LeNet-5 stay NCHW
+    # (with batch norm 2x faster: PyTorch's CPU batch norm is 2-3x slower in NHWC).
+    channels_last: str = "auto"
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); None = off
     tta_flip: bool = False  # average logits of the image and its mirror at evaluation
     deterministic: bool = False
@@ -412,6 +415,7 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
            t.checkpoint_every_steps, "must be > 0")
     _check_choice("train.progress", t.progress, ["auto", "bar", "lines", "off"])
+    _check_choice("train.channels_last", t.channels_last, ["auto", "on", "off"])
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
     _check(cfg.repeats > 0, "repeats", cfg.repeats, "must be > 0")
     for name, ov in cfg.variations.items():

@@ -14,7 +14,6 @@ from cnnlab import config as C
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
     from cnnlab import experiment, training
-    from cnnlab.data.loader import Batches, Normalizer
     from cnnlab.data.pipeline import prepare
     from cnnlab.metrics import summary
 
@@ -32,14 +31,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     if splits.classes != saved["classes"]:
         raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
     c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
-    model = training.build_for(cfg, splits)
-    model.load_state_dict(c["model"])
     device = training.pick_device(cfg.train.device)
-    model.to(device)
-    b = Batches(splits.eval_set, batch_size=cfg.train.eval_batch_size, device=device, channels=splits.channels,
-                size=splits.size)
-    logits, targets = training.evaluate(model, b, Normalizer(splits.mean, splits.std, device), device=device,
-                                        dtype=training.amp_dtype(cfg, device), tta_flip=cfg.train.tta_flip)
+    logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)
     n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])

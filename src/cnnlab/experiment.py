@@ -176,15 +176,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
 
     # evaluate the best checkpoint on the test split (val where there is none)
     best = ckpt.load(run_dir / "checkpoints" / "best.pt") if (run_dir / "checkpoints" / "best.pt").exists() else None
-    eval_model = T.build_for(cfg, splits)
-    eval_model.load_state_dict(best["model"] if best else T._unwrap(model).state_dict())
-    eval_model.to(device)
-    from cnnlab.data.loader import Batches, Normalizer
-
-    b = Batches(splits.eval_set, batch_size=cfg.train.eval_batch_size, device=device, channels=splits.channels,
-                size=splits.size, num_workers=cfg.data.num_workers)
-    logits, targets = T.evaluate(eval_model, b, Normalizer(splits.mean, splits.std, device, cfg.train.channels_last),
-                                 device=device, dtype=T.amp_dtype(cfg, device), tta_flip=cfg.train.tta_flip)
+    logits, targets = T.evaluate_weights(cfg, splits, best["model"] if best else T._unwrap(model).state_dict(), device)
     metrics = {}
     if main:
         save_predictions(run_dir, splits, logits, targets, cfg.train.seed)
