@@ -216,6 +216,9 @@ def sentence(name: str, base: str, diff: float, t: dict, m: int, gstats: dict) -
                   f"(unpaired: the seeds differ; t = {t['statistic']:.2f}).")
     if m > 1:
         detail += f" Holm-corrected for the {m} comparisons against {base} (uncorrected {fmt_p(t['p'])})."
+    if t["test"] == "mcnemar":  # one trained model each: training's own seed-to-seed spread is not in the test
+        detail += (" This compares these two trained models; another seed can move either by a few tenths of a "
+                   "point, so for a claim about the setting itself add `repeats: 3` or more (a t-test over seeds).")
     return {"head": head, "detail": detail}
 
 
