@@ -317,3 +317,22 @@ def test_one_process_per_node_decodes_and_caches_the_data(tmp_path):
     assert calls[:4] == ["rank 0 enters", "rank 0 leaves"] * 2 and sorted(calls[4:]) == ["rank 1 enters"] * 2 + [
         "rank 1 leaves"] * 2, calls
     assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2  # train and val, each written once
+
+
+def test_a_study_under_torchrun_trains_each_run_on_both_processes(tmp_path):
+    """Rank 0 plans, locks and writes the study files; every run is trained by both ranks together."""
+    path = write_config(tmp_path, **{"output.name": "ddp-study", "train.epochs": 1})
+    tree = yaml.safe_load(path.read_text())
+    tree["variations"] = {"main": {}, "fast": {"optim.lr": 0.1}}
+    path.write_text(yaml.safe_dump(tree))
+    r, _ = torchrun(["-m", "cnnlab", "train", str(path)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    root = tmp_path / "runs" / "ddp-study"
+    study = json.loads((root / "study.json").read_text())
+    assert study["complete"] and sorted(p.name for p in root.iterdir() if p.is_dir()) == ["fast", "main", "plots"]
+    for name in ("main", "fast"):
+        assert json.loads((root / name / "env.json").read_text())["world_size"] == 2
+        assert len(rows(root / name / "history.csv")) == 1  # written once, by rank 0
+    assert (root / "study.html").is_file() and r.stdout.count("study report:") == 1
+    r, _ = torchrun(["-m", "cnnlab", "train", str(path), "--jobs", "2"])
+    assert r.returncode == 2 and "under torchrun a study trains its runs one after another" in r.stderr

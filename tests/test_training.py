@@ -87,7 +87,8 @@ FIRED: set = set()
 class SignalAt(nn.Module):
     def __init__(self, num_classes, in_channels, input_size, at, sig):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2),
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                 nn.Dropout(0.2),
                                  nn.Linear(8 * input_size * input_size, num_classes))
         self.at, self.sig, self.calls = at, sig, 0
 
@@ -136,6 +137,52 @@ def test_resume_after_a_signal_restores_everything(tmp_path, capsys):
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     assert {k: v for k, v in a["state"].items() if k != "history"} == \
         {k: v for k, v in b["state"].items() if k != "history"} | {"epoch_seconds": a["state"]["epoch_seconds"]}
+
+
+def test_resume_with_lookahead_and_norm_lr_scale_is_exact(tmp_path, capsys):
+    """airbench's lookahead (its average is part of last.pt) and the batch-norm learning-rate group survive
+    a stop mid-epoch 3, after the averaging has started: the same weights, average and history."""
+    opts = ["model.name=planted_signal", "model.layers=null", "train.epochs=3", "train.lookahead=true",
+            "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.85", "optim.nesterov=true", "optim.norm_lr_scale=16",
+            "schedule.name=onecycle", "train.checkpoint_every_steps=4"]
+    rc, ref = train(tmp_path, *opts, name="ref")
+    assert rc == 0
+    steps = 1222 // 64
+    rc, run = train(tmp_path, *opts, f"model.options.at={2 * steps + 7}", name="run")
+    assert rc == 143
+    stopped = ckpt.load(run / "checkpoints/last.pt")
+    assert stopped["state"]["step"] == 2 * steps + 7 and stopped["lookahead"] is not None  # averaging under way
+    assert len(stopped["optimizer"]["param_groups"]) == 3  # weights, biases, batch norm (x16)
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert history(run) == history(ref)
+    a, b = ckpt.load(run / "checkpoints/last.pt"), ckpt.load(ref / "checkpoints/last.pt")
+    for part in ("model", "lookahead"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert all(torch.equal(a["model"][k], a["lookahead"][k]) for k in a["lookahead"])  # copied back at the epoch end
+
+
+def test_lookahead_averages_after_its_start_and_copies_back():
+    from cnnlab.optim import Lookahead
+
+    m = nn.Linear(2, 1, bias=False)
+    la = Lookahead(total_steps=100, start=0.3, every=5)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    la.step(m, 25)  # before 30% of training: nothing
+    assert la.state_dict() is None
+    la.step(m, 30)  # starts: the average is the current weights
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+    la.step(m, 33)  # not a multiple of `every`
+    assert torch.equal(m.weight, torch.full((1, 2), 3.0))
+    la.step(m, 35)
+    rho = 0.95 ** 5 * 0.35 ** 3
+    expect = 1.0 + (3.0 - 1.0) * (1 - rho)
+    assert torch.allclose(m.weight, torch.full((1, 2), expect)) and torch.allclose(la.state_dict()["weight"], m.weight)
+    with torch.no_grad():
+        m.weight.fill_(-7.0)
+    la.end_epoch(m)
+    assert torch.allclose(m.weight, torch.full((1, 2), expect))
 
 
 def test_rng_state_round_trip():

@@ -10,6 +10,7 @@ EXIT_USAGE = 2
 
 def _train(args) -> int:
     from cnnlab import config as C
+    from cnnlab import dist, experiment
 
     if args.resume:
         if not (Path(args.resume) / "config.yaml").is_file():
@@ -28,8 +29,8 @@ def _train(args) -> int:
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
         study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
                         executor=executor, address=args.ray_address)
+        dist.shutdown()
         return 0
-    from cnnlab import dist, experiment
 
     experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)

@@ -9,21 +9,30 @@ from torch import nn
 from cnnlab.config import OptimConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     """Trainable parameters only (a frozen backbone never reaches the optimizer). Weight decay applies
-    to conv/linear weights; biases and norm parameters (1-D) are not decayed, as is standard."""
-    decay, no_decay = [], []
+    to conv/linear weights; biases and norm parameters (1-D) are not decayed, as is standard. Batch-norm
+    parameters get their own group at `optim.norm_lr_scale` times the learning rate."""
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)}
+    decay, no_decay, norm_params = [], [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if o.norm_lr_scale != 1.0 and id(p) in norm:
+            norm_params.append(p)
+        else:
             (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": o.lr})
+    if norm_params:
+        groups.append({"params": norm_params, "weight_decay": 0.0, "lr": o.lr * o.norm_lr_scale})
     return groups
 
 
 def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model, o)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "adam":
@@ -50,8 +59,48 @@ def lr_factor(s: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int) -
 def build_scheduler(opt: torch.optim.Optimizer, s: ScheduleConfig, o: OptimConfig, *, epochs: int,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     if s.name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                                   pct_start=s.pct_start)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], epochs=epochs, steps_per_epoch=steps_per_epoch,
+            pct_start=s.pct_start, div_factor=s.div_factor, final_div_factor=s.final_div_factor,
+            anneal_strategy=s.anneal, cycle_momentum=s.cycle_momentum)
     if s.name == "cosine":  # min_lr is absolute; lr_factor wants it relative
         s = ScheduleConfig(**{**s.__dict__, "min_lr": s.min_lr / o.lr})
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(s, step, steps_per_epoch, epochs))
+
+
+class Lookahead:
+    """airbench's lookahead (Keller Jordan, 2024): from `start` (a fraction of training) on, every `every`
+    steps the weights move to an exponential average of themselves, whose decay grows as training ends
+    (rho = 0.95**every * (progress)**3: fast moves early, strong averaging late); the average is copied
+    back into the model after every epoch. Floating-point buffers (batch-norm statistics) are averaged too."""
+
+    def __init__(self, total_steps: int, start: float = 0.3, every: int = 5):
+        self.total, self.first, self.every = max(1, total_steps), int(start * total_steps), every
+        self.avg: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int) -> None:
+        """After optimizer step number `step` (1-based)."""
+        if step < self.first or step % self.every:
+            return
+        sd = model.state_dict()
+        if self.avg is None:
+            self.avg = {k: v.detach().clone() for k, v in sd.items() if v.is_floating_point()}
+            return
+        rho = 0.95 ** self.every * (step / self.total) ** 3
+        for k, a in self.avg.items():
+            a.lerp_(sd[k], 1 - rho)
+            sd[k].copy_(a)
+
+    @torch.no_grad()
+    def end_epoch(self, model: nn.Module) -> None:
+        if self.avg is not None:
+            sd = model.state_dict()
+            for k, a in self.avg.items():
+                sd[k].copy_(a)
+
+    def state_dict(self) -> dict | None:
+        return self.avg
+
+    def load_state_dict(self, avg: dict | None) -> None:
+        self.avg = avg

@@ -180,8 +180,14 @@ def _saved_config(path: Path) -> dict | None:
 def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, overrides=None, quiet: bool = False,
               executor: str = "auto", address: str | None = None, report: bool = True) -> Study:
     """Train every missing run of a study (finished ones are kept untouched), then write study.json and the
-    study report. executor: auto (inline for jobs=1, else process) | inline | process | ray."""
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    study report. executor: auto (inline for jobs=1, else process) | inline | process | ray.
+
+    Under torchrun every process runs this: rank 0 plans, locks and writes the study files; each run is
+    trained by all processes together (DDP), one run after another."""
+    from cnnlab import dist
+
+    main = dist.is_main()
+    say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, flush=True))
     planned = plan(cfg)
     names = list(dict.fromkeys(p.variation for p in planned))
     base = baseline_of(cfg, names)
@@ -189,48 +195,66 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     if jobs < 1 or kind not in EXECUTORS:
         raise C.ConfigError(f"--jobs {jobs} --executor {executor}: jobs must be >= 1, the executor one of auto, "
                             f"{', '.join(EXECUTORS)}")
-    root.mkdir(parents=True, exist_ok=True)
-    with _lock(root):
-        (root / "study.yaml").write_text(C.dump_yaml(cfg))
-        todo, status = [], {}
-        for p in planned:
-            path = root / p.id
-            state = status[p.id] = run_state(path)
-            saved = _saved_config(path) if state != "pending" else None
-            diff = differences(saved, flat(C.to_dict(p.cfg))) if saved is not None else []
-            if state == "done":
-                if diff:
-                    say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "
-                        f"it is kept; delete {path} to train it again")
-                continue
-            mode = "fresh"
-            if state == "partial":
-                resumable = saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file()
-                if resumable and executor != "ray":  # (Ray workers start from scratch)
-                    mode = "resume"
-                else:
-                    shutil.rmtree(path)  # nothing resumable in it: start it cleanly
-            todo.append((p, mode))
-        write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
-        say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
-            f"{len(planned) - len(todo)} done, {len(todo)} to run")
-        failures = EXECUTORS[kind](root, todo, jobs=jobs, quiet=quiet, say=say, address=address) if todo else {}
-        for rid in [k for k in failures if run_state(root / k) == "done"]:  # e.g. its own report.html failed
-            say(f"warning: {rid} was trained and evaluated (metrics.json), but then: {failures.pop(rid)}")
-        for p in planned:
-            status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
-        write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
-        out = Study(dir=root, config=cfg, runs=planned, status=status)
-        if report and any(s == "done" for s in status.values()):
-            from cnnlab import study_report
+    if dist.world()[2] > 1:
+        if kind != "inline":
+            raise C.ConfigError(f"--jobs {jobs} --executor {executor}: under torchrun a study trains its runs one "
+                                "after another, each on every process; leave out --jobs and --executor")
+        from cnnlab.training import pick_device
 
-            out.report = study_report.compare([root], out=root, baseline=base)
-            say(f"study report: {out.report}")
+        dist.init(pick_device(cfg.train.device))
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+    with _lock(root) if main else contextlib.nullcontext():
+        todo, status = _plan_todo(root, cfg, planned, base, executor, config_path, overrides, say) if main else ([], {})
+        if dist.active():  # every rank trains the same runs, in the same mode
+            by_id = {p.id: p for p in planned}
+            todo = [(by_id[i], mode) for i, mode in dist.broadcast_object([(p.id, m) for p, m in todo])]
+        failures = EXECUTORS[kind](root, todo, jobs=jobs, quiet=quiet, say=say, address=address) if todo else {}
+        out = Study(dir=root, config=cfg, runs=planned, status=status)
+        if main:
+            for rid in [k for k in failures if run_state(root / k) == "done"]:  # e.g. its own report.html failed
+                say(f"warning: {rid} was trained and evaluated (metrics.json), but then: {failures.pop(rid)}")
+            for p in planned:
+                status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
+            write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
+            if report and any(s == "done" for s in status.values()):
+                from cnnlab import study_report
+
+                out.report = study_report.compare([root], out=root, baseline=base)
+                say(f"study report: {out.report}")
     if failures:
         lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
         raise StudyError(f"{len(failures)} of {len(planned)} runs of {root} failed:\n{lines}\n"
                          "Fix the cause and run the same command again: finished runs are kept.")
     return out
+
+
+def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:
+    """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed."""
+    (root / "study.yaml").write_text(C.dump_yaml(cfg))
+    todo, status = [], {}
+    for p in planned:
+        path = root / p.id
+        state = status[p.id] = run_state(path)
+        saved = _saved_config(path) if state != "pending" else None
+        diff = differences(saved, flat(C.to_dict(p.cfg))) if saved is not None else []
+        if state == "done":
+            if diff:
+                say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "
+                    f"it is kept; delete {path} to train it again")
+            continue
+        mode = "fresh"
+        if state == "partial":
+            resumable = saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file()
+            if resumable and executor != "ray":  # (Ray workers start from scratch)
+                mode = "resume"
+            else:
+                shutil.rmtree(path)  # nothing resumable in it: start it cleanly
+        todo.append((p, mode))
+    write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
+    say(f"study {root}: {len(dict.fromkeys(p.variation for p in planned))} variation(s) x {cfg.repeats} seed(s) = "
+        f"{len(planned)} runs; {len(planned) - len(todo)} done, {len(todo)} to run")
+    return todo, status
 
 
 def write_manifest(root: Path, cfg, planned, base, status, failures, config_path, overrides) -> None:

@@ -4,8 +4,9 @@ Reads top to bottom: `fit` prepares everything, then for each epoch `train_one_e
 `evaluate`; the best epoch (by `train.monitor`) is kept as checkpoints/best.pt beside last.pt.
 
 Resume is exact: last.pt (written atomically every epoch and every `train.checkpoint_every_steps`)
-holds model, optimizer, scheduler, grad scaler, EMA, the RNG states and `State` (epoch, step, batch
-within the epoch, best metric, early-stopping counters, the interrupted epoch's running sums). The
+holds model, optimizer, scheduler, grad scaler, EMA, the lookahead average, the RNG states and `State`
+(epoch, step, batch within the epoch, best metric, early-stopping counters, the interrupted epoch's
+running sums). The
 sample order is a function of (seed, epoch) and augmentation of (seed, step), so a run stopped by
 SIGTERM/SIGINT (exit 143/130 after saving), a crash or a SIGKILL ends, once resumed, with the same
 history.csv (but its `seconds` column), metrics.json and weights as a run never stopped.
@@ -35,7 +36,7 @@ from cnnlab.config import Config
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model
-from cnnlab.optim import build_optimizer, build_scheduler
+from cnnlab.optim import Lookahead, build_optimizer, build_scheduler
 from cnnlab.tblog import TBLogger
 
 
@@ -138,7 +139,7 @@ def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, r
 
 
 def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, normalize, cfg: Config,
-                    state: State, device, dtype, on_step, guard: dist.SignalGuard) -> None:
+                    state: State, device, dtype, on_step, guard: dist.SignalGuard, lookahead=None) -> None:
     """One pass over the training split from `state.batch_in_epoch`, updating `state` as it goes.
 
     A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
@@ -189,6 +190,8 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         sched.step()
         if ema is not None:
             ema.update_parameters(bare)
+        if lookahead is not None:
+            lookahead.step(bare, step)
         stats = torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
                               guard.code() == 143, guard.code() == 130], dtype=torch.float64)
         dist.all_reduce_sum(stats)  # also tells every rank whether any rank was signalled
@@ -259,7 +262,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def save_checkpoint(path: Path, *, model, opt, sched, scaler, ema, state: State, cfg: Config) -> None:
+def save_checkpoint(path: Path, *, model, opt, sched, scaler, ema, state: State, cfg: Config, lookahead=None) -> None:
     """Only rank 0 writes; a model with non-finite weights is never saved."""
     if not dist.is_main():
         return
@@ -272,6 +275,7 @@ def save_checkpoint(path: Path, *, model, opt, sched, scaler, ema, state: State,
     obj = {"model": sd, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
            "scaler": scaler.state_dict() if scaler is not None else None,
            "ema": ema.state_dict() if ema is not None else None,
+           "lookahead": lookahead.state_dict() if lookahead is not None else None,
            "state": asdict(state), "rng": ckpt.rng_state(), "format": 1}
     ckpt.atomic_save(obj, path)
 
@@ -336,6 +340,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
+    lookahead = Lookahead(t.epochs * steps_per_epoch) if t.lookahead else None
 
     ckdir = run_dir / "checkpoints"
     if main:
@@ -358,6 +363,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                 scaler.load_state_dict(c["scaler"])
             if ema is not None and c.get("ema"):
                 ema.load_state_dict(c["ema"])
+            if lookahead is not None:
+                lookahead.load_state_dict(c.get("lookahead"))
             state = State(**c["state"])
             ckpt.set_rng_state(c["rng"])
         runlog.truncate_after(run_dir, state)  # rows written after the checkpoint are written again
@@ -376,7 +383,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         nonlocal saved_at
         if saved_at != (state.epoch, state.step):
             save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
-                            state=state, cfg=cfg)
+                            state=state, cfg=cfg, lookahead=lookahead)
             saved_at = (state.epoch, state.step)
 
     clock = [0.0]  # perf_counter() when state.epoch_seconds was last brought up to date
@@ -404,7 +411,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                 order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
                 train_one_epoch(train_model, train_b, order, opt=opt, sched=sched, scaler=scaler, ema=ema,
                                 normalize=normalize, cfg=cfg, state=state, device=device, dtype=dtype,
-                                on_step=on_step, guard=guard)
+                                on_step=on_step, guard=guard, lookahead=lookahead)
+                if lookahead is not None:
+                    lookahead.end_epoch(model)
                 logits, targets = evaluate(eval_model, val_b, normalize, device=device, dtype=dtype, tta_flip=t.tta_flip)
                 val_loss = F.cross_entropy(logits, targets).item() if len(targets) else float("nan")
                 val_acc = (logits.argmax(1) == targets).float().mean().item() if len(targets) else float("nan")
