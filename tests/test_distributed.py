@@ -335,4 +335,4 @@ def test_a_study_under_torchrun_trains_each_run_on_both_processes(tmp_path):
         assert len(rows(root / name / "history.csv")) == 1  # written once, by rank 0
     assert (root / "study.html").is_file() and r.stdout.count("study report:") == 1
     r, _ = torchrun(["-m", "cnnlab", "train", str(path), "--jobs", "2"])
-    assert r.returncode == 2 and "under torchrun a study trains its runs one after another" in r.stderr
+    assert r.returncode != 0 and "under torchrun a study trains its runs one after another" in r.stderr
