@@ -26,6 +26,10 @@ from cnnlab.data.loader import eval_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every torchrun of this module on one xdist worker, one after another (pyproject: --dist loadgroup): two
+# concurrent torchruns race for free ports, and the module's fixture is then built once.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 # No BatchNorm, no dropout: 2 ranks then compute exactly what 1 process computes (up to float sums).
 # Batch 63 splits 32 + 31 over 2 ranks; 215 validation and 359 test images do not split evenly either.
 CONFIG = {
