@@ -19,7 +19,7 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if o.norm_lr_scale != 1.0 and id(p) in norm:
+        if o.norm_lr_scale != 1.0 and id(p) in norm:  # (at 1.0 the groups, and old checkpoints, stay as they were)
             norm_params.append(p)
         else:
             (decay if p.ndim > 1 else no_decay).append(p)
@@ -83,21 +83,22 @@ class Lookahead:
         """After optimizer step number `step` (1-based)."""
         if step < self.first or step % self.every:
             return
-        sd = model.state_dict()
         if self.avg is None:
-            self.avg = {k: v.detach().clone() for k, v in sd.items() if v.is_floating_point()}
+            self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
             return
-        rho = 0.95 ** self.every * (step / self.total) ** 3
+        self._pull(model, rho=0.95 ** self.every * (step / self.total) ** 3)
+
+    def end_epoch(self, model: nn.Module) -> None:
+        if self.avg is not None:
+            self._pull(model, rho=1.0)  # the average unchanged, copied into the model
+
+    @torch.no_grad()
+    def _pull(self, model: nn.Module, rho: float) -> None:
+        """average <- rho * average + (1 - rho) * weights; weights <- average."""
+        sd = model.state_dict()
         for k, a in self.avg.items():
             a.lerp_(sd[k], 1 - rho)
             sd[k].copy_(a)
-
-    @torch.no_grad()
-    def end_epoch(self, model: nn.Module) -> None:
-        if self.avg is not None:
-            sd = model.state_dict()
-            for k, a in self.avg.items():
-                sd[k].copy_(a)
 
     def state_dict(self) -> dict | None:
         return self.avg

@@ -206,6 +206,8 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         root.mkdir(parents=True, exist_ok=True)
     with _lock(root) if main else contextlib.nullcontext():
         todo, status = _plan_todo(root, cfg, planned, base, executor, config_path, overrides, say) if main else ([], {})
+        say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
+            f"{len(planned) - len(todo)} done, {len(todo)} to run")
         if dist.active():  # every rank trains the same runs, in the same mode
             by_id = {p.id: p for p in planned}
             todo = [(by_id[i], mode) for i, mode in dist.broadcast_object([(p.id, m) for p, m in todo])]
@@ -252,8 +254,6 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
                 shutil.rmtree(path)  # nothing resumable in it: start it cleanly
         todo.append((p, mode))
     write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
-    say(f"study {root}: {len(dict.fromkeys(p.variation for p in planned))} variation(s) x {cfg.repeats} seed(s) = "
-        f"{len(planned)} runs; {len(planned) - len(todo)} done, {len(todo)} to run")
     return todo, status
 
 
