@@ -340,3 +340,47 @@ def test_a_study_under_torchrun_trains_each_run_on_both_processes(tmp_path):
     assert (root / "study.html").is_file() and r.stdout.count("study report:") == 1
     r, _ = torchrun(["-m", "cnnlab", "train", str(path), "--jobs", "2"])
     assert r.returncode != 0 and "under torchrun a study trains its runs one after another" in r.stderr
+
+
+THREADS = '''
+"""Test-only plugin: after the CLI's dist.shutdown(), records the native threads each rank has left."""
+import os
+import sys
+
+from cnnlab import dist
+
+_shutdown = dist.shutdown
+
+
+def shutdown():
+    _shutdown()
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    with open(os.environ["THREADS_LOG"], "a") as f:
+        f.write(f"rank {os.environ['RANK']}: {' '.join(names)}\\n")
+
+
+dist.shutdown = shutdown
+if __name__ == "__main__":
+    from cnnlab.cli import main
+    sys.exit(main())
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
+def test_leaving_the_process_group_ends_its_threads(tmp_path):
+    """DistributedDataParallel imports torch.distributed.nn.functional, whose default arguments keep
+    the process group it finds alive; its gloo threads then outlived destroy_process_group and ran on
+    into interpreter exit, where a finished rank now and then aborted ("terminate called without an
+    active exception"). The group is made after that import, so leaving it ends every gloo thread."""
+    plugin = tmp_path / "threads.py"
+    plugin.write_text(THREADS)
+    log = tmp_path / "threads.log"
+    os.environ["THREADS_LOG"] = str(log)
+    try:
+        r, _ = torchrun([str(plugin), "train", str(write_config(tmp_path, **{"train.epochs": 1}))])
+    finally:
+        del os.environ["THREADS_LOG"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(log.read_text().splitlines())
+    assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1"]
+    assert not [line for line in lines if "gloo" in line], lines

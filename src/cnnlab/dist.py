@@ -35,6 +35,12 @@ def init(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device.index if device.index is not None else local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported,
+    # and DistributedDataParallel imports it: imported after the group exists, it holds 10 references to
+    # it forever, destroy_process_group cannot free it, and gloo's threads live on into interpreter exit,
+    # where they raced the peer's exit and aborted a finished rank now and then ("terminate called
+    # without an active exception", SIGABRT). Imported first, it binds None and the group is freed.
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("CNNLAB_DIST_TIMEOUT", 1800))))
     return True
 
