@@ -1,6 +1,8 @@
 """The fast path's whole-batch augmentation has the same distribution as torchvision's per-image
 RandomCrop(padding) + RandomHorizontalFlip, both data paths (in memory and streamed through a DataLoader)
 give the same augmented batches, and the normalisation equals torchvision's ToTensor + Normalize."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,9 +25,10 @@ def _probe() -> torch.Tensor:
     return torch.stack([v, v + 64, v + 128])
 
 
-def _candidates(img: torch.Tensor) -> dict:
-    """Every (flip, dy, dx) crop of the zero-padded image, as torchvision does it: crop at (dy, dx), then flip."""
-    padded = torch.nn.functional.pad(img, (P, P, P, P))
+def _candidates(img: torch.Tensor, mode: str = "constant") -> dict:
+    """Every (flip, dy, dx) crop of the image padded by torchvision (zeros, edge or reflect), as its
+    RandomCrop + RandomHorizontalFlip make them: crop at (dy, dx), then flip."""
+    padded = T.functional.pad(img, [P], padding_mode=mode)
     out = {}
     for dy in range(2 * P + 1):
         for dx in range(2 * P + 1):
@@ -46,14 +49,16 @@ def _decode(outputs: torch.Tensor, cands: dict) -> np.ndarray:
     return np.array(found)  # (N, 3): flip, dy, dx
 
 
-def test_fast_path_augmentation_has_torchvision_distribution():
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect"])
+def test_fast_path_augmentation_has_torchvision_distribution(mode):
     img = _probe()
-    cands = _candidates(img)
-    aug = C.load(None, ["data.augment.hflip=true", f"data.augment.crop_padding={P}"]).data.augment
+    cands = _candidates(img, mode)
+    aug = C.load(None, ["data.augment.hflip=true", f"data.augment.crop_padding={P}",
+                        f"data.augment.crop_padding_mode={mode}"]).data.augment
     ours = _decode(augment_batch(img.expand(N, -1, -1, -1).contiguous(), aug, torch.Generator().manual_seed(0)),
                    cands)
     torch.manual_seed(0)
-    tv = T.Compose([T.RandomCrop(H, padding=P), T.RandomHorizontalFlip()])
+    tv = T.Compose([T.RandomCrop(H, padding=P, padding_mode=mode), T.RandomHorizontalFlip()])
     theirs = _decode(torch.stack([tv(img) for _ in range(N)]), cands)
 
     for name, d in (("cnnlab", ours), ("torchvision", theirs)):
@@ -70,6 +75,21 @@ def test_fast_path_augmentation_has_torchvision_distribution():
     flips = np.zeros((2, 2 * P + 1))
     np.add.at(flips, (ours[:, 0], ours[:, 2]), 1)
     assert chi2_contingency(flips).pvalue > 1e-3
+
+
+def test_reflect_padding_wider_than_the_image_is_refused_before_the_run_starts(tmp_path):
+    """Reflection needs padding below the image side: 8x8 digits with padding 8 fail with exit 2, no run folder."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", f"output.dir={tmp_path}",
+                        "data.augment.crop_padding=8", "data.augment.crop_padding_mode=reflect"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.returncode == 2 and "data.augment.crop_padding=8" in r.stderr and "8x8" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+    r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", f"output.dir={tmp_path}",
+                        "data.augment.crop_padding_mode=mirror"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and "data.augment.crop_padding_mode" in r.stderr and "'mirror'" in r.stderr, r.stderr
 
 
 def test_no_augmentation_is_the_identity():

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class AugmentConfig:
     hflip: bool = False  # random horizontal flip, p = 0.5
-    crop_padding: int = 0  # random crop back to the input size after zero-padding by this much
+    crop_padding: int = 0  # random crop back to the input size after padding by this much
+    crop_padding_mode: str = "constant"  # constant (zeros) | edge | reflect, as torchvision's RandomCrop
     cutout: int = 0  # side of a random square set to zero (0 = off)
 
 
@@ -381,6 +382,7 @@ def validate(cfg: Config) -> None:
     _check_choice("data.loader", d.loader, ["auto", "memory", "stream"])
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")
+    _check_choice("data.augment.crop_padding_mode", d.augment.crop_padding_mode, ["constant", "edge", "reflect"])
     _check(d.augment.cutout >= 0, "data.augment.cutout", d.augment.cutout, "must be >= 0")
     if d.std is not None:
         _check(all(v > 0 for v in d.std), "data.std", d.std, "every std must be > 0")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from cnnlab import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
+from cnnlab.data.loader import check_augment
 from cnnlab.data.pipeline import Splits, prepare, save_splits
 
 
@@ -147,6 +148,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     cfg = with_weight_defaults(cfg)
     with dist.local_main_first():  # downloads and the decoded cache: written once per node
         splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+    check_augment(cfg.data.augment, splits.size, splits.size)
     # the run folder only once the data is there: a missing or broken data set leaves no empty folder
     if resume_dir is not None:
         run_dir = Path(resume_dir)

@@ -21,6 +21,7 @@ LABELS = {"model.batchnorm": "batch norm", "optim.weight_decay": "weight decay (
           "optim.lr": "learning rate", "optim.name": "optimizer", "model.name": "model", "train.epochs": "epochs",
           "train.batch_size": "batch size", "schedule.name": "LR schedule", "train.seed": "seed",
           "data.augment.hflip": "horizontal flips", "data.augment.crop_padding": "random-crop padding",
+          "data.augment.crop_padding_mode": "crop padding mode",
           "data.augment.cutout": "cutout", "train.label_smoothing": "label smoothing", "model.init": "weight init",
           "train.ema": "weight EMA", "optim.momentum": "momentum", "data.name": "data set"}
 METRICS = [("best_epoch", "best epoch"), ("best_val_acc", "best val acc"), ("test_acc", "test acc"),

@@ -12,7 +12,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnnlab.config import AugmentConfig
+from cnnlab.config import AugmentConfig, ConfigError
 from cnnlab.data.base import ImageSet, decode
 
 
@@ -23,12 +23,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+_PAD_MODES = {"constant": "constant", "edge": "replicate", "reflect": "reflect"}  # torchvision's names -> F.pad's
+
+
+def check_augment(aug: AugmentConfig, h: int, w: int) -> None:
+    """Settings that only the image size can rule out (checked before a run starts)."""
+    if aug.crop_padding and aug.crop_padding_mode == "reflect" and aug.crop_padding >= min(h, w):
+        raise ConfigError(f"data.augment.crop_padding={aug.crop_padding}: reflect padding must be smaller than "
+                          f"the {h}x{w} images; use a smaller padding or crop_padding_mode 'edge'")
+
+
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, offset: int = 0,
                   total: int | None = None) -> torch.Tensor:
     """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image.
 
-    Semantics match torchvision's RandomHorizontalFlip(0.5) and RandomCrop(size, padding=p) with zero
-    fill, and Cutout (DeVries & Taylor 2017) with the square's centre uniform over the image.
+    Semantics match torchvision's RandomHorizontalFlip(0.5) and RandomCrop(size, padding=p,
+    padding_mode=aug.crop_padding_mode) (constant = zeros, edge, reflect), and Cutout (DeVries &
+    Taylor 2017) with the square's centre uniform over the image.
     Random numbers come from `gen` on the CPU, so results do not depend on the device. When `x` is
     rows offset..offset+B of a global batch of `total` images (one rank's slice under DDP), the draws
     are made for the whole global batch and this slice's rows are used: each image is augmented as
@@ -45,7 +56,8 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     if p:
         dy = torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine].to(dev)
         dx = torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine].to(dev)
-        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        check_augment(aug, h, w)
+        padded = torch.nn.functional.pad(x, (p, p, p, p), mode=_PAD_MODES[aug.crop_padding_mode])
         rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
         bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
