@@ -10,7 +10,7 @@ EXIT_USAGE = 2
 
 def _train(args) -> int:
     from cnnlab import config as C
-    from cnnlab import dist, experiment
+    from cnnlab import dist
 
     if args.resume:
         if not (Path(args.resume) / "config.yaml").is_file():
@@ -31,6 +31,7 @@ def _train(args) -> int:
                         executor=executor, address=args.ray_address)
         dist.shutdown()
         return 0
+    from cnnlab import experiment
 
     experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)

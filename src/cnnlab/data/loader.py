@@ -27,7 +27,8 @@ _PAD_MODES = {"constant": "constant", "edge": "replicate", "reflect": "reflect"}
 
 
 def check_augment(aug: AugmentConfig, h: int, w: int) -> None:
-    """Settings that only the image size can rule out (checked before a run starts)."""
+    """Settings that only the image size can rule out: experiment.run checks them once the data is
+    known, before the run folder exists (not per batch)."""
     if aug.crop_padding and aug.crop_padding_mode == "reflect" and aug.crop_padding >= min(h, w):
         raise ConfigError(f"data.augment.crop_padding={aug.crop_padding}: reflect padding must be smaller than "
                           f"the {h}x{w} images; use a smaller padding or crop_padding_mode 'edge'")
@@ -56,7 +57,6 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     if p:
         dy = torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine].to(dev)
         dx = torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine].to(dev)
-        check_augment(aug, h, w)
         padded = torch.nn.functional.pad(x, (p, p, p, p), mode=_PAD_MODES[aug.crop_padding_mode])
         rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
