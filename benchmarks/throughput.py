@@ -61,9 +61,9 @@ def time_plain(loader, batches: int) -> float:
 def time_cnnlab(splits, batch: int, batches: int) -> float:
     from cnnlab import config as C
     from cnnlab import dist
-    from cnnlab import training as T
+    from cnnlab.training import loop as T
     from cnnlab.data.loader import Batches, Normalizer, epoch_order
-    from cnnlab.optim import build_optimizer, build_scheduler
+    from cnnlab.training.optim import build_optimizer, build_scheduler
 
     cfg = C.load(None, ["model.name=cifar_convnet", "data.augment.hflip=true", "data.augment.crop_padding=4",
                         f"train.batch_size={batch}", "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import diagnose as dg
-from cnnlab import metrics
+from cnnlab.analysis import diagnose as dg
+from cnnlab.analysis import metrics
 
 
 def _overfit_history(n: int, vmin: int, noise: float, seed: int) -> dict:

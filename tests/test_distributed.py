@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from cnnlab import checkpoint as ckpt
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import cli
 from cnnlab.data.loader import eval_indices
 

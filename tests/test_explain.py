@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cnnlab import explain as E
+from cnnlab.models import explain as E
 from cnnlab.models import cli
 
 

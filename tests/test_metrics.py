@@ -1,4 +1,4 @@
-"""Every metric in cnnlab.metrics agrees with scikit-learn to 1e-9, for 2, 10 and 100 classes."""
+"""Every metric in cnnlab.analysis.metrics agrees with scikit-learn to 1e-9, for 2, 10 and 100 classes."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from cnnlab import metrics as M
+from cnnlab.analysis import metrics as M
 
 
 def _random_case(k: int, n: int, seed: int, absent: int = 0):

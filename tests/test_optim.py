@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cnnlab import config as C
-from cnnlab.optim import build_optimizer, build_scheduler
+from cnnlab.training.optim import build_optimizer, build_scheduler
 
 
 def net():

@@ -26,9 +26,9 @@ import torch
 import yaml
 from torch import nn
 
-from cnnlab import checkpoint as ckpt
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import cli
-from cnnlab import training as T
+from cnnlab.training import loop as T
 from cnnlab.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ ZYGOTE = r"""
 import json, os, sys, traceback
 import torch
 torch.set_num_threads(1)  # no OpenMP pool before fork
-import torch._dynamo, cnnlab.cli, cnnlab.experiment, cnnlab.training  # the slow imports, once
+import torch._dynamo, cnnlab.cli, cnnlab.training.experiment, cnnlab.training.loop  # the slow imports, once
 cnnlab.cli.build_parser()
 assert len(os.listdir("/proc/self/task")) == 1, "fork needs a single-threaded parent"
 print("ready", flush=True)

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import config, metrics, plots, plots_model, report
+from cnnlab import config
+
+from cnnlab.analysis import metrics
+
+from cnnlab.report import plots
+
+from cnnlab.report import plots_model
+
+from cnnlab.report import build as report
 from cnnlab.models import build_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

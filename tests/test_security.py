@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from cnnlab import checkpoint as ckpt
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""cnnlab.stats against constructed cases and reference implementations (statsmodels, scipy) to 1e-9."""
+"""cnnlab.analysis.stats against constructed cases and reference implementations (statsmodels, scipy) to 1e-9."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from scipy import stats as sst
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from cnnlab import stats as S
+from cnnlab.analysis import stats as S
 
 
 def close(x: float, ref: float, tol: float = 1e-9) -> bool:

@@ -17,9 +17,9 @@ import yaml
 import cnnlab
 from cnnlab import cli
 from cnnlab import config as C
-from cnnlab import stats as S
-from cnnlab import study
-from cnnlab.study_report import correct_by_id, load_run
+from cnnlab.analysis import stats as S
+from cnnlab.studies import study
+from cnnlab.studies.report import correct_by_id, load_run
 
 TINY = {
     "data": {"name": "digits", "test_split": 0.2},
@@ -156,7 +156,7 @@ def test_single_runs_use_mcnemar_and_compare_cli_agrees(tmp_path, capsys):
 
 
 def test_failed_variation_is_reported_and_the_others_finish(tmp_path, monkeypatch, capsys):
-    from cnnlab import experiment
+    from cnnlab.training import experiment
 
     def broken_report(run_dir, say):
         raise AttributeError("the per-run report broke")

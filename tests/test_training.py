@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from cnnlab import checkpoint as ckpt
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import cli
 from cnnlab.config import AugmentConfig
 from cnnlab.data.base import ImageSet
@@ -162,7 +162,7 @@ def test_resume_with_lookahead_and_norm_lr_scale_is_exact(tmp_path, capsys):
 
 
 def test_lookahead_averages_after_its_start_and_copies_back():
-    from cnnlab.optim import Lookahead
+    from cnnlab.training.optim import Lookahead
 
     m = nn.Linear(2, 1, bias=False)
     la = Lookahead(total_steps=100, start=0.3, every=5)
@@ -235,7 +235,7 @@ def test_ranks_split_each_global_batch_and_resume_mid_epoch():
 
 
 def test_progress_lines_in_long_epochs_with_eta(capsys, monkeypatch):
-    from cnnlab import runlog as R
+    from cnnlab.training import runlog as R
 
     clock = iter(range(0, 10_000, 10))  # 10 s between calls
     monkeypatch.setattr(R.time, "perf_counter", lambda: float(next(clock)))
@@ -256,7 +256,7 @@ def test_progress_lines_in_long_epochs_with_eta(capsys, monkeypatch):
 
 def test_channels_last_auto_follows_the_measured_rule(tmp_path):
     from cnnlab import config as C
-    from cnnlab import training as T
+    from cnnlab.training import loop as T
     from cnnlab.models import build_model
 
     def net(name, c, s):

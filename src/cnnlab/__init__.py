@@ -10,7 +10,7 @@ def train(config, overrides=None, *, resume=None, quiet: bool = False):
     A config with `variations:` or `grid:` runs a whole study and returns the `Study`.
     """
     from cnnlab import config as C
-    from cnnlab import experiment
+    from cnnlab.training import experiment
 
     cfg = C.load(config, overrides)
     if resume is not None:
@@ -19,7 +19,7 @@ def train(config, overrides=None, *, resume=None, quiet: bool = False):
         cfg = C.load(Path(resume) / "config.yaml", overrides)
         return experiment.run(cfg, resume_dir=Path(resume), quiet=quiet)
     if cfg.variations or cfg.grid or cfg.repeats > 1:
-        from cnnlab import study
+        from cnnlab.studies import study
 
         return study.run_study(cfg, quiet=quiet)
     return experiment.run(cfg, quiet=quiet)

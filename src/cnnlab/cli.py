@@ -24,14 +24,14 @@ def _train(args) -> int:
         print(C.dump_yaml(cfg), end="")
         return 0
     if cfg.variations or cfg.grid or cfg.repeats > 1:
-        from cnnlab import study
+        from cnnlab.studies import study
 
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
         study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
                         executor=executor, address=args.ray_address)
         dist.shutdown()
         return 0
-    from cnnlab import experiment
+    from cnnlab.training import experiment
 
     experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
@@ -39,7 +39,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from cnnlab import evaluate
+    from cnnlab.training import evaluate
 
     evaluate.main(args)
     return 0
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
     e.set_defaults(func=_eval)
 
-    for mod in ("cnnlab.report", "cnnlab.data.cli", "cnnlab.models.cli", "cnnlab.study"):
+    for mod in ("cnnlab.report.build", "cnnlab.data.cli", "cnnlab.models.cli", "cnnlab.studies.study"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ImportError:
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnnlab: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:  # a refused checkpoint, a non-finite loss, too little disk space: no traceback
-        from cnnlab.checkpoint import CheckpointError
-        from cnnlab.study import StudyError
-        from cnnlab.training import TrainingError
+        from cnnlab.training.checkpoint import CheckpointError
+        from cnnlab.studies.study import StudyError
+        from cnnlab.training.loop import TrainingError
 
         if not isinstance(e, (CheckpointError, TrainingError, StudyError)):
             raise

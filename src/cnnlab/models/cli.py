@@ -89,7 +89,7 @@ def _summary(args) -> int:
 
 
 def _explain_conv(args) -> int:
-    from cnnlab import explain as E
+    from cnnlab.models import explain as E
 
     name, kernel = E.kernel_from(args.kernel)
     x = E.parse_matrix(args.input, "--input")
@@ -109,7 +109,7 @@ def _int_pair(text: str, what: str):
 
 
 def _explain_size(args) -> int:
-    from cnnlab import explain as E
+    from cnnlab.models import explain as E
 
     sol = E.solve_output_size(input=args.input, kernel=args.kernel, padding=args.padding, stride=args.stride,
                               output=args.output, dilation=args.dilation)
@@ -129,7 +129,7 @@ def _ints(text: str, what: str, n: tuple[int, ...]) -> list[int]:
 
 
 def _explain_params(args) -> int:
-    from cnnlab import explain as E
+    from cnnlab.models import explain as E
 
     lines, total = [], 0
     for text in args.conv or []:

@@ -320,7 +320,7 @@ LEADS = {
 
 def _sections(ctx: dict, f: dict) -> dict[str, str]:
     """Section id -> body HTML, in page order; a section whose files are missing is left out."""
-    from cnnlab.plots import CM_SIDE_BY_SIDE
+    from cnnlab.report.plots import CM_SIDE_BY_SIDE
 
     run, figs = ctx["run"], ctx["figs"]
     few = len(run["classes"]) <= CM_SIDE_BY_SIDE  # small figures two abreast, large ones at full width

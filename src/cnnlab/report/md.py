@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cnnlab.report_html import SEV_LABEL, _duration, _num, _pct, facts, per_class_rows
+from cnnlab.report.html import SEV_LABEL, _duration, _num, _pct, facts, per_class_rows
 
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab import diagnose as dg
-from cnnlab import metrics as M
-from cnnlab.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
+from cnnlab.analysis import diagnose as dg
+from cnnlab.analysis import metrics as M
+from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
 PLOTS = ("curves", "steps", "lr", "confusion_matrix", "confusion_normalized", "per_class", "reliability", "failures",
@@ -168,7 +168,7 @@ def write_failures(run: dict, path: Path) -> int:
 
 def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]:
     """Every figure the run's files allow, written to `out`; {key: {"path", "title", "caption"}}."""
-    from cnnlab import plots as P
+    from cnnlab.report import plots as P
 
     figs: dict[str, dict] = {}
 
@@ -232,7 +232,7 @@ def _sample_rows(run: dict):
 
 
 def _model_plots(run: dict, model, images, rows, add) -> None:
-    from cnnlab import plots_model as P
+    from cnnlab.report import plots_model as P
 
     add("filters", P.filters(model), "First-layer filters", "What the first convolution looks for.")
     if images is None or not len(images):
@@ -257,7 +257,8 @@ def _model_plots(run: dict, model, images, rows, add) -> None:
 
 def build(run_dir: str | Path) -> Path:
     """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html."""
-    from cnnlab import report_html, report_md
+    from cnnlab.report import html as report_html
+    from cnnlab.report import md as report_md
 
     run = load_run(run_dir)
     d = run["dir"]

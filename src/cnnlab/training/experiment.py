@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab import checkpoint as ckpt
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
 from cnnlab.data.loader import check_augment
@@ -139,7 +139,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
 
 def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -> Run:
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it."""
-    from cnnlab import training as T
+    from cnnlab.training import loop as T
 
     T.configure_determinism(cfg)  # before any CUDA work (CUBLAS_WORKSPACE_CONFIG)
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
@@ -209,7 +209,7 @@ def with_weight_defaults(cfg: C.Config) -> C.Config:
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
     try:
-        from cnnlab.metrics import summary
+        from cnnlab.analysis.metrics import summary
         test = summary(logits.numpy(), targets.numpy(), splits.classes)
     except ImportError:  # pragma: no cover - metrics module absent
         from sklearn.metrics import confusion_matrix
@@ -226,7 +226,7 @@ def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets
 
 
 def _write_model_json(run_dir: Path, model, splits: Splits) -> None:
-    from cnnlab import training as T
+    from cnnlab.training import loop as T
 
     m = T._unwrap(model)
     info = {"name": cfg_name(run_dir), "class": type(m).__name__, "total_params": sum(p.numel() for p in m.parameters()),
@@ -244,7 +244,7 @@ def _write_model_json(run_dir: Path, model, splits: Splits) -> None:
 
 def _report(run_dir: Path, say) -> None:
     try:
-        from cnnlab import report
+        from cnnlab.report import build as report
     except ImportError:
         return
     try:

@@ -30,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import checkpoint as ckpt
-from cnnlab import dist, runlog
+from cnnlab.training import checkpoint as ckpt
+from cnnlab import dist
+from cnnlab.training import runlog
 from cnnlab.config import Config
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model
-from cnnlab.optim import Lookahead, build_optimizer, build_scheduler
-from cnnlab.tblog import TBLogger
+from cnnlab.training.optim import Lookahead, build_optimizer, build_scheduler
+from cnnlab.training.tblog import TBLogger
 
 
 class TrainingError(RuntimeError):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab import stats as S
-from cnnlab.study import IGNORED, STUDY_KEYS, flat, fmt_value
+from cnnlab.analysis import stats as S
+from cnnlab.studies.study import IGNORED, STUDY_KEYS, flat, fmt_value
 
 ALPHA = 0.05
 IGNORED = IGNORED + STUDY_KEYS  # settings that never make two runs' results differ, and the study's own keys
@@ -303,7 +303,7 @@ def fig_per_class(res: dict):
 
 def P():
     """plots.py: its style (rcParams), colours and `save` (imported late: matplotlib is slow to load)."""
-    from cnnlab import plots
+    from cnnlab.report import plots
 
     return plots
 
@@ -382,7 +382,7 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
     import base64
     from html import escape as e
 
-    from cnnlab.report_html import CSS
+    from cnnlab.report.html import CSS
 
     def td(c, bold):  # a cell: text, (value, note) or a _Raw piece of HTML
         inner = c if isinstance(c, _Raw) else e(c[0]) if isinstance(c, tuple) else e(str(c))
@@ -474,7 +474,7 @@ def compare(paths, *, out: str | Path | None = None, baseline: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     res = analyze(groups, baseline or study_base)
     title = paths[0].name if one_study else "comparison"
-    from cnnlab.experiment import write_json
+    from cnnlab.training.experiment import write_json
 
     write_json(out / "comparison.json", _plain(res))
     figs = figures(res, groups, out / "plots")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from cnnlab.plots import BAD, GOOD, INK, _image_grid, _short, _show
+from cnnlab.report.plots import BAD, GOOD, INK, _image_grid, _short, _show
 
 
 def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:

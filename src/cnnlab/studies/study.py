@@ -199,7 +199,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         if kind != "inline":
             raise C.ConfigError(f"--jobs {jobs} --executor {executor}: under torchrun a study trains its runs one "
                                 "after another, each on every process; leave out --jobs and --executor")
-        from cnnlab.training import pick_device
+        from cnnlab.training.loop import pick_device
 
         dist.init(pick_device(cfg.train.device))
     if main:
@@ -220,7 +220,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
                 status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
             write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
             if report and any(s == "done" for s in status.values()):
-                from cnnlab import study_report
+                from cnnlab.studies import report as study_report
 
                 out.report = study_report.compare([root], out=root, baseline=base)
                 say(f"study report: {out.report}")
@@ -258,7 +258,7 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
 
 
 def write_manifest(root: Path, cfg, planned, base, status, failures, config_path, overrides) -> None:
-    from cnnlab.experiment import write_json
+    from cnnlab.training.experiment import write_json
 
     variations = []
     for name, ov in groups(cfg):
@@ -298,7 +298,7 @@ def _done_line(root: Path, p: Planned, seconds: float) -> str:
 
 def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
     """One run after another in this process."""
-    from cnnlab import experiment
+    from cnnlab.training import experiment
 
     failures = {}
     for i, (p, mode) in enumerate(todo, 1):
@@ -375,7 +375,7 @@ def _ray_task(cfg_dict: dict, name: str, threads: int) -> bytes:  # runs on a Ra
 
     import torch
 
-    from cnnlab import experiment
+    from cnnlab.training import experiment
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -454,7 +454,7 @@ def register(subparsers) -> None:
 
 
 def _compare_cli(args) -> int:
-    from cnnlab import study_report
+    from cnnlab.studies import report as study_report
 
     path = study_report.compare(args.runs, out=args.out, baseline=args.baseline, say=print)
     print(f"comparison: {path}")

@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cnnlab import checkpoint as ckpt
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
-    from cnnlab import experiment, training
+    from cnnlab.training import experiment
+    from cnnlab.training import loop as training
     from cnnlab.data.pipeline import prepare
-    from cnnlab.metrics import summary
+    from cnnlab.analysis.metrics import summary
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -1,0 +1,1 @@
+"""Studies (variations x grid x seeds) and comparing runs. May import everything below the CLI."""
