@@ -16,7 +16,9 @@ def train(config, overrides=None, *, resume=None, quiet: bool = False):
     if resume is not None:
         from pathlib import Path
 
-        cfg = C.load(Path(resume) / "config.yaml", overrides)
+        from cnnlab.rundir import RunDir
+
+        cfg = RunDir(resume).load_config(overrides)
         return experiment.run(cfg, resume_dir=Path(resume), quiet=quiet)
     if cfg.variations or cfg.grid or cfg.repeats > 1:
         from cnnlab.studies import study

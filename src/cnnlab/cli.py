@@ -13,9 +13,11 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        if not (Path(args.resume) / "config.yaml").is_file():
-            raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no config.yaml in it)")
-        cfg = C.load(Path(args.resume) / "config.yaml", args.overrides)
+        from cnnlab import rundir as R
+
+        if not (Path(args.resume) / R.CONFIG).is_file():
+            raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no {R.CONFIG} in it)")
+        cfg = R.RunDir(args.resume).load_config(args.overrides)
     else:
         if not args.config:
             raise C.ConfigError("cnnlab train needs a config file (or --resume RUN_DIR)")

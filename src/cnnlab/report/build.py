@@ -4,8 +4,6 @@ findings.json, report.html (one self-contained page) and report.md; plus TensorB
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,77 +14,35 @@ from cnnlab.analysis import diagnose as dg
 from cnnlab.analysis import metrics as M
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
-INT_COLS = {"epoch", "step", "index", "target", "pred"}
+from cnnlab import rundir as R
+from cnnlab.rundir import columns, read_csv  # noqa: F401  (re-exported: report.read_csv, report.columns)
+
 PLOTS = ("curves", "steps", "lr", "confusion_matrix", "confusion_normalized", "per_class", "reliability", "failures",
          "predictions", "filters", "feature_maps", "gradcam")  # plots/<name>.png that build() owns
-TEXT_COLS = {"id", "target_name", "pred_name"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading a run folder (every file optional except what the caller needs)
+# Reading a run folder (through rundir.RunDir; every file optional except what the caller needs)
 
 
-def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing."""
-    if not path.is_file():
-        return []
-    rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            out = {}
-            for k, v in r.items():
-                if k in TEXT_COLS or v is None:
-                    out[k] = v
-                elif k in INT_COLS:
-                    out[k] = int(float(v)) if v not in ("", None) else None
-                else:
-                    try:
-                        out[k] = float(v) if v != "" else float("nan")
-                    except ValueError:
-                        out[k] = v
-            rows.append(out)
-    return rows
-
-
-def columns(rows: list[dict]) -> dict:
-    """Rows -> {column: list of values}."""
-    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def load_run(run_dir: str | Path) -> dict:
+def gather(run_dir: str | Path) -> dict:
     """Everything the report needs from a run folder, as plain values; missing files give None / []."""
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"run folder {str(d)!r} does not exist")
-    r: dict = {"dir": d, "name": d.name, "notes": []}
-    r["config_text"] = (d / "config.yaml").read_text(encoding="utf-8") if (d / "config.yaml").is_file() else None
+    rd = R.load_run(run_dir)
+    d = rd.dir
+    r: dict = {"dir": d, "name": d.name, "notes": [], "rundir": rd}
+    r["config_text"] = rd.config_text
     r["cfg"] = None
     if r["config_text"] is not None:
         try:
-            from cnnlab import config
-
-            r["cfg"] = config.load(d / "config.yaml")
+            r["cfg"] = rd.config
         except Exception as e:  # the report still shows what it can
-            r["notes"].append(f"config.yaml could not be read back: {e}")
-    for key in ("env", "data", "model", "metrics"):
-        r[key] = _json(d / f"{key}.json" if key != "model" else d / "model.json")
-    r["history"] = columns(read_csv(d / "history.csv"))
-    r["steps"] = columns(read_csv(d / "steps.csv"))
-    r["pred_rows"] = read_csv(d / "predictions.csv")
-    r["logits"] = r["targets"] = r["images"] = r["sample_index"] = None
-    if (d / "predictions.npz").is_file():
-        with np.load(d / "predictions.npz") as z:
-            r["logits"], r["targets"] = z["logits"], z["targets"]
-    if (d / "samples.npz").is_file():
-        with np.load(d / "samples.npz") as z:
-            r["images"], r["sample_index"] = z["images"], z["index"]
+            r["notes"].append(f"{R.CONFIG} could not be read back: {e}")
+    r["env"], r["data"], r["model"], r["metrics"] = rd.env, rd.data, rd.model_info, rd.metrics
+    r["history"] = rd.history_columns
+    r["steps"] = columns(rd.steps)
+    r["pred_rows"] = rd.predictions
+    r["logits"], r["targets"] = rd.logits, rd.targets
+    r["images"], r["sample_index"] = rd.samples
     data = r["data"] or {}
     k = data.get("num_classes") or (r["logits"].shape[1] if r["logits"] is not None else 0)
     r["classes"] = list(data.get("classes") or [str(i) for i in range(k)])
@@ -96,7 +52,7 @@ def load_run(run_dir: str | Path) -> dict:
     r["summary"] = summ
     if not r["pred_rows"] and r["logits"] is not None:
         r["pred_rows"] = _rows_from_logits(r["logits"], r["targets"], r["classes"])
-    r["checkpoint"] = d / "checkpoints" / "best.pt" if (d / "checkpoints" / "best.pt").is_file() else None
+    r["checkpoint"] = rd.checkpoint("best")
     return r
 
 
@@ -110,27 +66,13 @@ def _rows_from_logits(logits, targets, classes) -> list[dict]:
 
 
 def load_model(run: dict):
-    """The best checkpoint's model, rebuilt from config.yaml and data.json; (model, None) or (None, why)."""
+    """The best checkpoint's model (RunDir.load_model); (model, None) or (None, why)."""
     if run["checkpoint"] is None:
-        return None, "no checkpoints/best.pt"
+        return None, f"no {R.CHECKPOINTS}/{R.BEST}"
     if run["cfg"] is None or not run["data"]:
-        return None, "config.yaml or data.json missing"
+        return None, f"{R.CONFIG} or {R.DATA} missing"
     try:
-        import torch
-
-        from cnnlab.models import build_model
-
-        d = run["data"]
-        # the checkpoint holds every weight: no pretrained download is needed (or wanted) to rebuild
-        mcfg = dataclasses.replace(run["cfg"].model, pretrained=None)
-        model = build_model(mcfg, num_classes=d["num_classes"], in_channels=d["in_channels"], input_size=d["input_size"])
-        state = torch.load(run["checkpoint"], map_location="cpu", weights_only=True)
-        state = state["model"] if "model" in state else state
-        for prefix in ("_orig_mod.", "module."):  # torch.compile / DistributedDataParallel wrappers
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-        model.load_state_dict(state)
-        return model.eval(), None
+        return run["rundir"].load_model("best"), None
     except Exception as e:
         return None, f"could not rebuild the model from the checkpoint: {type(e).__name__}: {e}"
 
@@ -158,11 +100,7 @@ def findings(run: dict) -> list[dg.Finding]:
 def write_failures(run: dict, path: Path) -> int:
     """failures.csv: every misclassified sample of the evaluated split, highest loss first."""
     wrong = sorted((r for r in run["pred_rows"] if r["target"] != r["pred"]), key=lambda r: -r["loss"])
-    cols = ["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(wrong)
+    R.write_csv(path, R.PREDICTION_COLS, wrong)
     return len(wrong)
 
 
@@ -260,20 +198,19 @@ def build(run_dir: str | Path) -> Path:
     from cnnlab.report import html as report_html
     from cnnlab.report import md as report_md
 
-    run = load_run(run_dir)
+    run = gather(run_dir)
     d = run["dir"]
     found = findings(run)
-    (d / "findings.json").write_text(json.dumps([f.to_dict() for f in found], indent=1, default=_plain) + "\n",
-                                     encoding="utf-8")
-    n_fail = write_failures(run, d / "failures.csv") if run["pred_rows"] else 0
-    figs = make_plots(run, found, d / "plots")
+    R.write_text(d / R.FINDINGS, json.dumps([f.to_dict() for f in found], indent=1, default=_plain) + "\n")
+    n_fail = write_failures(run, d / R.FAILURES) if run["pred_rows"] else 0
+    figs = make_plots(run, found, d / R.PLOTS)
     for name in PLOTS:  # a figure this build could not draw must not survive from an earlier one
-        if name not in figs and (d / "plots" / f"{name}.png").is_file():
-            (d / "plots" / f"{name}.png").unlink()
+        if name not in figs and (d / R.PLOTS / f"{name}.png").is_file():
+            (d / R.PLOTS / f"{name}.png").unlink()
     ctx = {"run": run, "findings": found, "figs": figs, "n_failures": n_fail}
-    (d / "report.md").write_text(report_md.markdown(ctx), encoding="utf-8")
-    path = d / "report.html"
-    path.write_text(report_html.html(ctx), encoding="utf-8")
+    R.write_text(d / R.REPORT_MD, report_md.markdown(ctx))
+    path = d / R.REPORT_HTML
+    R.write_text(path, report_html.html(ctx))
     return path
 
 
@@ -291,8 +228,8 @@ def _plain(v):
 
 def write_tensorboard(run_dir: str | Path, log_dir: str | Path | None = None) -> Path | None:
     """Replay history.csv, steps.csv and the test metrics into TensorBoard files (default RUN/tensorboard)."""
-    run = load_run(run_dir)
-    log_dir = Path(log_dir) if log_dir else run["dir"] / "tensorboard"
+    run = gather(run_dir)
+    log_dir = Path(log_dir) if log_dir else run["dir"] / R.TENSORBOARD
     with TBLogger(log_dir) as tb:
         if not tb.enabled:
             return None

@@ -1,233 +1,26 @@
-"""Comparing runs: load run or study folders as groups (one per variation, one run per seed), test each
-against the baseline (exact McNemar on the shared test set for single runs, t-tests over seeds, Holm over
-the comparisons) and write comparison.json, plots/, study.html (self-contained) and study.md."""
+"""The pages of a comparison (`cnnlab compare`, a study's report): its figures (in plots.py's look),
+tables, study.md and the self-contained study.html, drawn from studies/compare.py's results.
+
+Imports: rundir, analysis.stats, report.plots / report.html (style); never studies.compare or study."""
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cnnlab.analysis import stats as S
-from cnnlab.studies.study import IGNORED, STUDY_KEYS, flat, fmt_value
+from cnnlab import rundir as R
 
-ALPHA = 0.05
-IGNORED = IGNORED + STUDY_KEYS  # settings that never make two runs' results differ, and the study's own keys
-LABELS = {"model.batchnorm": "batch norm", "optim.weight_decay": "weight decay (L2)", "model.dropout": "dropout",
-          "optim.lr": "learning rate", "optim.name": "optimizer", "model.name": "model", "train.epochs": "epochs",
-          "train.batch_size": "batch size", "schedule.name": "LR schedule", "train.seed": "seed",
-          "data.augment.hflip": "horizontal flips", "data.augment.crop_padding": "random-crop padding",
-          "data.augment.crop_padding_mode": "crop padding mode",
-          "data.augment.cutout": "cutout", "train.label_smoothing": "label smoothing", "model.init": "weight init",
-          "train.ema": "weight EMA", "optim.momentum": "momentum", "data.name": "data set"}
 METRICS = [("best_epoch", "best epoch"), ("best_val_acc", "best val acc"), ("test_acc", "test acc"),
            ("test_loss", "test loss"), ("params", "parameters"), ("train_seconds", "train time")]
-
-
-@dataclass
-class Run:
-    dir: Path
-    seed: int
-    config: dict  # flat dotted keys
-    metrics: dict
-    history: dict  # column -> list
-    params: int | None
-    seconds: float | None
-
-
-@dataclass
-class Group:
-    name: str
-    runs: list[Run]
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def load_run(d: str | Path) -> Run:
-    import yaml
-
-    d = Path(d)
-    if not (d / "metrics.json").is_file():
-        raise FileNotFoundError(f"{d}: not a finished run folder (no metrics.json in it)")
-    cfg = flat(yaml.safe_load((d / "config.yaml").read_text()) or {}) if (d / "config.yaml").is_file() else {}
-    hist: dict = {}
-    if (d / "history.csv").is_file():
-        with open(d / "history.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                for k, v in row.items():
-                    hist.setdefault(k, []).append(float(v))
-    return Run(d, int(cfg.get("train.seed", 0)), cfg, _json(d / "metrics.json"), hist,
-               _json(d / "model.json").get("total_params"), _json(d / "env.json").get("train_seconds"))
-
-
-def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
-    """Groups from study folders (study.json: one group per variation) and run folders (one group each);
-    also the study's baseline and its run list (with statuses) when there is one study."""
-    groups, base, listing = [], None, []
-    for p in map(Path, paths):
-        if (p / "study.json").is_file():
-            man = _json(p / "study.json")
-            base = base or man.get("baseline")
-            for v in man["variations"]:
-                runs = [load_run(p / r["dir"]) for r in v["runs"] if (p / r["dir"] / "metrics.json").is_file()]
-                listing += [{**r, "dir": str(p / r["dir"]), "variation": v["name"]} for r in v["runs"]]
-                if runs:
-                    groups.append(Group(v["name"], runs))
-        elif (p / "metrics.json").is_file():
-            groups.append(Group(p.name, [load_run(p)]))
-            listing.append({"dir": str(p), "variation": p.name, "seed": groups[-1].runs[0].seed, "status": "done"})
-        else:
-            raise FileNotFoundError(f"{p}: neither a run folder (metrics.json) nor a study folder (study.json)")
-    names = [g.name for g in groups]
-    for g in groups:  # the same folder name twice (e.g. two studies' main): prefix the parent's name
-        if names.count(g.name) > 1:
-            g.name = f"{g.runs[0].dir.parent.name}/{g.name}"
-    if len({g.name for g in groups}) != len(groups):
-        raise ValueError(f"two of the compared runs have the same name: {[g.name for g in groups]}")
-    return groups, base, listing
-
-
-# ----------------------------------------------------------------------------------------------
-# Analysis (plain, JSON-able numbers)
-
-
-def _values(g: Group, key: str) -> list[float]:
-    get = {"best_epoch": lambda r: r.metrics.get("best_epoch"), "best_val_acc": lambda r: r.metrics.get("best_val_acc"),
-           "test_acc": lambda r: r.metrics["test"]["accuracy"], "test_loss": lambda r: r.metrics["test"].get("loss"),
-           "params": lambda r: r.params, "train_seconds": lambda r: r.seconds}[key]
-    return [float(v) for v in map(get, g.runs) if v is not None]
-
-
-def correct_by_id(run: Run) -> dict[str, tuple[int, bool]]:
-    """id -> (target, classified right) from predictions.csv."""
-    with open(run.dir / "predictions.csv", newline="") as f:
-        return {r["id"]: (int(r["target"]), r["target"] == r["pred"]) for r in csv.DictReader(f)}
-
-
-def test_pair(a: Group, b: Group) -> dict:
-    """b against baseline a: t-test over seeds when both have repeats (paired when the seeds match), else
-    the exact McNemar test on the test images of one run each (with the same seed when there is one)."""
-    sa, sb = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
-    if len(a.runs) > 1 and len(b.runs) > 1:
-        if set(sa) == set(sb):
-            seeds = sorted(sa)
-            t, p = S.paired_t([sb[s].metrics["test"]["accuracy"] for s in seeds],
-                              [sa[s].metrics["test"]["accuracy"] for s in seeds])
-            return {"test": "paired_t", "statistic": t, "p": p, "n": len(seeds)}
-        t, p = S.welch_t(_values(b, "test_acc"), _values(a, "test_acc"))
-        return {"test": "welch_t", "statistic": t, "p": p, "n": [len(b.runs), len(a.runs)]}
-    shared = sorted(set(sa) & set(sb))
-    ra, rb = (sa[shared[0]], sb[shared[0]]) if shared else (a.runs[0], b.runs[0])
-    ca, cb = correct_by_id(ra), correct_by_id(rb)
-    if set(ca) != set(cb) or any(ca[i][0] != cb[i][0] for i in ca):
-        return {"test": None, "why": "the runs were evaluated on different test images (different data or splits)"}
-    ids = sorted(ca)
-    right_a, right_b = np.array([ca[i][1] for i in ids]), np.array([cb[i][1] for i in ids])
-    only_a, only_b = S.discordant(right_a, right_b)
-    stat, p = S.mcnemar(right_b, right_a)
-    return {"test": "mcnemar", "statistic": stat, "p": p, "n": len(ids), "only_variation": only_b,
-            "only_baseline": only_a, "seeds": [ra.seed, rb.seed]}
-
-
-def _setting(v, key: str = "", cfg: dict | None = None) -> str:
-    """A value as people write it; a model setting left at null shows the builder's own default."""
-    if v is None and key.startswith("model.") and cfg:
-        try:
-            import inspect
-
-            from cnnlab.models import MODELS
-
-            p = inspect.signature(MODELS.get(cfg.get("model.name"))).parameters.get(key.split(".")[-1])
-            if p is not None and p.default is not inspect.Parameter.empty:
-                return f"{_setting(p.default)} (default)"
-        except (KeyError, ValueError, TypeError):
-            pass
-    return "default" if v is None else ("yes" if v else "no") if isinstance(v, bool) else fmt_value(v)
-
-
-def analyze(groups: list[Group], baseline: str | None = None) -> dict:
-    names = [g.name for g in groups]
-    base = baseline or names[0]
-    if base not in names:
-        raise ValueError(f"baseline {base!r} is not among the compared runs: {', '.join(names)}")
-    bg = groups[names.index(base)]
-    firsts = {g.name: g.runs[0].config for g in groups}
-    keys = sorted(set().union(*firsts.values()))
-    differ = [k for k in keys if not k.startswith(IGNORED)
-              and len({json.dumps(c.get(k), sort_keys=True) for c in firsts.values()}) > 1]
-    classes = [c["name"] for c in bg.runs[0].metrics["test"]["per_class"]]
-    c0 = firsts[base]
-    setup = {"model.name": f"{c0.get('model.name')} on {c0.get('data.name')}", "optim.name": c0.get("optim.name"),
-             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epochs",
-             "train.batch_size": f"batch {c0.get('train.batch_size')}"}
-    setup = [str(v) for k, v in setup.items() if k not in differ]
-    out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes,
-           "eval_split": bg.runs[0].metrics.get("eval_split"),
-           "differs": [{"key": k, "label": LABELS.get(k, k),
-                        "values": {n: _setting(firsts[n].get(k), k, firsts[n]) for n in names}} for k in differ],
-           "groups": [], "comparisons": []}
-    for g in groups:
-        pc = np.mean([[c["accuracy"] for c in r.metrics["test"]["per_class"]] for r in g.runs], axis=0)
-        out["groups"].append({"name": g.name, "seeds": [r.seed for r in g.runs], "dirs": [str(r.dir) for r in g.runs],
-                              "stats": {k: S.describe(_values(g, k)) for k, _ in METRICS},
-                              "per_class_acc": pc.tolist()})
-    tests = [(g, test_pair(bg, g)) for g in groups if g.name != base]
-    valid = [t for _, t in tests if t["test"]]
-    for t, adj in zip(valid, S.holm([t["p"] for t in valid])):
-        t["p_holm"] = float(adj)
-        t["significant"] = bool(adj < ALPHA)
-    gstats = {d["name"]: d for d in out["groups"]}
-    for g, t in tests:
-        diff = 100 * (gstats[g.name]["stats"]["test_acc"]["mean"] - gstats[base]["stats"]["test_acc"]["mean"])
-        pa, pb = np.array(gstats[g.name]["per_class_acc"]), np.array(gstats[base]["per_class_acc"])
-        pcd = (pa - pb) * 100 if pa.shape == pb.shape else np.array([])  # other classes: nothing to set side by side
-        out["comparisons"].append({"name": g.name, "diff_points": diff, "per_class_diff_points": pcd.tolist(),
-                                   **t, "text": sentence(g.name, base, diff, t, len(valid), gstats)})
-    return out
-
-
-def fmt_p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else "p = 1" if p > 0.995 else f"p = {p:.2f}" if p >= 0.095 else f"p = {p:.2g}"
-
-
-def sentence(name: str, base: str, diff: float, t: dict, m: int, gstats: dict) -> dict:
-    """{'head': 'batchnorm: +0.40 points, not significant, p = 0.61', 'detail': how it was tested}."""
-    acc = lambda n: f"{100 * gstats[n]['stats']['test_acc']['mean']:.2f}%"  # noqa: E731
-    head = f"{name}: {diff:+.2f} points ({acc(base)} → {acc(name)})"
-    if not t["test"]:
-        return {"head": f"{head}, not tested", "detail": f"No significance test: {t['why']}."}
-    p = t["p_holm"]
-    head += f", {'significant' if t['significant'] else 'not significant'}, {fmt_p(p)}"
-    if t["test"] == "mcnemar":
-        seed = f" (seed {t['seeds'][1]})" if len(gstats[name]["seeds"]) > 1 or len(gstats[base]["seeds"]) > 1 else ""
-        n_diff = t["only_variation"] + t["only_baseline"]
-        detail = f"Exact McNemar test on the {t['n']:,} shared test images{seed}: " + (
-            f"{n_diff:,} are classified right by one model only, {t['only_variation']:,} by {name} and "
-            f"{t['only_baseline']:,} by {base}." if n_diff else "both get exactly the same images right.")
-    elif t["test"] == "paired_t":
-        detail = f"Paired t-test of test accuracy over {t['n']} seeds (t = {t['statistic']:.2f}, {t['n'] - 1} df)."
-    else:
-        detail = (f"Welch's t-test of test accuracy over {t['n'][0]} and {t['n'][1]} seeds "
-                  f"(unpaired: the seeds differ; t = {t['statistic']:.2f}).")
-    if m > 1:
-        detail += f" Holm-corrected for the {m} comparisons against {base} (uncorrected {fmt_p(t['p'])})."
-    if t["test"] == "mcnemar":  # one trained model each: training's own seed-to-seed spread is not in the test
-        detail += (" This compares these two trained models; another seed can move either by a few tenths of a "
-                   "point, so for a claim about the setting itself add `repeats: 3` or more (a t-test over seeds).")
-    return {"head": head, "detail": detail}
 
 
 # ----------------------------------------------------------------------------------------------
 # Figures (the look of plots.py)
 
 
-def fig_curves(groups: list[Group]):
+def fig_curves(groups):
     """Train (dashed) and val (solid) loss and accuracy per epoch, one colour per group; mean over seeds with
     the seeds' min-max band."""
     from matplotlib.ticker import MaxNLocator
@@ -237,7 +30,7 @@ def fig_curves(groups: list[Group]):
     for i, g in enumerate(groups):
         for ax, what, scale in ((axes[0], "loss", 1.0), (axes[1], "acc", 100.0)):
             for split, ls in (("train", "--"), ("val", "-")):
-                runs = [r.history for r in g.runs if r.history.get(f"{split}_{what}")]
+                runs = [h for h in (r.history_columns for r in g.runs) if h.get(f"{split}_{what}")]
                 if not runs:
                     continue
                 ys = np.full((len(runs), max(len(h["epoch"]) for h in runs)), np.nan)  # (seeds, epochs)
@@ -257,13 +50,15 @@ def fig_curves(groups: list[Group]):
     return fig
 
 
-def fig_accuracy(res: dict, groups: list[Group]):
+def fig_accuracy(res: dict, groups):
     """Test accuracy per group: each seed (grey), the mean (diamond), its 95% t-interval over seeds, or for a
     single run the Wilson interval over the test images."""
+    from cnnlab.analysis import stats as S
+
     fig, ax = P().plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.2), constrained_layout=True)
     for i, (g, st) in enumerate(zip(groups, res["groups"])):
         y, s, n = len(groups) - 1 - i, st["stats"]["test_acc"], g.runs[0].metrics["test"]["n"]
-        ax.scatter(np.array(_values(g, "test_acc")) * 100, [y] * len(g.runs), s=14, color="#94a3b8", zorder=2)
+        ax.scatter(np.array([r.metrics["test"]["accuracy"] for r in g.runs]) * 100, [y] * len(g.runs), s=14, color="#94a3b8", zorder=2)
         lo, hi = (s["lo"], s["hi"]) if s["n"] > 1 else S.proportion_ci(round(s["mean"] * n), n)
         ax.errorbar(s["mean"] * 100, y, xerr=[[100 * (s["mean"] - lo)], [100 * (hi - s["mean"])]],
                     fmt="none", ecolor=_colour(i), elinewidth=2, capsize=4, zorder=3)
@@ -312,7 +107,8 @@ def _colour(i: int):
     return P().plt.get_cmap("tab10").colors[i % 10]
 
 
-def figures(res: dict, groups: list[Group], out: Path) -> dict[str, Path]:
+def figures(res: dict, groups, out: Path) -> dict[str, Path]:
+    """study_curves.png, study_accuracy.png, study_per_class.png under `out` (those that can be drawn)."""
     figs = {"curves": fig_curves(groups), "accuracy": fig_accuracy(res, groups), "per_class": fig_per_class(res)}
     return {k: P().save(f, out / f"study_{k}.png") for k, f in figs.items() if f is not None}
 
@@ -374,8 +170,8 @@ def _folder(d: str, out: Path) -> _Raw:
     from html import escape as e
 
     rel = os.path.relpath(d, out)
-    has = (Path(d) / "report.html").is_file()
-    return _Raw(f'<a href="{e(rel)}/report.html"><code>{e(rel)}</code></a>' if has else f"<code>{e(rel)}</code>")
+    has = (Path(d) / R.REPORT_HTML).is_file()
+    return _Raw(f'<a href="{e(rel)}/{R.REPORT_HTML}"><code>{e(rel)}</code></a>' if has else f"<code>{e(rel)}</code>")
 
 
 def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path) -> str:
@@ -439,48 +235,3 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
             f'</footer></main></div></body></html>\n')
 
 
-def _plain(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    return o
-
-
-def default_out(paths: list[Path]) -> Path:
-    """Beside the runs, not in the working directory: runs/a + runs/b -> runs/comparison-a-vs-b."""
-    import os
-
-    parents = [p.resolve().parent for p in paths]
-    base = Path(os.path.commonpath(parents))
-    try:
-        base = base.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    name = "comparison-" + "-vs-".join(p.resolve().name for p in paths)
-    return base / (name if len(name) <= 80 else name[:80].rstrip("-"))
-
-
-def compare(paths, *, out: str | Path | None = None, baseline: str | None = None, say=None) -> Path:
-    """Compare run/study folders; writes comparison.json, study.html, study.md and the PNGs under `out`."""
-    paths = [Path(p) for p in paths]
-    groups, study_base, listing = load_groups(paths)
-    if not groups:
-        raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))}")
-    one_study = len(paths) == 1 and (paths[0] / "study.json").is_file()
-    out = Path(out) if out else paths[0] if one_study else default_out(paths)
-    out.mkdir(parents=True, exist_ok=True)
-    res = analyze(groups, baseline or study_base)
-    title = paths[0].name if one_study else "comparison"
-    from cnnlab.training.experiment import write_json
-
-    write_json(out / "comparison.json", _plain(res))
-    figs = figures(res, groups, out / "plots")
-    (out / "study.md").write_text(markdown(res, title, figs, listing, out))
-    (out / "study.html").write_text(html_page(res, title, figs, listing, out))
-    if say:
-        for c in res["comparisons"]:
-            say(c["text"]["head"])
-    return out / "study.html"

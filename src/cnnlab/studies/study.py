@@ -1,6 +1,7 @@
 """Studies: each variation x grid point x seed of one config trained into its own fixed run folder under one
-study folder, with a study.json manifest; run in this process, as parallel subprocesses or on Ray, resumable
-(only what is missing runs again), then compared in study.html / study.md (study_report.py)."""
+study folder (marked by rundir as a study), with a study.json manifest; run in this process, as parallel
+subprocesses or on Ray, resumable (only what is missing runs again), then compared by studies/compare.py
+(study.html / study.md). Imports compare one way; compare never imports this module."""
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnlab import config as C
-
-STUDY_KEYS = ("variations", "grid", "repeats", "baseline")
-IGNORED = ("output.", "train.progress", "train.threads")  # keys that may differ without changing a run's result
+from cnnlab import rundir as R
+from cnnlab.studies import compare
+from cnnlab.studies.compare import IGNORED, STUDY_KEYS, flat, fmt_value
 
 
 class StudyError(RuntimeError):
@@ -48,18 +49,6 @@ class Study:
 
 # ----------------------------------------------------------------------------------------------
 # Planning: names, overrides, resolved configs
-
-
-def fmt_value(v) -> str:
-    """A setting as people write it: 1e-5 not 1e-05, true/false, 0.5."""
-    if isinstance(v, bool) or v is None:
-        return {True: "true", False: "false", None: "null"}[v]
-    if not isinstance(v, float):
-        return str(v)
-    if v and abs(v) < 1e-3 or abs(v) >= 1e6:
-        m, e = f"{v:.6e}".split("e")
-        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
-    return f"{v:g}"
 
 
 def _node(cfg, dotted: str):
@@ -150,25 +139,14 @@ def differences(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted key: value} (plain dict settings such as model.options kept whole)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k not in ("options",):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_state(path: Path) -> str:
     """done when metrics.json exists (written after evaluation), partial when the folder exists, else pending."""
-    return "done" if (path / "metrics.json").is_file() else "partial" if path.exists() else "pending"
+    return "done" if (path / R.METRICS).is_file() else "partial" if path.exists() else "pending"
 
 
 def _saved_config(path: Path) -> dict | None:
     try:
-        return flat(C.to_dict(C.load(path / "config.yaml")))
+        return flat(C.to_dict(R.RunDir(path).config))
     except (C.ConfigError, OSError):
         return None
 
@@ -204,6 +182,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         dist.init(pick_device(cfg.train.device))
     if main:
         root.mkdir(parents=True, exist_ok=True)
+        R.mark(root, "study")
     with _lock(root) if main else contextlib.nullcontext():
         todo, status = _plan_todo(root, cfg, planned, base, executor, config_path, overrides, say) if main else ([], {})
         say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
@@ -220,9 +199,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
                 status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
             write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
             if report and any(s == "done" for s in status.values()):
-                from cnnlab.studies import report as study_report
-
-                out.report = study_report.compare([root], out=root, baseline=base)
+                out.report = compare.compare([root], out=root, baseline=base)
                 say(f"study report: {out.report}")
     if failures:
         lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
@@ -233,7 +210,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
 
 def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:
     """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed."""
-    (root / "study.yaml").write_text(C.dump_yaml(cfg))
+    R.write_text(root / R.STUDY_YAML, C.dump_yaml(cfg))
     todo, status = [], {}
     for p in planned:
         path = root / p.id
@@ -247,7 +224,7 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
             continue
         mode = "fresh"
         if state == "partial":
-            resumable = saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file()
+            resumable = saved is not None and not diff and R.checkpoint_path(path, "last").is_file()
             if resumable and executor != "ray":  # (Ray workers start from scratch)
                 mode = "resume"
             else:
@@ -258,15 +235,13 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
 
 
 def write_manifest(root: Path, cfg, planned, base, status, failures, config_path, overrides) -> None:
-    from cnnlab.training.experiment import write_json
-
     variations = []
     for name, ov in groups(cfg):
         runs = [p for p in planned if p.variation == name]
         variations.append({"name": name, "overrides": ov, "config": C.to_dict(runs[0].cfg),
                            "runs": [{"seed": p.seed, "dir": p.id, "status": status.get(p.id, "pending"),
                                      **({"error": failures[p.id]} if p.id in failures else {})} for p in runs]})
-    write_json(root / "study.json", {
+    R.write_json(root / R.STUDY_JSON, {
         "name": root.name, "baseline": base, "repeats": cfg.repeats,
         "seeds": [cfg.train.seed + r for r in range(cfg.repeats)], "grid": cfg.grid,
         "source": {"config": str(config_path) if config_path else None, "overrides": list(overrides or [])},
@@ -278,7 +253,7 @@ def _lock(root: Path):
     """An exclusive flock on <study>/.lock: two processes never run one study; the OS frees it on any death."""
     import fcntl
 
-    with open(root / ".lock", "w") as f:
+    with open(root / R.STUDY_LOCK, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -290,7 +265,7 @@ def _done_line(root: Path, p: Planned, seconds: float) -> str:
     import json
 
     try:
-        m = json.loads((root / p.id / "metrics.json").read_text())
+        m = json.loads((root / p.id / R.METRICS).read_text())
         return f"  {p.id}: test accuracy {m['test']['accuracy']:.4f} ({seconds:.0f} s)"
     except (OSError, ValueError, KeyError):
         return f"  {p.id}: finished ({seconds:.0f} s)"
@@ -328,19 +303,19 @@ def run_processes(root: Path, todo, *, jobs: int, say, **_) -> dict:
     """Up to `jobs` runs at a time, each `python -m cnnlab train <config>` with cores/jobs torch threads;
     the output of each goes to <study>/logs/<run>.log."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    (root / "configs").mkdir(exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
+    (root / R.STUDY_CONFIGS).mkdir(exist_ok=True)
+    (root / R.STUDY_LOGS).mkdir(exist_ok=True)
     queue, running, failures = list(todo), {}, {}
     try:
         while queue or running:
             while queue and len(running) < jobs:
                 p, mode = queue.pop(0)
                 slug = p.id.replace("/", "__")
-                cfg_file = root / "configs" / f"{slug}.yaml"
+                cfg_file = root / R.STUDY_CONFIGS / f"{slug}.yaml"
                 cfg_file.write_text(C.dump_yaml(p.cfg))
                 args = ["--resume", str(root / p.id)] if mode == "resume" else [str(cfg_file)]
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-                log = open(root / "logs" / f"{slug}.log", "a")
+                log = open(root / R.STUDY_LOGS / f"{slug}.log", "a")
                 proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args], stdout=log,
                                         stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
                 running[proc] = (p, log, time.perf_counter())
@@ -352,7 +327,7 @@ def run_processes(root: Path, todo, *, jobs: int, say, **_) -> dict:
                 if proc.returncode == 0:
                     say(_done_line(root, p, time.perf_counter() - t0))
                 else:
-                    tail = (root / "logs" / f"{p.id.replace('/', '__')}.log").read_text().strip().splitlines()[-3:]
+                    tail = (root / R.STUDY_LOGS / f"{p.id.replace('/', '__')}.log").read_text().strip().splitlines()[-3:]
                     failures[p.id] = f"exit code {proc.returncode}: " + " | ".join(tail)
                     say(f"  {p.id} failed ({failures[p.id]})")
     except BaseException:  # Ctrl-C / SIGTERM of the study: let every run save a checkpoint and stop
@@ -423,7 +398,7 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
             with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
                 tar.extractall(incoming, filter="data")
             run_dir = incoming / p.id.replace("/", "__")
-            (run_dir / "config.yaml").write_text(C.dump_yaml(p.cfg))  # the study's paths, not the worker's
+            R.write_text(run_dir / R.CONFIG, C.dump_yaml(p.cfg))  # the study's paths, not the worker's
             (root / p.id).parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(root / p.id, ignore_errors=True)
             os.replace(run_dir, root / p.id)  # appears whole, never half-unpacked
@@ -438,24 +413,6 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
 EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI: `cnnlab compare` (`cnnlab train` runs a study when the config has variations/grid/repeats)
-
-
-def register(subparsers) -> None:
-    c = subparsers.add_parser("compare", help="compare runs or a study: tables, curves, significance tests",
-                              description="Compare finished run folders (each one variation) or study folders "
-                                          "(their variations, with seeds): study.html, study.md, comparison.json.")
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders and/or study folders")
-    c.add_argument("--out", help="where to write the comparison (default: the study folder when one study is "
-                                 "given, else comparison-A-vs-B beside the runs)")
-    c.add_argument("--baseline", help="the variation the others are tested against (default: the first)")
-    c.set_defaults(func=_compare_cli)
-
-
-def _compare_cli(args) -> int:
-    from cnnlab.studies import report as study_report
-
-    path = study_report.compare(args.runs, out=args.out, baseline=args.baseline, say=print)
-    print(f"comparison: {path}")
-    return 0
+# `cnnlab compare` lives in studies/compare.py (its parser beside it); `register` keeps today's cli.py loop
+# finding it here until cli.py imports compare.add_parser itself.
+register = compare.add_parser

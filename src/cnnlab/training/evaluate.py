@@ -5,11 +5,11 @@ files are never overwritten.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
+from cnnlab import rundir as R
+from cnnlab.training import checkpoint as ckpt
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
@@ -18,31 +18,29 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     from cnnlab.data.pipeline import prepare
     from cnnlab.analysis.metrics import summary
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+    run = R.RunDir(run_dir)
+    if run.config_text is None:
+        raise FileNotFoundError(f"{run.dir}: not a run folder (no {R.CONFIG})")
     bad = [o for o in overrides or [] if not o.startswith("data.")]
     if bad:
         raise C.ConfigError(f"cnnlab eval takes only data.* overrides, got {', '.join(bad)}")
-    cfg = C.load(run_dir / "config.yaml", overrides)
-    saved = json.loads((run_dir / "data.json").read_text())
+    cfg = run.load_config(overrides)
+    saved = run.data
+    if saved is None:
+        raise FileNotFoundError(f"{run.dir}: no readable {R.DATA}")
     # evaluate with the training run's normalisation, not the new data's statistics
     cfg = C.replace(cfg, {"data.mean": saved["mean"], "data.std": saved["std"], "data.check": False})
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     if splits.classes != saved["classes"]:
         raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
-    c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
+    c = ckpt.load(R.checkpoint_path(run.dir, which))
     device = training.pick_device(cfg.train.device)
     logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
-    out = run_dir / "evals"
-    out.mkdir(exist_ok=True)
-    n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])
-    dest = out / str(n)
-    dest.mkdir()
+    dest = R.next_eval_dir(run.dir)
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
     result = {"checkpoint": which, "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
               "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
-    experiment.write_json(dest / "metrics.json", result)
+    R.write_json(dest / R.METRICS, result)
     return {"dir": str(dest), **result}
 
 

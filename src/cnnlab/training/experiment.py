@@ -1,14 +1,12 @@
-"""Run folders: create one (auto-numbered, never overwritten), train into it, evaluate the best
-checkpoint, and write everything a report or a comparison later reads."""
+"""The life of one run: make its folder (rundir.create), train into it, evaluate the best checkpoint and
+write everything a report or a comparison later reads. File names and writers belong to cnnlab.rundir."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +16,19 @@ import torch.nn.functional as F
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
+from cnnlab import rundir as R
+from cnnlab.rundir import RunDir, write_json, write_text  # noqa: F401  (re-exported: experiment.write_json)
 from cnnlab.data.loader import check_augment
 from cnnlab.data.pipeline import Splits, prepare, save_splits
 
 
-@dataclass
-class Run:
-    """A finished (or resumed) run: its folder, config and headline metrics."""
-
-    dir: Path
-    config: C.Config
-    metrics: dict = field(default_factory=dict)
-
-    @property
-    def history(self) -> list[dict]:
-        import csv
-
-        with open(self.dir / "history.csv", newline="") as f:
-            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+Run = RunDir  # what run() returns: the run folder's typed reader, seeded with the config and metrics
 
 
 def new_run_dir(cfg: C.Config) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... : an existing folder is never reused."""
-    base = Path(cfg.output.dir)
+    """runs/<name>, or runs/<name>-2, -3, ... : an existing folder is never reused (rundir.create)."""
     name = cfg.output.name or f"{cfg.data.name}-{cfg.model.name}".replace(":", "-")
-    base.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 100_000):
-        path = base / (name if i == 1 else f"{name}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free run folder name under {base}")
+    return R.create(cfg.output.dir, name)
 
 
 def _git_commit() -> str | None:
@@ -76,28 +54,6 @@ def environment(cfg: C.Config, device: str) -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o)}")
-
-
 def data_summary(splits: Splits, cfg: C.Config) -> dict:
     return {"name": cfg.data.name, "root": cfg.data.root, **splits.summary(), "findings": splits.findings}
 
@@ -105,20 +61,17 @@ def data_summary(splits: Splits, cfg: C.Config) -> dict:
 def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
     """predictions.csv (one row per sample), predictions.npz (logits, targets) and samples.npz (a seeded
     pick of images plus the highest-loss failures, raw uint8) so every plot can be redrawn later."""
-    import csv
-
     s = splits.eval_set
     losses = F.cross_entropy(logits, targets, reduction="none")
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
     classes = splits.classes
-    with open(run_dir / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"])
-        for i in range(len(targets)):
-            t, p = int(targets[i]), int(pred[i])
-            w.writerow([i, s.ids[i], t, classes[t], p, classes[p], f"{conf[i].item():.6f}", f"{losses[i].item():.6f}"])
-    np.savez_compressed(run_dir / "predictions.npz", logits=logits.numpy().astype(np.float32),
+    rows = []
+    for i in range(len(targets)):
+        t, p = int(targets[i]), int(pred[i])
+        rows.append([i, s.ids[i], t, classes[t], p, classes[p], f"{conf[i].item():.6f}", f"{losses[i].item():.6f}"])
+    R.write_csv(run_dir / R.PREDICTIONS_CSV, R.PREDICTION_COLS, rows)
+    np.savez_compressed(run_dir / R.PREDICTIONS_NPZ, logits=logits.numpy().astype(np.float32),
                         targets=targets.numpy().astype(np.int64))
     if s.images is None and not s.files:
         return
@@ -134,7 +87,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
 
         imgs = torch.stack([decode(s.files[i], splits.channels, splits.size) for i in index]) if len(index) else \
             torch.zeros(0, splits.channels, splits.size, splits.size, dtype=torch.uint8)
-    np.savez_compressed(run_dir / "samples.npz", images=imgs.numpy(), index=index)
+    np.savez_compressed(run_dir / R.SAMPLES, images=imgs.numpy(), index=index)
 
 
 def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -> Run:
@@ -158,10 +111,10 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     main = dist.is_main()
     t_start = time.perf_counter()
     if main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
-        write_json(run_dir / "data.json", data_summary(splits, cfg))
-        save_splits(splits, run_dir / "splits.npz")
+        (run_dir / R.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / R.CONFIG, C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
+        write_json(run_dir / R.DATA, data_summary(splits, cfg))
+        save_splits(splits, run_dir / R.SPLITS)
         say(f"run folder: {run_dir}")
         say(f"data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val"
             f"{f' / {len(splits.test)} test' if splits.test is not None else ''}, {len(splits.classes)} classes, "
@@ -173,17 +126,18 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     if main:
         env = environment(cfg, str(device))
         env["train_seconds"] = round(time.perf_counter() - t_start, 3)
-        write_json(run_dir / "env.json", env)
-        _write_model_json(run_dir, model, splits)
+        write_json(run_dir / R.ENV, env)
+        _write_model_json(run_dir, model, splits, cfg.model.name)
 
     # evaluate the best checkpoint on the test split (val where there is none)
-    best = ckpt.load(run_dir / "checkpoints" / "best.pt") if (run_dir / "checkpoints" / "best.pt").exists() else None
+    best_pt = R.checkpoint_path(run_dir, "best")
+    best = ckpt.load(best_pt) if best_pt.exists() else None
     logits, targets = T.evaluate_weights(cfg, splits, best["model"] if best else T._unwrap(model).state_dict(), device)
     metrics = {}
     if main:
         save_predictions(run_dir, splits, logits, targets, cfg.train.seed)
         metrics = headline(cfg, state, splits, logits, targets)
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / R.METRICS, metrics)
         test = metrics["test"]
         where = "test" if splits.eval_split == "test" else "validation (no test split)"
         say(f"best epoch {state.best_epoch}: val acc {metrics['best_val_acc']:.4f}; "
@@ -191,7 +145,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
         if cfg.output.report:
             _report(run_dir, say)
     dist.barrier()
-    return Run(dir=run_dir, config=cfg, metrics=metrics)
+    return RunDir(run_dir, config=cfg, metrics=metrics)
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:
@@ -225,11 +179,11 @@ def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets
             "eval_split": splits.eval_split, "test": test}
 
 
-def _write_model_json(run_dir: Path, model, splits: Splits) -> None:
+def _write_model_json(run_dir: Path, model, splits: Splits, name: str) -> None:
     from cnnlab.training import loop as T
 
     m = T._unwrap(model)
-    info = {"name": cfg_name(run_dir), "class": type(m).__name__, "total_params": sum(p.numel() for p in m.parameters()),
+    info = {"name": name, "class": type(m).__name__, "total_params": sum(p.numel() for p in m.parameters()),
             "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad)}
     try:
         from cnnlab.models.summary import summarize
@@ -239,7 +193,7 @@ def _write_model_json(run_dir: Path, model, splits: Splits) -> None:
         info["summary"] = s.to_dict()
     except Exception as e:  # the summary is a nicety; training results must not depend on it
         info["summary_text"] = f"(summary unavailable: {e})"
-    write_json(run_dir / "model.json", info)
+    write_json(run_dir / R.MODEL, info)
 
 
 def _report(run_dir: Path, say) -> None:
@@ -258,6 +212,3 @@ def _report(run_dir: Path, say) -> None:
         return
     say(f"report: {path}")
 
-
-def cfg_name(run_dir: Path) -> str:
-    return C.load(run_dir / "config.yaml").model.name

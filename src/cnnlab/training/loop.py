@@ -32,6 +32,7 @@ from torch import nn
 
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
+from cnnlab import rundir as R
 from cnnlab.training import runlog
 from cnnlab.config import Config
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
@@ -343,20 +344,20 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
     lookahead = Lookahead(t.epochs * steps_per_epoch) if t.lookahead else None
 
-    ckdir = run_dir / "checkpoints"
+    ckdir = run_dir / R.CHECKPOINTS
     if main:
         ckpt.check_free_space(ckdir, checkpoint_bytes(model, cfg))
     state = State()
     if resume:
         if main:
             stale = ckpt.clean_stale_tmp(ckdir)
-            for name in (".history.csv.tmp", ".steps.csv.tmp"):  # a kill during _truncate_logs
+            for name in R.HISTORY_TMP:  # a kill during _truncate_logs
                 (run_dir / name).unlink(missing_ok=True)
             if stale:
                 print(f"removed {len(stale)} temporary file(s) of an interrupted save in {ckdir}: "
                       f"{', '.join(stale)}", flush=True)
-        if (ckdir / "last.pt").is_file():
-            c = ckpt.load(ckdir / "last.pt")
+        if (ckdir / R.LAST).is_file():
+            c = ckpt.load(ckdir / R.LAST)
             model.load_state_dict(c["model"])
             opt.load_state_dict(c["optimizer"])
             sched.load_state_dict(c["scheduler"])
@@ -376,14 +377,14 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         train_model = torch.compile(train_model)
 
     progress = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
-    tb = TBLogger(run_dir / "tensorboard") if main and cfg.output.tensorboard else None
+    tb = TBLogger(run_dir / R.TENSORBOARD) if main and cfg.output.tensorboard else None
     progress.step(state.step, float("nan"))
     saved_at = None  # (epoch, step) of the last write of last.pt
 
     def save_last() -> None:
         nonlocal saved_at
         if saved_at != (state.epoch, state.step):
-            save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
+            save_checkpoint(ckdir / R.LAST, model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
                             state=state, cfg=cfg, lookahead=lookahead)
             saved_at = (state.epoch, state.step)
 
@@ -395,7 +396,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         clock[0] = now
         progress.step(step, loss)
         if main and step % t.log_every == 0:
-            runlog.append_row(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1, "loss": runlog.fmt(loss),
+            runlog.append_row(run_dir / R.STEPS, {"step": step, "epoch": state.epoch + 1, "loss": runlog.fmt(loss),
                                                       "lr": runlog.fmt(opt.param_groups[0]["lr"])})
             if tb is not None:
                 tb.scalars({"step/loss": loss, "step/lr": opt.param_groups[0]["lr"]}, step)
@@ -429,14 +430,14 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                 metric = val_acc if t.monitor == "val_acc" else val_loss
                 if _is_better(metric, state.best_metric, t.monitor, t.early_stop.min_delta):
                     state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
-                    save_checkpoint(ckdir / "best.pt", model=eval_model, opt=opt, sched=sched, scaler=scaler,
+                    save_checkpoint(ckdir / R.BEST, model=eval_model, opt=opt, sched=sched, scaler=scaler,
                                     ema=None, state=state, cfg=cfg)
                 else:
                     state.bad_epochs += 1
                     if t.early_stop.patience is not None and state.bad_epochs >= t.early_stop.patience:
                         state.stopped_early = True
                 if main:
-                    runlog.append_row(run_dir / "history.csv", {k: runlog.fmt(v) for k, v in row.items()})
+                    runlog.append_row(run_dir / R.HISTORY, {k: runlog.fmt(v) for k, v in row.items()})
                     if tb is not None:
                         tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, state.epoch)
                 save_last()

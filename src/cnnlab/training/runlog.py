@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cnnlab import dist
+from cnnlab import rundir as R
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -74,7 +75,7 @@ def truncate_after(run_dir: Path, state) -> None:
     row a kill cut short."""
     if not dist.is_main():
         return
-    for name, key, limit in (("history.csv", "epoch", state.epoch), ("steps.csv", "step", state.step)):
+    for name, key, limit in ((R.HISTORY, "epoch", state.epoch), (R.STEPS, "step", state.step)):
         path = run_dir / name
         if not path.exists():
             continue

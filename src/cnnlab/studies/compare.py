@@ -1,0 +1,293 @@
+"""`cnnlab compare`: any finished run folders and study folders, loaded as groups (one per variation, one
+run per seed) and each tested against the baseline (exact McNemar on the shared test set for single runs,
+t-tests over seeds, Holm over the comparisons). Writes comparison.json here and, through
+studies/report.py, plots/, study.html and study.md. Also owns which config keys make two runs differ.
+
+Imports: rundir, analysis.stats, studies.report (the pages); never studies.study (which imports this)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab import rundir as R
+from cnnlab.rundir import RunDir
+from cnnlab.studies import report as pages
+from cnnlab.studies.report import METRICS
+
+ALPHA = 0.05
+STUDY_KEYS = ("variations", "grid", "repeats", "baseline")  # a study config's own keys
+IGNORED = ("output.", "train.progress", "train.threads")  # keys that may differ without changing a run's result
+COMPARE_IGNORED = IGNORED + STUDY_KEYS  # what compare never lists as "what differs"
+LABELS = {"model.batchnorm": "batch norm", "optim.weight_decay": "weight decay (L2)", "model.dropout": "dropout",
+          "optim.lr": "learning rate", "optim.name": "optimizer", "model.name": "model", "train.epochs": "epochs",
+          "train.batch_size": "batch size", "schedule.name": "LR schedule", "train.seed": "seed",
+          "data.augment.hflip": "horizontal flips", "data.augment.crop_padding": "random-crop padding",
+          "data.augment.crop_padding_mode": "crop padding mode",
+          "data.augment.cutout": "cutout", "train.label_smoothing": "label smoothing", "model.init": "weight init",
+          "train.ema": "weight EMA", "optim.momentum": "momentum", "data.name": "data set"}
+
+
+def fmt_value(v) -> str:
+    """A setting as people write it: 1e-5 not 1e-05, true/false, 0.5."""
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    if not isinstance(v, float):
+        return str(v)
+    if v and abs(v) < 1e-3 or abs(v) >= 1e6:
+        m, e = f"{v:.6e}".split("e")
+        return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+    return f"{v:g}"
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value} (plain dict settings such as model.options kept whole)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k not in ("options",):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass
+class Group:
+    name: str
+    runs: list[RunDir]
+
+
+def load_run(d: str | Path) -> RunDir:
+    """A finished run folder (metrics.json present), else FileNotFoundError naming it."""
+    return R.load_run(d, finished=True)
+
+
+def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
+    """Groups from study folders (study.json: one group per variation) and run folders (one group each);
+    also the study's baseline and its run list (with statuses) when there is one study."""
+    groups, base, listing = [], None, []
+    for p in map(Path, paths):
+        if (p / R.STUDY_JSON).is_file():
+            man = R.read_json(p / R.STUDY_JSON) or {}
+            base = base or man.get("baseline")
+            for v in man["variations"]:
+                runs = [load_run(p / r["dir"]) for r in v["runs"] if RunDir(p / r["dir"]).finished]
+                listing += [{**r, "dir": str(p / r["dir"]), "variation": v["name"]} for r in v["runs"]]
+                if runs:
+                    groups.append(Group(v["name"], runs))
+        elif RunDir(p).finished:
+            groups.append(Group(p.name, [load_run(p)]))
+            listing.append({"dir": str(p), "variation": p.name, "seed": groups[-1].runs[0].seed, "status": "done"})
+        else:
+            raise FileNotFoundError(f"{p}: neither a run folder ({R.METRICS}) nor a study folder ({R.STUDY_JSON})")
+    names = [g.name for g in groups]
+    for g in groups:  # the same folder name twice (e.g. two studies' main): prefix the parent's name
+        if names.count(g.name) > 1:
+            g.name = f"{g.runs[0].dir.parent.name}/{g.name}"
+    if len({g.name for g in groups}) != len(groups):
+        raise ValueError(f"two of the compared runs have the same name: {[g.name for g in groups]}")
+    return groups, base, listing
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis (plain, JSON-able numbers)
+
+
+def _values(g: Group, key: str) -> list[float]:
+    get = {"best_epoch": lambda r: r.metrics.get("best_epoch"), "best_val_acc": lambda r: r.metrics.get("best_val_acc"),
+           "test_acc": lambda r: r.metrics["test"]["accuracy"], "test_loss": lambda r: r.metrics["test"].get("loss"),
+           "params": lambda r: r.params, "train_seconds": lambda r: r.seconds}[key]
+    return [float(v) for v in map(get, g.runs) if v is not None]
+
+
+def correct_by_id(run: RunDir) -> dict[str, tuple[int, bool]]:
+    """id -> (target, classified right) from predictions.csv."""
+    return {r["id"]: (int(r["target"]), r["target"] == r["pred"]) for r in run.predictions}
+
+
+def test_pair(a: Group, b: Group) -> dict:
+    """b against baseline a: t-test over seeds when both have repeats (paired when the seeds match), else
+    the exact McNemar test on the test images of one run each (with the same seed when there is one)."""
+    from cnnlab.analysis import stats as S
+
+    sa, sb = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
+    if len(a.runs) > 1 and len(b.runs) > 1:
+        if set(sa) == set(sb):
+            seeds = sorted(sa)
+            t, p = S.paired_t([sb[s].metrics["test"]["accuracy"] for s in seeds],
+                              [sa[s].metrics["test"]["accuracy"] for s in seeds])
+            return {"test": "paired_t", "statistic": t, "p": p, "n": len(seeds)}
+        t, p = S.welch_t(_values(b, "test_acc"), _values(a, "test_acc"))
+        return {"test": "welch_t", "statistic": t, "p": p, "n": [len(b.runs), len(a.runs)]}
+    shared = sorted(set(sa) & set(sb))
+    ra, rb = (sa[shared[0]], sb[shared[0]]) if shared else (a.runs[0], b.runs[0])
+    ca, cb = correct_by_id(ra), correct_by_id(rb)
+    if set(ca) != set(cb) or any(ca[i][0] != cb[i][0] for i in ca):
+        return {"test": None, "why": "the runs were evaluated on different test images (different data or splits)"}
+    ids = sorted(ca)
+    right_a, right_b = np.array([ca[i][1] for i in ids]), np.array([cb[i][1] for i in ids])
+    only_a, only_b = S.discordant(right_a, right_b)
+    stat, p = S.mcnemar(right_b, right_a)
+    return {"test": "mcnemar", "statistic": stat, "p": p, "n": len(ids), "only_variation": only_b,
+            "only_baseline": only_a, "seeds": [ra.seed, rb.seed]}
+
+
+def _setting(v, key: str = "", cfg: dict | None = None) -> str:
+    """A value as people write it; a model setting left at null shows the builder's own default."""
+    if v is None and key.startswith("model.") and cfg:
+        try:
+            import inspect
+
+            from cnnlab.models import MODELS
+
+            p = inspect.signature(MODELS.get(cfg.get("model.name"))).parameters.get(key.split(".")[-1])
+            if p is not None and p.default is not inspect.Parameter.empty:
+                return f"{_setting(p.default)} (default)"
+        except (KeyError, ValueError, TypeError):
+            pass
+    return "default" if v is None else ("yes" if v else "no") if isinstance(v, bool) else fmt_value(v)
+
+
+def analyze(groups: list[Group], baseline: str | None = None) -> dict:
+    """The comparison as plain, JSON-able numbers (comparison.json): what differs, per-group statistics,
+    each variation tested against the baseline with Holm's correction."""
+    from cnnlab.analysis import stats as S
+
+    names = [g.name for g in groups]
+    base = baseline or names[0]
+    if base not in names:
+        raise ValueError(f"baseline {base!r} is not among the compared runs: {', '.join(names)}")
+    bg = groups[names.index(base)]
+    firsts = {g.name: flat(g.runs[0].config_dict) for g in groups}
+    keys = sorted(set().union(*firsts.values()))
+    differ = [k for k in keys if not k.startswith(COMPARE_IGNORED)
+              and len({json.dumps(c.get(k), sort_keys=True) for c in firsts.values()}) > 1]
+    classes = [c["name"] for c in bg.runs[0].metrics["test"]["per_class"]]
+    c0 = firsts[base]
+    setup = {"model.name": f"{c0.get('model.name')} on {c0.get('data.name')}", "optim.name": c0.get("optim.name"),
+             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epochs",
+             "train.batch_size": f"batch {c0.get('train.batch_size')}"}
+    setup = [str(v) for k, v in setup.items() if k not in differ]
+    out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes,
+           "eval_split": bg.runs[0].metrics.get("eval_split"),
+           "differs": [{"key": k, "label": LABELS.get(k, k),
+                        "values": {n: _setting(firsts[n].get(k), k, firsts[n]) for n in names}} for k in differ],
+           "groups": [], "comparisons": []}
+    for g in groups:
+        pc = np.mean([[c["accuracy"] for c in r.metrics["test"]["per_class"]] for r in g.runs], axis=0)
+        out["groups"].append({"name": g.name, "seeds": [r.seed for r in g.runs], "dirs": [str(r.dir) for r in g.runs],
+                              "stats": {k: S.describe(_values(g, k)) for k, _ in METRICS},
+                              "per_class_acc": pc.tolist()})
+    tests = [(g, test_pair(bg, g)) for g in groups if g.name != base]
+    valid = [t for _, t in tests if t["test"]]
+    for t, adj in zip(valid, S.holm([t["p"] for t in valid])):
+        t["p_holm"] = float(adj)
+        t["significant"] = bool(adj < ALPHA)
+    gstats = {d["name"]: d for d in out["groups"]}
+    for g, t in tests:
+        diff = 100 * (gstats[g.name]["stats"]["test_acc"]["mean"] - gstats[base]["stats"]["test_acc"]["mean"])
+        pa, pb = np.array(gstats[g.name]["per_class_acc"]), np.array(gstats[base]["per_class_acc"])
+        pcd = (pa - pb) * 100 if pa.shape == pb.shape else np.array([])  # other classes: nothing to set side by side
+        out["comparisons"].append({"name": g.name, "diff_points": diff, "per_class_diff_points": pcd.tolist(),
+                                   **t, "text": sentence(g.name, base, diff, t, len(valid), gstats)})
+    return out
+
+
+def fmt_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else "p = 1" if p > 0.995 else f"p = {p:.2f}" if p >= 0.095 else f"p = {p:.2g}"
+
+
+def sentence(name: str, base: str, diff: float, t: dict, m: int, gstats: dict) -> dict:
+    """{'head': 'batchnorm: +0.40 points, not significant, p = 0.61', 'detail': how it was tested}."""
+    acc = lambda n: f"{100 * gstats[n]['stats']['test_acc']['mean']:.2f}%"  # noqa: E731
+    head = f"{name}: {diff:+.2f} points ({acc(base)} → {acc(name)})"
+    if not t["test"]:
+        return {"head": f"{head}, not tested", "detail": f"No significance test: {t['why']}."}
+    p = t["p_holm"]
+    head += f", {'significant' if t['significant'] else 'not significant'}, {fmt_p(p)}"
+    if t["test"] == "mcnemar":
+        seed = f" (seed {t['seeds'][1]})" if len(gstats[name]["seeds"]) > 1 or len(gstats[base]["seeds"]) > 1 else ""
+        n_diff = t["only_variation"] + t["only_baseline"]
+        detail = f"Exact McNemar test on the {t['n']:,} shared test images{seed}: " + (
+            f"{n_diff:,} are classified right by one model only, {t['only_variation']:,} by {name} and "
+            f"{t['only_baseline']:,} by {base}." if n_diff else "both get exactly the same images right.")
+    elif t["test"] == "paired_t":
+        detail = f"Paired t-test of test accuracy over {t['n']} seeds (t = {t['statistic']:.2f}, {t['n'] - 1} df)."
+    else:
+        detail = (f"Welch's t-test of test accuracy over {t['n'][0]} and {t['n'][1]} seeds "
+                  f"(unpaired: the seeds differ; t = {t['statistic']:.2f}).")
+    if m > 1:
+        detail += f" Holm-corrected for the {m} comparisons against {base} (uncorrected {fmt_p(t['p'])})."
+    if t["test"] == "mcnemar":  # one trained model each: training's own seed-to-seed spread is not in the test
+        detail += (" This compares these two trained models; another seed can move either by a few tenths of a "
+                   "point, so for a claim about the setting itself add `repeats: 3` or more (a t-test over seeds).")
+    return {"head": head, "detail": detail}
+
+
+def _plain(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    return o
+
+
+def default_out(paths: list[Path]) -> Path:
+    """Beside the runs, not in the working directory: runs/a + runs/b -> runs/comparison-a-vs-b."""
+    parents = [p.resolve().parent for p in paths]
+    base = Path(os.path.commonpath(parents))
+    try:
+        base = base.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    name = "comparison-" + "-vs-".join(p.resolve().name for p in paths)
+    return base / (name if len(name) <= 80 else name[:80].rstrip("-"))
+
+
+def compare(paths, *, out: str | Path | None = None, baseline: str | None = None, say=None) -> Path:
+    """Compare run/study folders; writes comparison.json, study.html, study.md and the PNGs under `out`."""
+    paths = [Path(p) for p in paths]
+    groups, study_base, listing = load_groups(paths)
+    if not groups:
+        raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))}")
+    one_study = len(paths) == 1 and (paths[0] / R.STUDY_JSON).is_file()
+    out = Path(out) if out else paths[0] if one_study else default_out(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    res = analyze(groups, baseline or study_base)
+    title = paths[0].name if one_study else "comparison"
+    R.write_json(out / R.COMPARISON_JSON, _plain(res))
+    figs = pages.figures(res, groups, out / R.PLOTS)
+    R.write_text(out / R.COMPARISON_MD, pages.markdown(res, title, figs, listing, out))
+    R.write_text(out / R.COMPARISON_HTML, pages.html_page(res, title, figs, listing, out))
+    if say:
+        for c in res["comparisons"]:
+            say(c["text"]["head"])
+    return out / R.COMPARISON_HTML
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: `cnnlab compare RUN_OR_STUDY ...`
+
+
+def add_parser(subparsers) -> None:
+    """Add `compare RUN_DIR...` to an argparse subparsers object (sets `func`, returning an exit code)."""
+    c = subparsers.add_parser("compare", help="compare runs or a study: tables, curves, significance tests",
+                              description="Compare finished run folders (each one variation) or study folders "
+                                          "(their variations, with seeds): study.html, study.md, comparison.json.")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders and/or study folders")
+    c.add_argument("--out", help="where to write the comparison (default: the study folder when one study is "
+                                 "given, else comparison-A-vs-B beside the runs)")
+    c.add_argument("--baseline", help="the variation the others are tested against (default: the first)")
+    c.set_defaults(func=main)
+
+
+def main(args) -> int:
+    path = compare(args.runs, out=args.out, baseline=args.baseline, say=print)
+    print(f"comparison: {path}")
+    return 0
