@@ -19,12 +19,15 @@ from pathlib import Path
 
 from cnnlab import config as C
 from cnnlab import rundir as R
+from cnnlab.errors import RunError
 from cnnlab.studies import compare
 from cnnlab.studies.compare import IGNORED, STUDY_KEYS, flat, fmt_value
 
 
-class StudyError(RuntimeError):
+class StudyError(RunError, RuntimeError):
     """Some runs of a study failed, or the study folder is busy; the message says which and where to look."""
+
+    label = ""  # the message itself opens with what failed
 
 
 @dataclass
@@ -413,6 +416,4 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
 EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
 
 
-# `cnnlab compare` lives in studies/compare.py (its parser beside it); `register` keeps today's cli.py loop
-# finding it here until cli.py imports compare.add_parser itself.
-register = compare.add_parser
+# `cnnlab compare` lives in studies/compare.py, its parser beside it (cli.py imports compare.add_parser).
