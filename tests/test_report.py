@@ -230,6 +230,34 @@ def test_rebuild_is_identical_and_never_trains(built, monkeypatch, capsys):
     assert cli.main(["report", str(run.parent / "missing")]) == 2 and "does not exist" in capsys.readouterr().err
 
 
+def test_a_new_section_is_one_declaration(built, tmp_path):
+    """A toy section with its own figure and table: one Section(...) added to the list; build draws its figure
+    into plots/, and both report.html and report.md show it, after the sections before it."""
+    from cnnlab.report import sections as S
+    from cnnlab.report.figures import Drawn
+
+    def draw_toy(d):
+        fig = plots.plt.figure(figsize=(2, 2))
+        fig.gca().plot(d.run["history"]["val_loss"])
+        return Drawn(fig, f"{len(d.run['history']['val_loss'])} epochs of validation loss.")
+
+    toy = S.Section("toy", "Toy section", "A lead with `code` in it.", (
+        S.Figures((S.Figure("toy_curve", "Toy curve", draw_toy),)),
+        lambda ctx: S.Table(["class", "accuracy"], [[r["name"], S.Bar(r["accuracy"])]
+                                                    for r in ctx["run"]["summary"]["per_class"]])))
+    run = tmp_path / "toy"
+    shutil.copytree(built[0], run)
+    page = report.build(run, sections=[*S.SECTIONS, toy]).read_text()
+    assert (run / "plots" / "toy_curve.png").stat().st_size > 1000
+    assert page.index('id="environment"') < page.index('id="toy"') and '<a href="#toy">Toy section</a>' in page
+    assert "A lead with <code>code</code> in it." in page and "12 epochs of validation loss." in page
+    md = (run / "report.md").read_text()
+    assert md.index("## Environment") < md.index("## Toy section") and "](plots/toy_curve.png)" in md
+    assert "| class | accuracy |" in md
+    report.build(run)  # the default sections again: no toy section on the page
+    assert 'id="toy"' not in (run / "report.html").read_text() and "## Toy" not in (run / "report.md").read_text()
+
+
 def test_planted_label_bug_is_named(tmp_path):
     run = make_run(tmp_path, "shifted", shift=(3, 4))
     page = report.build(run).read_text()

@@ -1,6 +1,9 @@
 """The report of a run, drawn only from the files in its folder (never retrains): plots/, failures.csv,
 findings.json, report.html (one self-contained page) and report.md; plus TensorBoard scalars and the
-`cnnlab report RUN_DIR` subcommand.
+`cnnlab report RUN_DIR` subcommand (`add_parser`).
+
+The folder is read through rundir.RunDir (`gather`); what the report shows is declared in sections.py,
+drawn by figures.py and written by html.py and md.py.
 """
 from __future__ import annotations
 
@@ -17,8 +20,7 @@ from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.T
 from cnnlab import rundir as R
 from cnnlab.rundir import columns, read_csv  # noqa: F401  (re-exported: report.read_csv, report.columns)
 
-PLOTS = ("curves", "steps", "lr", "confusion_matrix", "confusion_normalized", "per_class", "reliability", "failures",
-         "predictions", "filters", "feature_maps", "gradcam")  # plots/<name>.png that build() owns
+from cnnlab.report import sections as S
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,28 +67,6 @@ def _rows_from_logits(logits, targets, classes) -> list[dict]:
             for i, (t, p) in enumerate(zip(targets, pred))]
 
 
-def load_model(run: dict):
-    """The best checkpoint's model (RunDir.load_model); (model, None) or (None, why)."""
-    if run["checkpoint"] is None:
-        return None, f"no {R.CHECKPOINTS}/{R.BEST}"
-    if run["cfg"] is None or not run["data"]:
-        return None, f"{R.CONFIG} or {R.DATA} missing"
-    try:
-        return run["rundir"].load_model("best"), None
-    except Exception as e:
-        return None, f"could not rebuild the model from the checkpoint: {type(e).__name__}: {e}"
-
-
-def normalise(images: np.ndarray, data: dict):
-    """uint8 (N, C, H, W) -> float tensor normalised with data.json's mean/std."""
-    import torch
-
-    x = torch.from_numpy(np.asarray(images)).float() / 255.0
-    mean = torch.tensor(data.get("mean") or [0.0] * x.shape[1]).view(1, -1, 1, 1)
-    std = torch.tensor(data.get("std") or [1.0] * x.shape[1]).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
 # ----------------------------------------------------------------------------------------------
 # Building
 
@@ -104,113 +84,41 @@ def write_failures(run: dict, path: Path) -> int:
     return len(wrong)
 
 
-def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]:
-    """Every figure the run's files allow, written to `out`; {key: {"path", "title", "caption"}}."""
+def make_plots(run: dict, found: list[dg.Finding], out: Path, sections=None) -> dict[str, dict]:
+    """Every figure of the report's sections that the run's files allow, written to `out`;
+    {key: {"path", "title", "caption"}}."""
     from cnnlab.report import plots as P
+    from cnnlab.report.figures import Drawing
 
-    figs: dict[str, dict] = {}
-
-    def add(key, fig, title, caption, dpi=None):
-        if fig is not None:
-            figs[key] = {"path": P.save(fig, out / f"{key}.png", dpi=dpi), "title": title, "caption": caption}
-
-    h, steps, summ = run["history"], run["steps"], run["summary"]
-    onset = next((f.data["epoch"] for f in found if f.kind == "overfitting"), None)
-    best = (run["metrics"] or {}).get("best_epoch")
-    if h.get("epoch"):
-        add("curves", P.curves(h, best_epoch=best, onset=onset), "Loss and accuracy per epoch",
-            "Training (blue) and validation (orange); the star marks the best epoch"
-            + (f", the red band the epochs after the overfitting onset (epoch {onset})." if onset else "."))
-    div = next((f.data for f in found if f.kind == "divergence" and f.data.get("unit") == "step"), None)
-    if steps.get("loss"):
-        add("steps", P.step_loss(steps, diverged_at=div["at"] if div else None), "Training loss per step",
-            "Every logged step, with a centred moving average when there are enough"
-            + ("; the learning rate below." if steps.get("lr") else "."))
-    elif steps.get("lr") or h.get("lr"):
-        add("lr", P.learning_rate(steps or None, h), "Learning rate", "The schedule as applied.")
-    if summ:
-        cm, k = summ["confusion"], len(run["classes"])
-        dpi = 90 if k > 60 else None
-        add("confusion_matrix", P.confusion(cm, run["classes"]), "Confusion matrix (counts)",
-            "Rows are true classes, columns predicted; blank cells are zero.", dpi)
-        add("confusion_normalized", P.confusion(cm, run["classes"], normalize=True),
-            "Confusion matrix (share of each true class)",
-            "Each row sums to 100%. Blue: classified right; red: mistaken for the column's class (own scale).", dpi)
-        flagged = {f.data.get("class") for f in found if f.kind in ("dead_class", "weak_class", "rare_class")}
-        add("per_class", P.per_class_accuracy(summ["per_class"], highlight=flagged), "Accuracy per class",
-            "Share of each class's images classified right; red bars are flagged in the diagnostics.")
-    if run["logits"] is not None:
-        add("reliability", P.reliability(M.calibration_bins(run["logits"], run["targets"])),
-            "Calibration", f"Expected calibration error {summ['ece']:.3f} (15 bins)." if summ else "")
-    images, rows = _sample_rows(run)
-    if images is not None:
-        totals: dict = {}
-        for r in run["pred_rows"]:
-            if r["target"] != r["pred"]:
-                key = (r["target_name"], r["pred_name"])
-                totals[key] = totals.get(key, 0) + 1
-        add("failures", P.failure_gallery(images, rows, totals), "Failures",
-            "The saved misclassified images with the highest loss, grouped by (true → predicted) pair.")
-        add("predictions", P.prediction_grid(images, rows), "Sample predictions",
-            "Predicted class and confidence; green frame right, red frame wrong.")
-    model, why = load_model(run)
-    if model is None:
-        run["notes"].append(f"Model figures omitted: {why}.")
-    else:
-        _model_plots(run, model, images, rows, add)
+    drawing, figs = Drawing(run, found), {}
+    for f in S.figures_of(S.SECTIONS if sections is None else sections):
+        drawn = f.draw(drawing)
+        if drawn is not None and drawn.fig is not None:
+            figs[f.key] = {"path": P.save(drawn.fig, out / f"{f.key}.png", dpi=drawn.dpi), "title": f.title,
+                           "caption": drawn.caption}
     return figs
 
 
-def _sample_rows(run: dict):
-    if run["images"] is None or not run["pred_rows"]:
-        return None, []
-    by_index = {r["index"]: r for r in run["pred_rows"]}
-    keep = [i for i, ix in enumerate(run["sample_index"]) if int(ix) in by_index]
-    return run["images"][keep], [by_index[int(run["sample_index"][i])] for i in keep]
-
-
-def _model_plots(run: dict, model, images, rows, add) -> None:
-    from cnnlab.report import plots_model as P
-
-    add("filters", P.filters(model), "First-layer filters", "What the first convolution looks for.")
-    if images is None or not len(images):
-        return
-    x = normalise(images, run["data"])
-    first = next((i for i, r in enumerate(rows) if r["target"] == r["pred"]), 0)
-    add("feature_maps", P.feature_maps(model, x[first:first + 1], images[first]), "Feature maps",
-        f"The most active channels of each conv stage for one image (true '{rows[first]['target_name']}').")
-    layer = P.cam_layer(model, x[:1])
-    if layer is None:
-        return
-    right = [i for i, r in enumerate(rows) if r["target"] == r["pred"]][:4]
-    wrong = [i for i, r in enumerate(rows) if r["target"] != r["pred"]][:4]
-    pick = (right + wrong + [i for i in range(len(rows)) if i not in right + wrong])[:8]
-    pick = sorted(pick[:8])
-    maps, _ = P.gradcam(model, x[pick], layer[1])
-    label = P.layer_label(model, layer[0])
-    add("gradcam", P.gradcam_grid(images[pick], maps, [rows[i] for i in pick], label), "Grad-CAM",
-        f"Target {label}, the last conv layer with a spatial output larger than 1x1, chosen "
-        "automatically; red = strong evidence for the predicted class.")
-
-
-def build(run_dir: str | Path) -> Path:
-    """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html."""
+def build(run_dir: str | Path, *, sections: list | None = None) -> Path:
+    """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html.
+    `sections`: the report's sections (default sections.SECTIONS, the page order)."""
     from cnnlab.report import html as report_html
     from cnnlab.report import md as report_md
 
+    sections = S.SECTIONS if sections is None else sections
     run = gather(run_dir)
     d = run["dir"]
     found = findings(run)
     R.write_text(d / R.FINDINGS, json.dumps([f.to_dict() for f in found], indent=1, default=_plain) + "\n")
     n_fail = write_failures(run, d / R.FAILURES) if run["pred_rows"] else 0
-    figs = make_plots(run, found, d / R.PLOTS)
-    for name in PLOTS:  # a figure this build could not draw must not survive from an earlier one
-        if name not in figs and (d / R.PLOTS / f"{name}.png").is_file():
-            (d / R.PLOTS / f"{name}.png").unlink()
+    figs = make_plots(run, found, d / R.PLOTS, sections)
+    for f in S.figures_of(sections):  # a figure this build could not draw must not survive from an earlier one
+        if f.key not in figs and (d / R.PLOTS / f"{f.key}.png").is_file():
+            (d / R.PLOTS / f"{f.key}.png").unlink()
     ctx = {"run": run, "findings": found, "figs": figs, "n_failures": n_fail}
-    R.write_text(d / R.REPORT_MD, report_md.markdown(ctx))
+    R.write_text(d / R.REPORT_MD, report_md.markdown(ctx, sections))
     path = d / R.REPORT_HTML
-    R.write_text(path, report_html.html(ctx))
+    R.write_text(path, report_html.html(ctx, sections))
     return path
 
 

@@ -38,7 +38,7 @@ def _col(d: dict, key: str) -> np.ndarray | None:
     return None if v is None or len(v) == 0 else np.asarray(v, dtype=np.float64)
 
 
-def _short(name: str, n: int = 14) -> str:
+def short(name: str, n: int = 14) -> str:
     """A class name cut to n characters, with '$' escaped so matplotlib does not read it as maths."""
     name = str(name)
     name = name if len(name) <= n else name[: n - 1] + "…"
@@ -194,7 +194,7 @@ def confusion(cm, classes: list[str], *, normalize: bool = False) -> Figure:
                 if text[i][j]:
                     ax.text(j, i, text[i][j], ha="center", va="center", fontsize=size,
                             color="white" if colour[i, j] else INK)
-    names = [_short(c) for c in classes]
+    names = [short(c) for c in classes]
     longest = max(map(len, names))
     ax.set_xticks(range(k), names, rotation=90 if longest > max(2.0, 36 / k) else 0, fontsize=tick)
     ax.set_yticks(range(k), names, fontsize=tick)
@@ -214,7 +214,7 @@ def per_class_accuracy(per_class: list[dict], *, highlight: set[str] = frozenset
     mean = float(np.mean(acc)) if k else 0.0
     ax.axhline(mean, color=INK, ls="--", lw=1)
     fs = float(np.clip(500 / max(k, 1), 5, 9))
-    ax.set_xticks(range(k), [_short(n) for n in names], rotation=90 if k > 10 else 0, fontsize=fs)
+    ax.set_xticks(range(k), [short(n) for n in names], rotation=90 if k > 10 else 0, fontsize=fs)
     for i, (n, a) in enumerate(zip(names, acc)):
         if n in highlight:
             ax.get_xticklabels()[i].set_color(BAD)
@@ -249,7 +249,7 @@ def reliability(bins: dict) -> Figure:
 # Images
 
 
-def _show(ax, img: np.ndarray, frame: str | None = None) -> None:
+def show_image(ax, img: np.ndarray, frame: str | None = None) -> None:
     """Draw a (C, H, W) uint8 image; an optional coloured frame."""
     img = np.asarray(img)
     if img.shape[0] == 3:
@@ -266,7 +266,7 @@ def _show(ax, img: np.ndarray, frame: str | None = None) -> None:
             sp.set_linewidth(3)
 
 
-def _image_grid(nrow: int, ncol: int, *, cell: float = 1.2, title: float = 0.4, gap: float = 0.1,
+def image_grid(nrow: int, ncol: int, *, cell: float = 1.2, title: float = 0.4, gap: float = 0.1,
                 top: float = 0.0, head: float = 0.0):
     """A figure of nrow x ncol image axes placed in inches (no layout engine: fast for many images).
     Each row has `head` inches for a heading and `title` inches for per-image titles above its images."""
@@ -306,14 +306,14 @@ def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *
             row, col = row + 1, 0
         place.append((pair, row, col, w))
         col += w
-    fig, axes = _image_grid(row + 1, slots, cell=1.3, title=0.26, head=0.45, gap=0.14)
+    fig, axes = image_grid(row + 1, slots, cell=1.3, title=0.26, head=0.45, gap=0.14)
     for ax in axes.flat:
         ax.set_visible(False)
     for pair, r, c, w in place:
         left, right = axes[r, c].get_position(), axes[r, c + w - 1].get_position()
         n = 9 if w == 1 else 18
         fig.text((left.x0 + right.x1) / 2, right.y1 + 0.3 / fig.get_size_inches()[1],
-                 f"{_short(pair[0], n)} → {_short(pair[1], n)}\n", fontsize=9.5, fontweight="bold",
+                 f"{short(pair[0], n)} → {short(pair[1], n)}\n", fontsize=9.5, fontweight="bold",
                  color=INK, ha="center", va="bottom")
         hgt = fig.get_size_inches()[1]
         fig.add_artist(plt.Line2D([left.x0, right.x1], [right.y1 + 0.27 / hgt] * 2, color="#cbd5e1", lw=1.2))
@@ -322,7 +322,7 @@ def failure_gallery(images, rows: list[dict], pair_totals: dict | None = None, *
                  va="bottom")
         for ax, (rec, im) in zip(axes[r, c:c + w], groups[pair]):
             ax.set_visible(True)
-            _show(ax, im, BAD)
+            show_image(ax, im, BAD)
             ax.set_title(f"{100 * rec['confidence']:.0f}% · loss {rec['loss']:.2f}", fontsize=8,
                          fontweight="normal", color=INK, pad=3)
     return fig
@@ -334,13 +334,13 @@ def prediction_grid(images, rows: list[dict], *, max_images: int = 32, ncol: int
     if n == 0:
         return None
     ncol = min(ncol, n)
-    fig, axes = _image_grid(-(-n // ncol), ncol, cell=1.25, title=0.4, gap=0.12)
+    fig, axes = image_grid(-(-n // ncol), ncol, cell=1.25, title=0.4, gap=0.12)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for ax, r, im in zip(axes.flat, rows[:n], images[:n]):
         ok = r["target"] == r["pred"]
-        _show(ax, im, GOOD if ok else BAD)
-        label = f"{_short(r['pred_name'], 11)} · {100 * r['confidence']:.0f}%"
-        label += "\n " if ok else f"\ntrue {_short(r['target_name'], 11)}"
+        show_image(ax, im, GOOD if ok else BAD)
+        label = f"{short(r['pred_name'], 11)} · {100 * r['confidence']:.0f}%"
+        label += "\n " if ok else f"\ntrue {short(r['target_name'], 11)}"
         ax.set_title(label, fontsize=8.5, fontweight="normal", color=GOOD if ok else BAD, pad=3)
     return fig

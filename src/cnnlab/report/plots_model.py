@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from cnnlab.report.plots import BAD, GOOD, INK, _image_grid, _short, _show
+from cnnlab.report.plots import BAD, GOOD, INK, image_grid, short, show_image
 
 
 def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:
@@ -24,7 +24,7 @@ def filters(model: torch.nn.Module, *, max_filters: int = 64) -> Figure | None:
     ncol = min(16, n)
     nrow = -(-n // ncol)
     side = float(np.clip(9.0 / ncol, 0.55, 1.0))
-    fig, axes = _image_grid(nrow, ncol, cell=side, title=0.0, gap=0.08, top=0.4)
+    fig, axes = image_grid(nrow, ncol, cell=side, title=0.0, gap=0.08, top=0.4)
     lim = float(np.abs(w).max()) or 1.0
     for ax in axes.flat:
         ax.axis("off")
@@ -84,9 +84,9 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: in
     stages = conv_stages(model, x)
     if not stages:
         return None
-    fig, axes = _image_grid(len(stages), channels + 1, cell=1.15, title=0.42, gap=0.1)
+    fig, axes = image_grid(len(stages), channels + 1, cell=1.15, title=0.42, gap=0.1)
     for row, (name, act) in zip(axes, stages):
-        _show(row[0], image)
+        show_image(row[0], image)
         c, h, w = act.shape
         row[0].set_title(f"{layer_label(model, name)}\n{c}×{h}×{w}", fontsize=8, fontweight="bold", color=INK)
         top = torch.argsort(act.flatten(1).mean(1), descending=True)[:channels]
@@ -146,14 +146,14 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, layer: torch.nn.Module, tar
 def gradcam_grid(images, maps: np.ndarray, rows: list[dict], layer_name: str) -> Figure:
     """Each image above its Grad-CAM overlay (for the predicted class)."""
     n = len(rows)
-    fig, axes = _image_grid(2, n, cell=1.3, title=0.28, gap=0.12, top=0.35)
+    fig, axes = image_grid(2, n, cell=1.3, title=0.28, gap=0.12, top=0.35)
     for j, (r, im, cam) in enumerate(zip(rows, images, maps)):
         ok = r["target"] == r["pred"]
-        _show(axes[0, j], im, GOOD if ok else BAD)
-        axes[0, j].set_title(f"true {_short(r['target_name'], 10)}", fontsize=8.5, fontweight="normal")
-        _show(axes[1, j], im)
+        show_image(axes[0, j], im, GOOD if ok else BAD)
+        axes[0, j].set_title(f"true {short(r['target_name'], 10)}", fontsize=8.5, fontweight="normal")
+        show_image(axes[1, j], im)
         axes[1, j].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
-        axes[1, j].set_title(f"pred {_short(r['pred_name'], 10)} · {100 * r['confidence']:.0f}%", fontsize=8.5,
+        axes[1, j].set_title(f"pred {short(r['pred_name'], 10)} · {100 * r['confidence']:.0f}%", fontsize=8.5,
                              fontweight="normal", color=GOOD if ok else BAD)
     fig.suptitle(f"Grad-CAM on {layer_name}: where the evidence for the predicted class lies",
                  fontsize=10, fontweight="bold", y=1 - 0.08 / fig.get_size_inches()[1], va="top")
