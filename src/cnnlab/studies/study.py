@@ -273,17 +273,11 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
         "complete": all(s == "done" for s in status.values()), "variations": variations})
 
 
-@contextlib.contextmanager
 def _lock(root: Path):
-    """An exclusive flock on <study>/.lock: two processes never run one study; the OS frees it on any death."""
-    import fcntl
+    """An exclusive lock on the study folder (the one run folders have): two processes never run one study."""
+    from cnnlab.training.experiment import folder_lock
 
-    with open(root / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise StudyError(f"another cnnlab process is running the study in {root}") from None
-        yield
+    return folder_lock(root, "running the study in", StudyError)
 
 
 def _done_line(root: Path, p: Planned, seconds: float) -> str:
