@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnlab.errors import InputError
+
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
 
 
@@ -77,7 +79,7 @@ MAX_MEMBER_BYTES = 1 << 30  # no image file needs more (Pillow's pixel limit is 
 MAX_RATIO, RATIO_FROM = 100, 16 << 20  # images hardly compress: a big member shrunk over 100x is a zip bomb
 
 
-class ZipBombError(OSError):
+class ZipBombError(InputError, OSError):
     """A zip member whose declared size or compression ratio no image has; refused before it is read."""
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
+from cnnlab.errors import InputError
 from cnnlab.data.loader import check_augment
 from cnnlab.data.pipeline import Splits, prepare, save_splits
 
@@ -281,7 +282,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-class DataChangedError(ValueError):
+class DataChangedError(InputError, ValueError):
     """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
 
 
