@@ -401,9 +401,12 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
     node_cpus = max([n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1])
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = int(max(1, min(node_cpus, cpus // (jobs if jobs > 1 else min(len(todo), cpus)))))
-    task = ray.remote(num_cpus=threads)(_ray_task)
+    # Ray hides GPUs from a task that does not ask for one: on a cluster with GPUs each run gets a whole one
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    task = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_ray_task)
     refs = {task.remote(C.to_dict(p.cfg), p.id.replace("/", "__"), threads): p for p, _ in todo}
-    say(f"sent {len(refs)} runs to Ray ({threads} CPUs each, {cpus} in the cluster)")
+    say(f"sent {len(refs)} runs to Ray ({threads} CPUs{' and 1 GPU' if gpus else ''} each, {cpus} CPUs"
+        f"{f' and {gpus} GPUs' if gpus else ''} in the cluster)")
     failures = {}
     try:
         while refs:

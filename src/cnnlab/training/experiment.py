@@ -73,7 +73,8 @@ def environment(cfg: C.Config, device: str) -> dict:
     return {"cnnlab": getattr(cnnlab, "__version__", "0"), "python": sys.version.split()[0],
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": device,
+            "torch_threads": torch.get_num_threads(), "device": device,  # results depend on the thread count
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "world_size": dist.world()[2], "seed": cfg.train.seed, "git_commit": _git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
