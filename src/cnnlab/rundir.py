@@ -44,7 +44,7 @@ EVALS = "evals"                 # folder: evals/<n>/ (METRICS, PREDICTIONS_*, SA
 # A study folder (runs in sub-folders) and a comparison's output folder:
 STUDY_YAML = "study.yaml"
 STUDY_JSON = "study.json"       # the study's manifest
-STUDY_LOCK = ".lock"
+LOCK = ".lock"                  # flock'ed while a process trains the run (or runs the study)
 STUDY_CONFIGS = "configs"
 STUDY_LOGS = "logs"
 COMPARISON_JSON = "comparison.json"
@@ -112,6 +112,26 @@ def is_study_dir(path: str | Path) -> bool:
     p = Path(path)
     m = marker(p)
     return (m or {}).get("kind") == "study" or (p / STUDY_JSON).is_file()
+
+
+def lock(folder: str | Path, doing: str, error: type[Exception]):
+    """An exclusive flock on <folder>/.lock, held while the context is open: two processes never train one
+    run (or run one study); the OS releases it when the process dies in any way. `error(message)` is raised
+    when another process holds it."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        with open(Path(folder) / LOCK, "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise error(f"another cnnlab process is {doing} {folder}; wait for it to finish (or stop it) "
+                            "and run the command again") from None
+            yield
+
+    return held()
 
 
 def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:

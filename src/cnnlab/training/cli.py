@@ -12,11 +12,15 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        from cnnlab import rundir as R
+        from cnnlab.training.experiment import resume_config
 
-        if not (Path(args.resume) / R.CONFIG).is_file():
-            raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no {R.CONFIG} in it)")
-        cfg = R.RunDir(args.resume).load_config(args.overrides)
+        overrides = list(args.overrides or [])
+        if args.config and "=" in args.config and not Path(args.config).is_file():  # `--resume RUN key=value`
+            overrides.insert(0, args.config)
+        elif args.config:
+            raise C.ConfigError(f"give a config file or --resume RUN_DIR, not both ({args.config!r} and "
+                                f"--resume {args.resume!r})")
+        cfg = resume_config(args.resume, overrides)
     else:
         if not args.config:
             raise C.ConfigError("cnnlab train needs a config file (or --resume RUN_DIR)")
