@@ -19,7 +19,8 @@ from cnnlab import cli
 from cnnlab import config as C
 from cnnlab.analysis import stats as S
 from cnnlab.studies import study
-from cnnlab.studies.compare import correct_by_id, load_run
+from cnnlab.rundir import load_run
+from cnnlab.studies.compare import correct_by_id
 
 TINY = {
     "data": {"name": "digits", "test_split": 0.2},

@@ -61,11 +61,6 @@ class Group:
     runs: list[RunDir]
 
 
-def load_run(d: str | Path) -> RunDir:
-    """A finished run folder (metrics.json present), else FileNotFoundError naming it."""
-    return R.load_run(d, finished=True)
-
-
 def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
     """Groups from study folders (study.json: one group per variation) and run folders (one group each);
     also the study's baseline and its run list (with statuses) when there is one study."""
@@ -75,12 +70,12 @@ def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
             man = R.read_json(p / R.STUDY_JSON) or {}
             base = base or man.get("baseline")
             for v in man["variations"]:
-                runs = [load_run(p / r["dir"]) for r in v["runs"] if RunDir(p / r["dir"]).finished]
+                runs = [R.load_run(p / r["dir"], finished=True) for r in v["runs"] if RunDir(p / r["dir"]).finished]
                 listing += [{**r, "dir": str(p / r["dir"]), "variation": v["name"]} for r in v["runs"]]
                 if runs:
                     groups.append(Group(v["name"], runs))
         elif RunDir(p).finished:
-            groups.append(Group(p.name, [load_run(p)]))
+            groups.append(Group(p.name, [R.load_run(p, finished=True)]))
             listing.append({"dir": str(p), "variation": p.name, "seed": groups[-1].runs[0].seed, "status": "done"})
         else:
             raise FileNotFoundError(f"{p}: neither a run folder ({R.METRICS}) nor a study folder ({R.STUDY_JSON})")
