@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
     e.set_defaults(func=_eval)
 
+    from cnnlab.deploy import export, predict
+
+    predict.add_parser(sub)
+    export.add_parser(sub)
     for mod in ("cnnlab.report.build", "cnnlab.data.cli", "cnnlab.models.cli", "cnnlab.studies.study"):
         try:
             module = __import__(mod, fromlist=["register"])
@@ -103,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnnlab: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:  # a refused checkpoint, a non-finite loss, too little disk space: no traceback
+        from cnnlab.deploy.export import ExportError
         from cnnlab.training.checkpoint import CheckpointError
         from cnnlab.studies.study import StudyError
         from cnnlab.training.loop import TrainingError
 
-        if not isinstance(e, (CheckpointError, TrainingError, StudyError)):
+        if not isinstance(e, (CheckpointError, TrainingError, StudyError, ExportError)):
             raise
         print(f"cnnlab: {'' if isinstance(e, StudyError) else 'error: '}{e}", file=sys.stderr)
         return 1
