@@ -19,9 +19,10 @@ from PIL import Image
 from cnnlab import config as C
 from cnnlab.data.base import decode, decode_image
 from cnnlab.data.loader import Normalizer
+from cnnlab.errors import InputError
 
 
-class RunFolderError(FileNotFoundError):
+class RunFolderError(InputError, FileNotFoundError):
     """A missing run folder, or one without the files or checkpoint needed (the CLI exits 2, one line)."""
 
 

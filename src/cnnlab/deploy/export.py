@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from cnnlab.deploy.classifier import RunFacts, build_model, read_run
+from cnnlab.errors import RunError
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-3  # largest logit difference accepted (float32 kernels differ by ~1e-6 to 1e-5)
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError, RuntimeError):
     """The export failed or does not reproduce the model (the CLI prints it, exit 1)."""
 
 
