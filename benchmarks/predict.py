@@ -15,6 +15,7 @@ Ratios are the point: absolute numbers on a shared machine are noise.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -86,10 +87,19 @@ def predict_throughput(run_dir: Path, limit: int, rounds: int, tmp: Path) -> Non
     folder = extracted_cifar()
     cnn = [sys.executable, "-m", "cnnlab", "predict", str(run_dir), *inputs, "--out", str(tmp / "cnnlab.csv")]
     plain = [sys.executable, "-c", PLAIN, str(run_dir), str(folder), str(n), str(tmp / "plain.csv")]
+    # peak memory (max RSS of the child processes so far): a 2,000-image predict, then the full one, before
+    # any run of the plain script (whose DataLoader workers would count too)
+    small = [sys.executable, "-m", "cnnlab", "predict", str(run_dir), *[f"{zpath}::{m}" for m in members[:2000]],
+             "--out", str(tmp / "small.csv")]
+    timed(small)
+    rss_small = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     a, b = [], []
-    for _ in range(rounds):
+    for i in range(rounds):
         a.append(timed(cnn))
+        if i == 0:
+            rss_full = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         b.append(timed(plain))
+    print(f"peak memory of cnnlab predict: {rss_small:,.0f} MiB for 2,000 images, {rss_full:,.0f} MiB for {n:,}")
     ra, rb = n / min(a), n / min(b)
     print(f"predict {n} CIFAR-10 JPEGs (best of {rounds}, whole process): cnnlab predict {ra:,.0f} img/s "
           f"({min(a):.1f} s), torchvision ImageFolder+DataLoader script {rb:,.0f} img/s ({min(b):.1f} s); "

@@ -50,8 +50,9 @@ def test_exported_logits_match_eager_for_every_family(name, fmt, tmp_path):
         E.to_torchscript(model, x[:2], path, meta={"model": name})
     with torch.no_grad():
         eager = model(x)
+    run = E.load_exported(path, fmt)
     for bs in (1, 7):
-        got = torch.cat([E.run_exported(path, fmt, chunk, dynamic_batch=True) for chunk in x.split(bs)])
+        got = torch.cat([run(chunk) for chunk in x.split(bs)])
         assert got.shape == eager.shape
         torch.testing.assert_close(got, eager, atol=1e-4, rtol=0, msg=f"{name} {fmt} batch {bs}")
 

@@ -80,20 +80,29 @@ def to_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, *,
     return meta
 
 
-def run_exported(path: Path, fmt: str, x: torch.Tensor, *, dynamic_batch: bool) -> torch.Tensor:
-    """The exported file's logits for float input x (N, C, S, S), batch by batch when its batch is fixed."""
+def load_exported(path: Path, fmt: str):
+    """The exported file, loaded once, as a function float (N, C, S, S) -> logits (N, K)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        chunks = [x] if dynamic_batch else list(x.split(1))
-        return torch.cat([torch.from_numpy(sess.run(None, {name: c.numpy()})[0]) for c in chunks])
+        return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; still supported
         m = torch.jit.load(str(path))
-    with torch.no_grad():
-        return m(x).float()
+
+    def run(x):
+        with torch.no_grad():
+            return m(x).float()
+
+    return run
+
+
+def run_exported(path: Path, fmt: str, x: torch.Tensor, *, dynamic_batch: bool) -> torch.Tensor:
+    """The exported file's logits for float input x (N, C, S, S), one image at a time when its batch is fixed."""
+    fn = load_exported(path, fmt)
+    return torch.cat([fn(c) for c in ([x] if dynamic_batch else x.split(1))])
 
 
 def samples(run: RunFacts, n: int = 64) -> tuple[torch.Tensor, str]:

@@ -32,7 +32,7 @@ class CamCollector:
         self.total = 0
 
     def add(self, refs: list[str], pixels: torch.Tensor, probs: torch.Tensor, top_k: int) -> None:
-        from cnnlab.report.plots_model import cam_layer, gradcam
+        from cnnlab.report.plots_model import cam_layer, gradcam, layer_label
 
         self.total += len(refs)
         room = self.limit - len(self.cards)
@@ -45,7 +45,8 @@ class CamCollector:
             if found is None:
                 self.limit = 0
                 return
-            self.layer_name, self.layer = found
+            name, self.layer = found
+            self.layer_name = layer_label(self.clf.model, name)
         pred = probs.argmax(1).to(self.clf.device)
         maps, _ = gradcam(self.clf.model, x, self.layer, pred)
         for ref, img, cam, p in zip(refs, pixels, maps, probs):
