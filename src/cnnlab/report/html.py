@@ -1,6 +1,6 @@
 """report.html: one self-contained page (inline CSS, images as data URIs, no scripts) rendering the sections
 declared in sections.py, each content block type in HTML. The Markdown twin is md.py. CSS and the small
-HTML pieces (`table`, `img`) are public: a comparison's page (studies/report.py) uses them too."""
+HTML pieces (`table`, `img`, `text`) are public: the comparison's page and deploy's Grad-CAM page share the CSS."""
 from __future__ import annotations
 
 import base64
