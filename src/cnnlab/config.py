@@ -364,15 +364,9 @@ def _check_choice(key: str, value: str, choices: list[str]) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express; names from the registries are checked too."""
-    from cnnlab.data import DATASETS
-    from cnnlab.models import MODELS
-
+    """Value checks that types alone cannot express. Data-set and model names are checked where they are
+    built (data/catalog.py, models/build.py; experiment.check_names runs both before any work)."""
     d, m, o, s, t = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train
-    if d.name not in DATASETS:
-        raise ConfigError(f"data.name={d.name!r}: {DATASETS.unknown_message(d.name)}")
-    if m.name not in MODELS and not m.name.startswith(("torchvision:", "timm:")):
-        raise ConfigError(f"model.name={m.name!r}: {MODELS.unknown_message(m.name)}")
     if m.name == "layers":
         _check(bool(m.layers), "model.layers", m.layers, "model 'layers' needs a non-empty list of layers")
     for key, val in (("data.val_split", d.val_split), ("data.test_split", d.test_split)):

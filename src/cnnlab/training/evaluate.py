@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
+from cnnlab import process
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
@@ -32,7 +33,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     if splits.classes != saved["classes"]:
         raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
     c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
-    device = training.pick_device(cfg.train.device)
+    device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
     logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)

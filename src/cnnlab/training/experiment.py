@@ -137,14 +137,15 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     np.savez_compressed(run_dir / "samples.npz", images=imgs.numpy(), index=index)
 
 
-def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -> Run:
-    """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it."""
+def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False) -> Run:
+    """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
+
+    `device` comes from `cnnlab.process.setup(cfg)`, called once by the entry point (CLI, `cnnlab.train`).
+    """
     from cnnlab.training import loop as T
 
-    T.configure_determinism(cfg)  # before any CUDA work (CUBLAS_WORKSPACE_CONFIG)
+    check_names(cfg)  # before any work and before the run folder
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
-    if dist.world()[2] > 1:
-        dist.init(T.pick_device(cfg.train.device))
     cfg = with_weight_defaults(cfg)
     with dist.local_main_first():  # downloads and the decoded cache: written once per node
         splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
@@ -168,8 +169,7 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
             f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
         for note in splits.notes:
             say(f"note: {note}")
-    model, state = T.fit(cfg, run_dir, splits, resume=resume_dir is not None)
-    device = T.pick_device(cfg.train.device)
+    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume_dir is not None)
     if main:
         env = environment(cfg, str(device))
         env["train_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -192,6 +192,16 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def check_names(cfg: C.Config) -> None:
+    """The data set and the model the config names exist: checked where they are built (data/catalog,
+    models/build), with "did you mean", naming data.name / model.name (config.py checks values only)."""
+    from cnnlab.data.catalog import check_name as check_data
+    from cnnlab.models.build import check_name as check_model
+
+    check_data(cfg.data.name)
+    check_model(cfg.model.name)
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:
