@@ -141,6 +141,7 @@ FORBIDDEN = {  # stage -> what it must never import at module level (lower stage
     "cnnlab.training": {"cnnlab.report", "cnnlab.studies", "cnnlab.cli"},
     "cnnlab.report": {"cnnlab.studies", "cnnlab.cli"},
     "cnnlab.studies": {"cnnlab.cli"},
+    "cnnlab.deploy": {"cnnlab.studies", "cnnlab.cli"},
     "cnnlab.process": {"cnnlab.data", "cnnlab.models", "cnnlab.training", "cnnlab.report", "cnnlab.studies",
                        "cnnlab.cli"},
 }
@@ -186,6 +187,10 @@ def test_every_config_choice_has_a_builder():
     from cnnlab.training import optim
 
     assert set(loader._PAD_MODES) == set(typing.get_args(C.PaddingMode))
+    from cnnlab.deploy import cli as deploy_cli
+    from cnnlab.deploy import export
+
+    assert set(deploy_cli.EXPORT_FORMATS) == set(export.SUFFIX)  # `cnnlab export --format` offers what exists
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
     for scheme in typing.get_args(C.InitScheme):
         init_weights(model, scheme)
