@@ -107,6 +107,10 @@ def groups(cfg: C.Config) -> list[tuple[str, dict]]:
             parts = [vname] * bool(vname) + [f"{short[k]}={fmt_value(v)}" for k, v in zip(keys, point)]
             name = "+".join(parts) or "main"
             out.append((name.replace("/", "_").replace(" ", "_"), {**ov, **dict(zip(keys, point))}))
+    for name, _ in out:  # a run's folder is <study>/<name>: `..` or `.` would be output.dir or the study itself
+        if name in (".", "..") or name.startswith(".") or any(c in name for c in "\\\0"):
+            raise C.ConfigError(f"variation name {name!r}: must be a plain folder name (not starting with '.', "
+                                "without '\\'): it names the run's folder inside the study folder")
     if len({n for n, _ in out}) != len(out):
         raise C.ConfigError(f"variation names must be unique, got {[n for n, _ in out]}")
     for name, ov in out:
@@ -117,7 +121,11 @@ def groups(cfg: C.Config) -> list[tuple[str, dict]]:
 
 
 def study_dir(cfg: C.Config) -> Path:
-    return Path(cfg.output.dir) / (cfg.output.name or "study")
+    name = cfg.output.name or "study"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise C.ConfigError(f"output.name={name!r}: a study's name must be a plain folder name (the study folder "
+                            "is output.dir/<name>)")
+    return Path(cfg.output.dir) / name
 
 
 def baseline_of(cfg: C.Config, names: list[str]) -> str:
@@ -239,6 +247,14 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
 
 def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:
     """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed."""
+    from cnnlab.training.experiment import MARKER, made_by_cnnlab
+
+    foreign = [str(root / p.id) for p in planned if run_state(root / p.id) == "partial"
+               and not made_by_cnnlab(root / p.id) and _saved_config(root / p.id) is None]
+    if foreign:  # never replace what cnnlab did not make (a class folder of images, another tool's output)
+        raise C.ConfigError(f"{', '.join(foreign)}: {'this folder is' if len(foreign) == 1 else 'these folders are'} "
+                            f"where runs of this study go, but not made by cnnlab (no {MARKER} in it); nothing was "
+                            "changed. Move it away, or choose another output.dir, output.name or variation name.")
     (root / "study.yaml").write_text(C.dump_yaml(cfg))
     todo, status = [], {}
     for p in planned:
@@ -256,8 +272,11 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
             resumable = saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file()
             if resumable and executor != "ray":  # (Ray workers start from scratch)
                 mode = "resume"
+            elif made_by_cnnlab(path):
+                shutil.rmtree(path)  # a run cnnlab started, with nothing resumable in it: start it cleanly
             else:
-                shutil.rmtree(path)  # nothing resumable in it: start it cleanly
+                raise C.ConfigError(f"{path}: a partial run of this study that cannot be resumed, made before "
+                                    f"run folders were marked ({MARKER}); delete it to train it again")
         todo.append((p, mode))
     write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
     return todo, status

@@ -41,6 +41,13 @@ class Run:
             return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+MARKER = ".cnnlab-run"  # written into every run folder cnnlab makes: only such folders are ever removed
+
+
+def made_by_cnnlab(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
 def new_run_dir(cfg: C.Config) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... : an existing folder is never reused."""
     base = Path(cfg.output.dir)
@@ -50,9 +57,10 @@ def new_run_dir(cfg: C.Config) -> Path:
         path = base / (name if i == 1 else f"{name}-{i}")
         try:
             path.mkdir()
-            return path
         except FileExistsError:
             continue
+        write_json(path / MARKER, {"kind": "run", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return path
     raise RuntimeError(f"no free run folder name under {base}")
 
 
