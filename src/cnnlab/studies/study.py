@@ -139,7 +139,9 @@ def baseline_of(cfg: C.Config, names: list[str]) -> str:
 
 
 def plan(cfg: C.Config) -> list[Planned]:
-    """Every run of the study with its resolved single-run config (validated up front)."""
+    """Every run of the study with its resolved single-run config (validated up front, names too)."""
+    from cnnlab.training.experiment import check_names
+
     root, out = study_dir(cfg), []
     tree = {k: v for k, v in C.to_dict(cfg).items() if k not in STUDY_KEYS}
     for name, ov in groups(cfg):
@@ -149,6 +151,7 @@ def plan(cfg: C.Config) -> list[Planned]:
             fixed = {**ov, "train.seed": seed, "output.dir": str((root / rid).parent), "output.name": Path(rid).name}
             try:
                 rcfg = C.load(tree, fixed)
+                check_names(rcfg)
             except C.ConfigError as e:
                 raise C.ConfigError(f"variation {name!r} ({', '.join(f'{k}={fmt_value(v)}' for k, v in ov.items())}): "
                                     f"{str(e).removeprefix('config: ')}") from None
@@ -210,9 +213,9 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         if kind != "inline":
             raise C.ConfigError(f"--jobs {jobs} --executor {executor}: under torchrun a study trains its runs one "
                                 "after another, each on every process; leave out --jobs and --executor")
-        from cnnlab.training.loop import pick_device
+        from cnnlab import process
 
-        dist.init(pick_device(cfg.train.device))
+        process.setup(cfg)  # the process group, before rank 0 plans and broadcasts
     if main:
         root.mkdir(parents=True, exist_ok=True)
     with _lock(root) if main else contextlib.nullcontext():
@@ -314,6 +317,7 @@ def _done_line(root: Path, p: Planned, seconds: float) -> str:
 
 def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
     """One run after another in this process."""
+    from cnnlab import process
     from cnnlab.training import experiment
 
     failures = {}
@@ -321,7 +325,9 @@ def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
         say(f"[{i}/{len(todo)}] {p.id}" + (" (resuming)" if mode == "resume" else ""))
         t0 = time.perf_counter()
         try:
-            experiment.run(p.cfg, resume_dir=root / p.id if mode == "resume" else None, quiet=quiet)
+            # each run sets up the process for its own config (a variation may change train.threads, device...)
+            experiment.run(p.cfg, device=process.setup(p.cfg), resume_dir=root / p.id if mode == "resume" else None,
+                           quiet=quiet)
         except Exception as e:  # one broken variation must not stop the others
             failures[p.id] = f"{type(e).__name__}: {e}"
             say(f"  {p.id}: {failures[p.id]}")
@@ -391,12 +397,13 @@ def _ray_task(cfg_dict: dict, name: str, threads: int) -> bytes:  # runs on a Ra
 
     import torch
 
+    from cnnlab import process
     from cnnlab.training import experiment
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.load(cfg_dict, {"output.dir": tmp, "output.name": name})
-        run = experiment.run(cfg, quiet=True)
+        run = experiment.run(cfg, device=process.setup(cfg), quiet=True)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             tar.add(run.dir, arcname=name)
