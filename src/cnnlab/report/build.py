@@ -15,6 +15,7 @@ import numpy as np
 
 from cnnlab.analysis import diagnose as dg
 from cnnlab.analysis import metrics as M
+from cnnlab.errors import InputError
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 from cnnlab import rundir as R
@@ -106,6 +107,7 @@ def build(run_dir: str | Path, *, sections: list | None = None) -> Path:
     from cnnlab.report import md as report_md
 
     sections = S.SECTIONS if sections is None else sections
+    require_run_dir(run_dir)  # the report deletes stale plots/*.png and rewrites report.*: only in a run folder
     run = gather(run_dir)
     d = run["dir"]
     found = findings(run)
@@ -120,6 +122,21 @@ def build(run_dir: str | Path, *, sections: list | None = None) -> Path:
     path = d / R.REPORT_HTML
     R.write_text(path, report_html.html(ctx, sections))
     return path
+
+
+class NotARunError(InputError, ValueError):
+    """`cnnlab report` pointed at a folder that is not a run folder (exit 2); nothing in it is touched."""
+
+
+RUN_FILES = (R.CONFIG, R.HISTORY, R.METRICS, R.PREDICTIONS_NPZ)  # what a report is drawn from
+
+
+def require_run_dir(run_dir: str | Path) -> None:
+    """Refuse a folder cnnlab did not make and that holds none of the files a report is drawn from."""
+    d = Path(run_dir)
+    if d.is_dir() and not R.made_by_cnnlab(d) and not any((d / f).is_file() for f in RUN_FILES):
+        raise NotARunError(f"{d}: not a run folder (none of {', '.join(RUN_FILES)} in it, and no {R.MARKER}); "
+                           "a report is written only into the run folder it describes, and nothing here was changed")
 
 
 def _plain(v):

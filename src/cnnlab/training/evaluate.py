@@ -14,6 +14,7 @@ import numpy as np
 from cnnlab import config as C
 from cnnlab import rundir as R
 from cnnlab.data.base import ImageSet
+from cnnlab import process
 from cnnlab.training import checkpoint as ckpt
 
 
@@ -58,7 +59,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     data_classes = splits.classes
     splits = map_classes(splits, saved["classes"])
     c = ckpt.load(R.checkpoint_path(run.dir, which))
-    device = training.pick_device(cfg.train.device)
+    device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
     logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
     dest = R.next_eval_dir(run.dir)
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
