@@ -46,11 +46,13 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
     from cnnlab import config as C
     from cnnlab.models import build_model, transfer
     from cnnlab.models._registry import library_of
+    from cnnlab.models.build import check_name
     from cnnlab.models.zoo import default_input
 
     notes = []
     is_file = target.endswith((".yaml", ".yml")) or Path(target).is_file()
     cfg = C.load(target if is_file else {"model": {"name": target}}, overrides)
+    check_name(cfg.model.name)  # model.name='nett1': ... Did you mean 'net1'?
     c, h, w = default_input(cfg.model.name)
     n_classes = classes
     if is_file:
