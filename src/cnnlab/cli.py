@@ -13,6 +13,9 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
+        if args.config and "=" in args.config and not Path(args.config).is_file():
+            # `train --resume RUN train.epochs=20`: argparse takes the first override for the config
+            args.overrides, args.config = [args.config, *args.overrides], None
         if not (Path(args.resume) / "config.yaml").is_file():
             raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no config.yaml in it)")
         cfg = C.load(Path(args.resume) / "config.yaml", args.overrides)
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cnnlab import threads
+
+    threads.prefer_passive_wait()  # the `cnnlab` script's entry: before anything imports torch
     from cnnlab.config import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv

@@ -70,7 +70,7 @@ def environment(cfg: C.Config, device: str) -> dict:
     return {"cnnlab": getattr(cnnlab, "__version__", "0"), "python": sys.version.split()[0],
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": device,
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "device": device,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "world_size": dist.world()[2], "seed": cfg.train.seed, "git_commit": _git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
@@ -113,7 +113,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     conf, pred = probs.max(1)
     classes = splits.classes
     with open(run_dir / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"])
         for i in range(len(targets)):
             t, p = int(targets[i]), int(pred[i])
@@ -146,6 +146,14 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     if dist.world()[2] > 1:
         dist.init(T.pick_device(cfg.train.device))
     cfg = with_weight_defaults(cfg)
+    if resume_dir is not None:
+        done = finished(Path(resume_dir), cfg)
+        if done is not None:  # nothing to train: say so rather than silently evaluating again
+            say(f"{resume_dir} is already finished ({done['epochs_run']} of {cfg.train.epochs} epochs"
+                f"{', stopped early' if done.get('stopped_early') else ''}; {done.get('eval_split', 'test')} accuracy "
+                f"{done['test']['accuracy']:.4f}): nothing to resume. Train longer with `cnnlab train --resume "
+                f"{resume_dir} train.epochs=N`, evaluate again with `cnnlab eval {resume_dir}`.")
+            return Run(dir=Path(resume_dir), config=cfg, metrics=done)
     with dist.local_main_first():  # downloads and the decoded cache: written once per node
         splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     check_augment(cfg.data.augment, splits.size, splits.size)
@@ -156,10 +164,12 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
         run_dir = new_run_dir(cfg) if dist.is_main() else None
         run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
     main = dist.is_main()
-    t_start = time.perf_counter()
+    device = T.pick_device(cfg.train.device)
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
+        env = start_env(run_dir, cfg, str(device))
+        write_json(run_dir / "env.json", env)  # "started" when the run starts; completed at the end
         write_json(run_dir / "data.json", data_summary(splits, cfg))
         save_splits(splits, run_dir / "splits.npz")
         say(f"run folder: {run_dir}")
@@ -169,10 +179,10 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
         for note in splits.notes:
             say(f"note: {note}")
     model, state = T.fit(cfg, run_dir, splits, resume=resume_dir is not None)
-    device = T.pick_device(cfg.train.device)
     if main:
-        env = environment(cfg, str(device))
-        env["train_seconds"] = round(time.perf_counter() - t_start, 3)
+        env = {**environment(cfg, str(device)), **{k: env[k] for k in ("started", "resumed") if k in env}}
+        env["train_seconds"] = round(state.train_seconds, 3)  # every session of the run, resumes included
+        env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(run_dir / "env.json", env)
         _write_model_json(run_dir, model, splits)
 
@@ -192,6 +202,32 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def start_env(run_dir: Path, cfg: C.Config, device: str) -> dict:
+    """env.json as a run (or a resumed session) starts: a resume keeps the first start and lists its own."""
+    env = environment(cfg, device)
+    try:
+        before = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError):
+        return env
+    if isinstance(before, dict) and before.get("started"):
+        env["resumed"] = [*before.get("resumed", []), env["started"]]
+        env["started"] = before["started"]
+    return env
+
+
+def finished(run_dir: Path, cfg: C.Config) -> dict | None:
+    """metrics.json of a run whose training ended (all `train.epochs`, or stopped early) and was
+    evaluated; None when there is something left to do."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        state = ckpt.load(run_dir / "checkpoints" / "last.pt")["state"]
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if not isinstance(metrics, dict) or "test" not in metrics:
+        return None
+    return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:
