@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from cnnlab import cli, threads
+from cnnlab import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -47,6 +47,8 @@ def tiny(folder: Path, **train) -> Path:
 
 
 def test_default_threads_leave_busy_cores_alone():
+    from cnnlab import threads
+
     assert threads.default_threads(cores=2, load=0.0) == 2  # an idle machine: every core, as PyTorch's default
     assert threads.default_threads(cores=2, load=1.2) == 1
     assert threads.default_threads(cores=2, load=9.0) == 1  # never below one
@@ -69,7 +71,7 @@ def cli_run(tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", "train.epochs=2",
                         "train.limit_batches=8", "train.log_every=5", "schedule.name=onecycle", "schedule.pct_start=0.25",
                         "train.progress=bar", "output.report=false", "output.tensorboard=false",
-                        f"output.dir={out}"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+                        f"output.dir={out}"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
     return out / "quickstart", r
 
@@ -188,3 +190,107 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "already finished" in out and "nothing to resume" in out
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the failure gallery
+
+
+def test_samples_hold_the_worst_failures_of_every_confused_pair_the_report_names(tmp_path):
+    """Many high-loss failures of one pair used to crowd out every other pair's worst images."""
+    from types import SimpleNamespace
+
+    from cnnlab.analysis.diagnose import confused_pairs
+    from cnnlab.analysis.metrics import summary
+    from cnnlab.data.base import ImageSet
+    from cnnlab.training.experiment import save_predictions
+
+    rng = np.random.default_rng(3)
+    n, k = 400, 4
+    targets = torch.from_numpy(rng.integers(0, k, n))
+    logits = torch.zeros(n, k)
+    logits[torch.arange(n), targets] = 4.0  # right, confidently
+    wrong_to = {0: 1, 2: 3, 3: 0}  # three confused pairs; the first with many very confident mistakes
+    strength = {0: 9.0, 2: 5.0, 3: 5.5}
+    for i in range(n):
+        t = int(targets[i])
+        if t in wrong_to and rng.random() < (0.8 if t == 0 else 0.15):
+            logits[i, wrong_to[t]] = strength[t] + rng.random()
+    images = torch.from_numpy(rng.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8))
+    s = ImageSet(labels=targets.numpy(), classes=list("abcd"), ids=[f"s{i}" for i in range(n)], images=images)
+    splits = SimpleNamespace(eval_set=s, classes=list("abcd"), channels=1, size=4)
+    save_predictions(tmp_path, splits, logits, targets, seed=0)
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    saved = set(np.load(tmp_path / "samples.npz")["index"].tolist())
+    named = confused_pairs(summary(logits.numpy(), targets.numpy(), splits.classes), top=5)
+    assert len(named) == 3
+    for p in named:
+        fails = sorted((r for r in rows if r["target_name"] == p["true"] and r["pred_name"] == p["pred"]),
+                       key=lambda r: -float(r["loss"]))
+        top = {int(r["index"]) for r in fails[:8]}
+        assert top <= saved, (p, sorted(top - saved))
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. cosmetic (continued)
+
+
+def test_an_unreadable_image_is_named_in_the_error(tmp_path):
+    from cnnlab.data import base
+
+    bad = tmp_path / "cat" / "7.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(Exception) as e:
+        base.open_image(str(bad))
+    assert str(bad) in str(e.value) and "BytesIO" not in str(e.value)
+
+
+def test_data_stats_lists_every_class_of_ten():
+    from cnnlab.data.stats import Stats
+
+    names = [f"class{i}" for i in range(10)]
+    s = Stats(mean=(0.5,), std=(0.2,), channels=1, n_images=55, n_pixels=55 * 64,
+              class_counts={c: i + 1 for i, c in enumerate(names)}, sizes={"8x8": 55}, modes={"L": 55})
+    line = next(x for x in s.format().splitlines() if x.startswith("classes"))
+    assert all(c in line for c in names) and "in all" not in line
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. config errors
+
+
+def test_every_problem_of_a_config_is_shown_at_once(tmp_path):
+    from cnnlab import config as C
+
+    p = tmp_path / "exp.yaml"
+    p.write_text("model:\n  batchnrom: true\ntrain:\n  batch_sise: 32\n  epochs: three\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(p)
+    msg = str(e.value)
+    assert "3 problems" in msg and str(p) in msg
+    for word in ("model.batchnrom", "model.batchnorm", "train.batch_sise", "train.batch_size", "train.epochs"):
+        assert word in msg, (word, msg)
+
+
+def test_a_command_line_typo_is_blamed_on_the_command_line(tmp_path):
+    from cnnlab import config as C
+
+    with pytest.raises(C.ConfigError) as e:
+        C.load(ROOT / "examples" / "quickstart.yaml", ["optim.lrr=0.1"])
+    assert str(e.value).startswith("command line: unknown key 'optim.lrr'") and "quickstart.yaml" not in str(e.value)
+    p = tmp_path / "exp.yaml"
+    p.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(C.ConfigError) as e:  # the same typo in the file is the file's
+        C.load(p, ["train.epochs=2"])
+    assert str(e.value).startswith(f"{p}: unknown key 'optim.lrr'")
+
+
+def test_a_key_without_its_section_suggests_the_dotted_key():
+    from cnnlab import config as C
+
+    with pytest.raises(C.ConfigError, match=r"Did you mean 'optim\.lr'\?"):
+        C.load(None, ["lr=0.1"])
+    with pytest.raises(C.ConfigError, match=r"Did you mean 'train\.epochs'\?"):
+        C.load(None, ["epochs=3"])

@@ -27,7 +27,10 @@ COMMANDS = (training_cli, report_build, data_cli, models_cli, explain, study)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cnnlab import __version__
+
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare and explain image-classification CNNs.")
+    p.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)

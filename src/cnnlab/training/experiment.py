@@ -104,7 +104,7 @@ def data_summary(splits: Splits, cfg: C.Config) -> dict:
 
 def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
     """predictions.csv (one row per sample), predictions.npz (logits, targets) and samples.npz (a seeded
-    pick of images plus the highest-loss failures, raw uint8) so every plot can be redrawn later."""
+    pick of images plus the failures a report shows (`worst_failures`), raw uint8) so every plot can be redrawn later."""
     import csv
 
     s = splits.eval_set
@@ -124,8 +124,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
         return
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(targets))[:48]
-    wrong = torch.nonzero(pred != targets).flatten()
-    worst = wrong[losses[wrong].argsort(descending=True)][:64].numpy()
+    worst = worst_failures(targets.numpy(), pred.numpy(), losses.numpy())
     index = np.concatenate([pick, worst[~np.isin(worst, pick)]]).astype(np.int64)  # the seeded pick first
     if s.images is not None:
         imgs = s.images[torch.from_numpy(index)].cpu()
@@ -135,6 +134,25 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
         imgs = torch.stack([decode(s.files[i], splits.channels, splits.size) for i in index]) if len(index) else \
             torch.zeros(0, splits.channels, splits.size, splits.size, dtype=torch.uint8)
     np.savez_compressed(run_dir / "samples.npz", images=imgs.numpy(), index=index)
+
+
+def worst_failures(targets: np.ndarray, pred: np.ndarray, losses: np.ndarray, *, overall: int = 64,
+                   pairs: int = 8, per_pair: int = 8) -> np.ndarray:
+    """Indices of the failures a report shows: the `overall` highest-loss ones, and the `per_pair` highest-loss
+    ones of each of the `pairs` most frequent (true, predicted) pairs, the pairs that the diagnostics name
+    and the failure gallery draws (report.plots.failure_gallery: at most 8 pairs, 8 images each)."""
+    wrong = np.flatnonzero(pred != targets)
+    by_loss = wrong[np.argsort(-losses[wrong], kind="stable")]
+    keep = [by_loss[:overall]]
+    k = int(max(targets.max(initial=0), pred.max(initial=0))) + 1
+    counts = np.bincount(targets[wrong] * k + pred[wrong], minlength=k * k)
+    for cell in np.argsort(-counts, kind="stable")[:pairs]:  # the order of diagnose.confused_pairs
+        if counts[cell] == 0:
+            break
+        t, p = divmod(int(cell), k)
+        keep.append(by_loss[(targets[by_loss] == t) & (pred[by_loss] == p)][:per_pair])
+    out = np.concatenate(keep)
+    return out[np.sort(np.unique(out, return_index=True)[1])]  # first occurrence order, no repeats
 
 
 def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -> Run:

@@ -477,5 +477,5 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
     tick()
     if state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
-              f"{t.early_stop.patience} epochs (best epoch {state.best_epoch})", flush=True)
+              f"{t.early_stop.patience} epoch{'' if t.early_stop.patience == 1 else 's'} (best epoch {state.best_epoch})", flush=True)
     return model, state
