@@ -294,3 +294,31 @@ def test_a_key_without_its_section_suggests_the_dotted_key():
         C.load(None, ["lr=0.1"])
     with pytest.raises(C.ConfigError, match=r"Did you mean 'train\.epochs'\?"):
         C.load(None, ["epochs=3"])
+
+
+def test_every_command_line_option_has_a_help_text():
+    import argparse
+
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(a, (argparse._HelpAction, argparse._VersionAction)) and not a.help:
+                missing.append(f"{path} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(cli.build_parser(), "cnnlab")
+    assert not missing, missing
+
+
+def test_explain_takes_padding_same_and_summary_suggests_torchvision(capsys):
+    assert cli.main(["explain", "conv", "--input", "[[1,2,3],[4,5,6],[7,8,9]]", "--kernel", "box",
+                     "--padding", "same"]) == 0
+    same = capsys.readouterr().out
+    assert cli.main(["explain", "conv", "--input", "[[1,2,3],[4,5,6],[7,8,9]]", "--kernel", "box",
+                     "--padding", "1"]) == 0
+    assert same == capsys.readouterr().out
+    assert cli.main(["summary", "resnet50"]) == 2
+    assert "Did you mean 'torchvision:resnet50'" in capsys.readouterr().err

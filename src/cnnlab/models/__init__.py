@@ -13,7 +13,17 @@ from torch import nn
 from cnnlab.errors import InputError
 from cnnlab.registry import Registry
 
-MODELS = Registry("model")
+def _hub_names(name: str) -> list[str]:
+    """`resnet50` is not cnnlab's, but torchvision has it: suggest 'torchvision:resnet50'."""
+    try:
+        from torchvision import models as tvm
+
+        return [f"torchvision:{name.lower()}"] if name.lower() in tvm.list_models() else []
+    except Exception:  # an old torchvision without list_models: no suggestion
+        return []
+
+
+MODELS = Registry("model", elsewhere=_hub_names)
 
 from cnnlab.models import fast, layers, zoo  # noqa: E402,F401  (register the built-in models)
 
