@@ -75,6 +75,9 @@ def test_every_everyday_command_runs(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     _images(tmp_path / "my-images", tmp_path / "my-images.zip")
     shutil.copy(tmp_path / "my-images.zip", tmp_path / "other.zip")
+    shutil.copytree(tmp_path / "my-images" / "cat", tmp_path / "photos")  # new images to classify
+    shutil.copytree(tmp_path / "my-images" / "dog", tmp_path / "new")
+    shutil.copy(tmp_path / "my-images.zip", tmp_path / "more.zip")
     # small and offline: the official CIFAR-10 the examples name is swapped for the folder above, one short epoch
     small = ["data.name=folder", "data.root=my-images.zip", "data.download=false", "data.val_split=0.25",
              "data.test_split=0.25", "train.epochs=1", "train.batch_size=16", "train.eval_batch_size=64",

@@ -16,6 +16,7 @@ from cnnlab import threads
 threads.prefer_passive_wait()  # the `cnnlab` script's entry: before the imports below load torch (OpenMP)
 from cnnlab import errors  # noqa: E402
 from cnnlab.data import cli as data_cli  # noqa: E402
+from cnnlab.deploy import cli as deploy_cli  # noqa: E402
 from cnnlab.models import cli as models_cli  # noqa: E402
 from cnnlab.models import explain  # noqa: E402
 from cnnlab.report import build as report_build  # noqa: E402
@@ -23,7 +24,7 @@ from cnnlab.studies import study  # noqa: E402
 from cnnlab.training import cli as training_cli  # noqa: E402
 
 # the order of `cnnlab --help`
-COMMANDS = (training_cli, report_build, data_cli, models_cli, explain, study)
+COMMANDS = (training_cli, deploy_cli, report_build, data_cli, models_cli, explain, study)
 
 
 def build_parser() -> argparse.ArgumentParser:
