@@ -268,14 +268,15 @@ def test_resume_refuses_a_changed_data_set(tmp_path, monkeypatch, capsys):
     for i in range(35, 45):  # ...and 10 added
         Image.fromarray(np.full((8, 8), i, np.uint8), "L").save(tmp_path / "imgs" / "a" / f"{i:03d}.png")
     capsys.readouterr()
-    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert cli.main(["train", "--resume", str(run), "train.epochs=2"]) == 2  # (1 epoch more: not finished)
     err = capsys.readouterr().err
     assert "not what this run started with" in err and "new (e.g." in err and "val: 14 -> " in err, err
     assert (run / "splits.npz").read_bytes() == splits_before
     for i in range(35, 45):  # the same file names again, other pixels: the statistics say so
         (tmp_path / "imgs" / "a" / f"{i:03d}.png").unlink()
-    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert cli.main(["train", "--resume", str(run), "train.epochs=2"]) == 2
     assert "mean" in capsys.readouterr().err
+    assert epochs_of(run) == [1]
 
 
 def test_resume_applies_more_epochs_and_refuses_other_overrides(tmp_path, capsys):
