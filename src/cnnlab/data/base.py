@@ -14,6 +14,17 @@ from PIL import Image
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
 
 
+class DataFileError(ValueError):
+    """A data file (or zip member) that cannot be read or decoded; the message starts with its name."""
+
+
+def split_ref(ref: str) -> tuple[str, str] | None:
+    """'archive.zip::member' -> ('archive.zip', 'member'); None for a plain path. Only a '::' right after
+    '.zip' separates, so a file named 'shot::1.png' (legal on Linux and macOS) is a plain path."""
+    i = ref.lower().find(".zip" + ZIP_SEP)
+    return None if i < 0 else (ref[:i + 4], ref[i + 4 + len(ZIP_SEP):])
+
+
 @dataclass
 class ImageSet:
     """One split. Exactly one of `images` (N, C, H, W) uint8 or `files` (N paths) is set.
@@ -70,20 +81,41 @@ class DataSource:
 
 @lru_cache(maxsize=16)
 def _open_zip(path: str) -> zipfile.ZipFile:
-    return zipfile.ZipFile(path)
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:  # not a zip, empty, truncated
+        raise DataFileError(f"{path}: not a readable zip archive ({e}); is it complete? "
+                            "(`unzip -t` tests it)") from None
 
 
 def read_bytes(ref: str) -> bytes:
-    if ZIP_SEP in ref:
-        archive, member = ref.split(ZIP_SEP, 1)
-        return _open_zip(archive).read(member)
-    return Path(ref).read_bytes()
+    """The bytes of a file or zip member. A damaged member (bad CRC, encrypted, unknown compression)
+    raises DataFileError naming it; a missing member KeyError, a missing file OSError."""
+    parts = split_ref(ref)
+    if parts is None:
+        return Path(ref).read_bytes()
+    archive, member = parts
+    z = _open_zip(archive)
+    try:
+        return z.read(member)
+    except KeyError:
+        raise
+    except Exception as e:  # BadZipFile (CRC), RuntimeError (encrypted), NotImplementedError, zlib.error, EOFError
+        raise DataFileError(f"{ref}: cannot read this zip member ({type(e).__name__}: {e})") from None
 
 
 def open_image(ref: str) -> Image.Image:
-    """Open an image file (or zip member) and load it; raises on unreadable or truncated data."""
-    img = Image.open(io.BytesIO(read_bytes(ref)))
-    img.load()
+    """Open an image file (or zip member) and load it; DataFileError naming the file on unreadable,
+    truncated or oversized (decompression bomb) data."""
+    data = read_bytes(ref)
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise DataFileError(f"{ref}: {e}; not decoded (`cnnlab data check` lists every such file)") from None
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, struct.error, ...
+        raise DataFileError(f"{ref}: not an image Pillow can read ({len(data)} bytes; {type(e).__name__}: {e}); "
+                            "`cnnlab data check` lists every unreadable file") from None
     return img
 
 
@@ -107,9 +139,14 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
 
 def decode(ref: str, channels: int, size: int | None) -> torch.Tensor:
     """A file as a (C, H, W) uint8 tensor, converted to `channels` and resized to `size` x `size`."""
-    img = to_mode(open_image(ref), channels)
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+    img = open_image(ref)
+    try:
+        img = to_mode(img, channels)
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+    except Exception as e:  # a mode Pillow cannot convert, a failed resize
+        raise DataFileError(f"{ref}: cannot convert this {img.mode} {img.size[0]}x{img.size[1]} image "
+                            f"({type(e).__name__}: {e})") from None
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from cnnlab.config import DataConfig
+from cnnlab.config import ConfigError, DataConfig
 from cnnlab.data import DATASETS
 from cnnlab.data.base import DataSource, ImageSet, decode, open_image
 
@@ -64,6 +65,9 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     if not amount:
         return idx, idx[:0]
     k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k == 0:
+        raise ConfigError(f"data.{what}={amount!r} is {amount * n:.2g} of the {n} training images, which rounds "
+                          f"to none; hold out at least one image (or set it to 0 for none)")
     if k >= n:
         raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
     counts = np.bincount(labels)
@@ -115,11 +119,26 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
     with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         for _ in pool.map(work, range(len(files)), chunksize=256):
             pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(out, tmp)
-    os.replace(tmp, path)
+    _save_cache(out, path)
     return out
+
+
+def _save_cache(images: torch.Tensor, path: Path) -> None:
+    """Write a decoded cache entry atomically. A full or unwritable disk costs only the cache: the
+    temporary file is removed and training goes on without it, with a warning."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(images, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(f"cnnlab: warning: cannot write the decoded-image cache {path} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); going on without it (set CNNLAB_CACHE to a folder "
+              "with free space to cache decoded images)", file=sys.stderr, flush=True)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -180,6 +199,13 @@ def _channels_of(s: ImageSet) -> int:
     return 1 if mode in ("L", "I;16", "I", "F", "1") else 3
 
 
+def _image_hw(s: ImageSet) -> tuple[int, int]:
+    if s.images is not None:
+        return int(s.images.shape[-2]), int(s.images.shape[-1])
+    w, h = open_image(s.files[0]).size
+    return h, w
+
+
 def load_source(d: DataConfig) -> DataSource:
     fn = DATASETS.get(d.name)
     return fn(d.root, download=d.download, **d.options)
@@ -219,6 +245,12 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         notes.append("this data set has no test split: the final evaluation uses the validation split")
 
     channels = d.channels or _channels_of(src.train)
+    if not d.image_size:  # the models take square images; a mid-run shape error would be the alternative
+        h, w = _image_hw(src.train)
+        if h != w:
+            first = f" ({src.train.files[0]})" if src.train.files else ""
+            raise ConfigError(f"data.image_size is not set and the images are {w}x{h} (width x height){first}, "
+                              "not square; set data.image_size to resize them all to a square")
     sets = {"train": train, "val": val, "test": test}
     pixels = sum(len(s) for s in sets.values() if s is not None) * channels * (d.image_size or 64) ** 2
     memory = want_memory if want_memory is not None else (
