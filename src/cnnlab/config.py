@@ -18,9 +18,13 @@ from typing import Any
 
 import yaml
 
+from cnnlab.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A config that cannot be run: the message says which key, which value, and what to do."""
+
+    label = "config error"
 
 
 # The largest square side an image is resized to (data.image_size) or probed at (`cnnlab summary
