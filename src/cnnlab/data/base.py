@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnlab.errors import InputError
+
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
 
 
-class DataFileError(ValueError):
+class DataFileError(InputError, ValueError):
     """A data file (or zip member) that cannot be read or decoded; the message starts with its name."""
 
 

@@ -6,6 +6,7 @@ fast path), else as files that `loader.py` streams through a DataLoader.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -208,6 +209,13 @@ def _image_hw(s: ImageSet) -> tuple[int, int]:
 
 def load_source(d: DataConfig) -> DataSource:
     fn = DATASETS.get(d.name)
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # those with **options check their own
+        takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "download"]
+        for key in d.options:
+            if key not in takes:
+                raise ConfigError(f"data.options.{key}: data set {d.name!r} takes no option {key!r} "
+                                  f"(it takes: {', '.join(takes) or 'none'})")
     return fn(d.root, download=d.download, **d.options)
 
 

@@ -31,16 +31,19 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     if splits.classes != saved["classes"]:
         raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
-    c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    c = ckpt.load(path)
     device = training.pick_device(cfg.train.device)
-    logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
+    # foreign, damaged or NaN weights are refused here, before evals/<n>/ exists
+    logits, targets = training.evaluate_weights(cfg, splits, c.get("model"), device, source=path)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)
     n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])
     dest = out / str(n)
     dest.mkdir()
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
-    result = {"checkpoint": which, "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
+    state = c.get("state")
+    result = {"checkpoint": which, "epoch": state.get("epoch") if isinstance(state, dict) else None, "data": C.to_dict(cfg.data),
               "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
     experiment.write_json(dest / "metrics.json", result)
     return {"dir": str(dest), **result}

@@ -143,12 +143,14 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
 
     T.configure_determinism(cfg)  # before any CUDA work (CUBLAS_WORKSPACE_CONFIG)
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
+    device = T.pick_device(cfg.train.device)  # train.device=cuda without CUDA: refused before any work
     if dist.world()[2] > 1:
-        dist.init(T.pick_device(cfg.train.device))
+        dist.init(device)
     cfg = with_weight_defaults(cfg)
     with dist.local_main_first():  # downloads and the decoded cache: written once per node
         splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     check_augment(cfg.data.augment, splits.size, splits.size)
+    dry_build(cfg, splits)
     # the run folder only once the data is there: a missing or broken data set leaves no empty folder
     if resume_dir is not None:
         run_dir = Path(resume_dir)
@@ -192,6 +194,24 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def dry_build(cfg: C.Config, splits: Splits) -> None:
+    """Build the model once on the meta device (no memory, no weights loaded) before the run folder exists,
+    so that a bad model.layers value or model option is refused before any training work."""
+    import dataclasses
+
+    from cnnlab.errors import InputError
+    from cnnlab.training import loop as T
+
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    try:
+        with torch.device("meta"):
+            T.build_for(probe, splits)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - an op the meta device lacks: the real build reports real problems
+        pass
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:

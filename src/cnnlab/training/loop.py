@@ -34,7 +34,7 @@ from cnnlab.errors import RunError
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import runlog
-from cnnlab.config import Config
+from cnnlab.config import Config, ConfigError
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model
@@ -81,7 +81,7 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use train.device=cpu")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine; use train.device=cpu")
     if name == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -230,11 +230,12 @@ def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: boo
     return dist.gather_rows(logits).cpu(), dist.gather_rows(targets).cpu()
 
 
-def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device, *,
+                     source: str | Path = "the weights") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of `splits.eval_set` for a state dict, in the layout and precision it trained in
-    (the final evaluation of a run and `cnnlab eval` alike)."""
+    (the final evaluation of a run and `cnnlab eval` alike). Weights that do not fit are refused naming `source`."""
     model = build_for(cfg, splits)
-    model.load_state_dict(weights)
+    ckpt.load_weights(model, weights, source)
     model.to(device)
     channels_last = use_channels_last(cfg, model, device)
     if channels_last:
@@ -358,17 +359,23 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                       f"{', '.join(stale)}", flush=True)
         if (ckdir / "last.pt").is_file():
             c = ckpt.load(ckdir / "last.pt")
-            model.load_state_dict(c["model"])
-            opt.load_state_dict(c["optimizer"])
-            sched.load_state_dict(c["scheduler"])
-            if scaler is not None and c.get("scaler"):
-                scaler.load_state_dict(c["scaler"])
-            if ema is not None and c.get("ema"):
-                ema.load_state_dict(c["ema"])
-            if lookahead is not None:
-                lookahead.load_state_dict(c.get("lookahead"))
-            state = State(**c["state"])
-            ckpt.set_rng_state(c["rng"])
+            try:
+                ckpt.load_weights(model, c.get("model"), ckdir / "last.pt")
+                opt.load_state_dict(c["optimizer"])
+                sched.load_state_dict(c["scheduler"])
+                if scaler is not None and c.get("scaler"):
+                    scaler.load_state_dict(c["scaler"])
+                if ema is not None and c.get("ema"):
+                    ema.load_state_dict(c["ema"])
+                if lookahead is not None:
+                    lookahead.load_state_dict(c.get("lookahead"))
+                state = State(**c["state"])
+                ckpt.set_rng_state(c["rng"])
+            except ckpt.CheckpointError:
+                raise
+            except Exception as e:  # a damaged or foreign last.pt: refused before anything is truncated or trained
+                raise ckpt.CheckpointError(f"{ckdir / 'last.pt'}: refused, cannot resume from it ({type(e).__name__}: "
+                                           f"{e}); history.csv and the checkpoints are left as they were") from None
         runlog.truncate_after(run_dir, state)  # rows written after the checkpoint are written again
     train_model = model
     if distributed:
