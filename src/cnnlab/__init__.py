@@ -25,4 +25,36 @@ def train(config, overrides=None, *, resume=None, quiet: bool = False):
     return experiment.run(cfg, quiet=quiet)
 
 
-__all__ = ["train", "__version__"]
+def load(run_dir, *, checkpoint: str = "best", device=None):
+    """A finished run as a classifier: `.predict(x)` (paths, PIL images, arrays, tensors), `.predict_proba(x)`,
+    `.model`, `.classes`, `.transform` (the run's own evaluation preprocessing)."""
+    from cnnlab.deploy.classifier import load as _load
+
+    return _load(run_dir, checkpoint=checkpoint, device=device)
+
+
+def evaluate(run_dir, *, checkpoint: str = "best", **data_overrides) -> dict:
+    """Re-evaluate a run's checkpoint, optionally on other data: `evaluate("runs/x", root="other.zip")`
+    (keys of the data section). Classes are matched by name. Returns the metrics and the results folder."""
+    from cnnlab.training.evaluate import evaluate_run
+
+    return evaluate_run(run_dir, {f"data.{k}": v for k, v in data_overrides.items()}, which=checkpoint)
+
+
+def compare(runs, *, out=None, baseline=None):
+    """Compare run or study folders (tables, curves, significance tests); returns the study.html path."""
+    from cnnlab.studies.report import compare as _compare
+
+    return _compare(runs, out=out, baseline=baseline)
+
+
+def export(run_dir, format: str = "onnx", out=None, *, dynamic_batch: bool = False, opset=None,
+           checkpoint: str = "best", quiet: bool = False):
+    """Export a run's model to ONNX or TorchScript with its metadata, verified against PyTorch; returns the path."""
+    from cnnlab.deploy.export import export as _export
+
+    return _export(run_dir, format, out, dynamic_batch=dynamic_batch, opset=opset, checkpoint=checkpoint,
+                   say=(lambda *a: None) if quiet else print)
+
+
+__all__ = ["train", "load", "evaluate", "compare", "export", "__version__"]

@@ -90,18 +90,37 @@ def _open_zip(path: str) -> zipfile.ZipFile:
                             "(`unzip -t` tests it)") from None
 
 
+MAX_MEMBER_BYTES = 1 << 30  # no image file needs more (Pillow's pixel limit is ~270 MB of RGB)
+MAX_RATIO, RATIO_FROM = 100, 16 << 20  # images hardly compress: a big member shrunk over 100x is a zip bomb
+
+
+class ZipBombError(InputError, OSError):
+    """A zip member whose declared size or compression ratio no image has; refused before it is read."""
+
+
+def check_member(info: zipfile.ZipInfo, archive: str) -> None:
+    """Refuse a member before decompressing it (zipfile never returns more than the declared size)."""
+    size, packed = info.file_size, max(1, info.compress_size)
+    if size > MAX_MEMBER_BYTES or (size > RATIO_FROM and size / packed > MAX_RATIO):
+        raise ZipBombError(f"{archive}{ZIP_SEP}{info.filename}: refusing to read this zip member: it unpacks "
+                           f"{packed:,} bytes into {size:,} ({size / packed:,.0f}x); no image needs that "
+                           f"(limits: {MAX_MEMBER_BYTES:,} bytes, {MAX_RATIO}x above {RATIO_FROM:,}). "
+                           "A zip bomb? Remove the member from the archive.")
+
+
 def read_bytes(ref: str) -> bytes:
-    """The bytes of a file or zip member. A damaged member (bad CRC, encrypted, unknown compression)
-    raises DataFileError naming it; a missing member KeyError, a missing file OSError."""
+    """The bytes of a file or zip member. A member whose size no image has is refused before it is read
+    (ZipBombError); a damaged one (bad CRC, encrypted, unknown compression) raises DataFileError naming it;
+    a missing member KeyError, a missing file OSError."""
     parts = split_ref(ref)
     if parts is None:
         return Path(ref).read_bytes()
     archive, member = parts
-    z = _open_zip(archive)
+    zf = _open_zip(archive)
+    info = zf.getinfo(member)
+    check_member(info, archive)
     try:
-        return z.read(member)
-    except KeyError:
-        raise
+        return zf.read(info)
     except Exception as e:  # BadZipFile (CRC), RuntimeError (encrypted), NotImplementedError, zlib.error, EOFError
         raise DataFileError(f"{ref}: cannot read this zip member ({type(e).__name__}: {e})") from None
 
@@ -143,12 +162,17 @@ def decode(ref: str, channels: int, size: int | None) -> torch.Tensor:
     """A file as a (C, H, W) uint8 tensor, converted to `channels` and resized to `size` x `size`."""
     img = open_image(ref)
     try:
-        img = to_mode(img, channels)
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+        return decode_image(img, channels, size)
     except Exception as e:  # a mode Pillow cannot convert, a failed resize
         raise DataFileError(f"{ref}: cannot convert this {img.mode} {img.size[0]}x{img.size[1]} image "
                             f"({type(e).__name__}: {e})") from None
+
+
+def decode_image(img: Image.Image, channels: int, size: int | None) -> torch.Tensor:
+    """An opened Pillow image as `decode` returns a file: (C, H, W) uint8, `channels`, `size` x `size`."""
+    img = to_mode(img, channels)
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
