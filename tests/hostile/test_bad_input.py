@@ -455,18 +455,28 @@ def _list_data_json(run: Path) -> Path:
     return run / "data.json"
 
 
-RUN_FILE_DAMAGE = {"history.csv": _garbage_history, "metrics.json": _cut_metrics, "data.json": _list_data_json}
+def _metrics_without_test(run: Path) -> Path:
+    p = run / "metrics.json"
+    m = json.loads(p.read_text())
+    del m["test"]
+    p.write_text(json.dumps(m))
+    return p
+
+
+RUN_FILE_DAMAGE = {"history.csv": _garbage_history, "metrics.json": _cut_metrics, "data.json": _list_data_json,
+                   "no_test_results": _metrics_without_test}
 
 
 @pytest.mark.parametrize("command,damage", [("report", "history.csv"), ("report", "metrics.json"),
                                             ("report", "data.json"), ("compare", "history.csv"),
-                                            ("compare", "metrics.json")])  # compare reads no data.json
+                                            ("compare", "metrics.json"), ("compare", "no_test_results")])
+# (compare reads no data.json; report draws a metrics.json without test results from the saved logits)
 def test_damaged_run_file_is_named(main, finished, tmp_path, command, damage):
     run = _copy(finished, tmp_path)
     other = _copy(finished, tmp_path, "notest")
     bad = RUN_FILE_DAMAGE[damage](run)
     r = main(*([command, run] if command == "report" else ["compare", run, other]), cwd=tmp_path)
-    refused(r, 2, str(bad))
+    refused(r, 2, str(bad), *(["'test'"] if damage == "no_test_results" else []))
 
 
 def test_compare_a_run_without_test_split(main, finished, tmp_path):

@@ -66,7 +66,11 @@ def load_run(d: str | Path) -> Run:
             if not isinstance(v, (int, float)) and v is not None:
                 raise RunFileError(f"{d / 'history.csv'}: damaged, column {k!r} holds {v!r}, not a number")
             hist.setdefault(k, []).append(float("nan") if v is None else float(v))
-    return Run(d, int(cfg.get("train.seed", 0)), cfg, _json(d / "metrics.json"), hist,
+    metrics = _json(d / "metrics.json")
+    if not isinstance(metrics.get("test"), dict) or "accuracy" not in metrics["test"]:
+        raise RunFileError(f"{d / 'metrics.json'}: no 'test' results in it (the accuracy on the evaluated split, "
+                           "test or val); not a finished cnnlab run, or damaged")
+    return Run(d, int(cfg.get("train.seed", 0)), cfg, metrics, hist,
                _json(d / "model.json").get("total_params"), _json(d / "env.json").get("train_seconds"))
 
 
