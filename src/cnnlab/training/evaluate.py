@@ -15,6 +15,7 @@ import numpy as np
 from cnnlab.data.base import ImageSet
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
+from cnnlab import process
 
 
 def map_classes(splits, run_classes: list[str]):
@@ -57,7 +58,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     splits = map_classes(splits, saved["classes"])
     path = run_dir / "checkpoints" / f"{which}.pt"
     c = ckpt.load(path)
-    device = training.pick_device(cfg.train.device)
+    device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
     # foreign, damaged or NaN weights are refused here, before evals/<n>/ exists
     logits, targets = training.evaluate_weights(cfg, splits, c.get("model"), device, source=path)
     out = run_dir / "evals"
