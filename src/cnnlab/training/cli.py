@@ -12,7 +12,7 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        from cnnlab.training.experiment import resume_config
+        from cnnlab.training.resume import resume_config
 
         overrides = list(args.overrides or [])
         if args.config and "=" in args.config and not Path(args.config).is_file():  # `--resume RUN key=value`
