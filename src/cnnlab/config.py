@@ -54,6 +54,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _load_unique(text: str) -> Any:
+    """What yaml.safe_load(text) returns (the same SafeLoader, no Python tags), refusing duplicate keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 # the choices of each key that takes one of a few words (did-you-mean on a typo)
 PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's padding_mode
 LoaderKind = Literal["auto", "memory", "stream"]
@@ -315,7 +324,7 @@ def to_dict(cfg: Any) -> dict:
 def parse_value(text: str) -> Any:
     """`key=value` on the command line: the value is read as YAML (`0.1`, `true`, `[1, 2]`, `null`)."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else ""
+        return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -360,7 +369,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        tree = _load_unique(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                           "save the config as UTF-8") from None
