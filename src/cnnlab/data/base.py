@@ -125,12 +125,23 @@ def read_bytes(ref: str) -> bytes:
         raise DataFileError(f"{ref}: cannot read this zip member ({type(e).__name__}: {e})") from None
 
 
+class NamedBytes(io.BytesIO):
+    """In-memory file bytes that Pillow's errors name by the file, not as `<_io.BytesIO object at 0x...>`."""
+
+    def __init__(self, data: bytes, ref: str):
+        super().__init__(data)
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return repr(self.ref)
+
+
 def open_image(ref: str) -> Image.Image:
     """Open an image file (or zip member) and load it; DataFileError naming the file on unreadable,
     truncated or oversized (decompression bomb) data."""
     data = read_bytes(ref)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(NamedBytes(data, ref))
         img.load()
     except Image.DecompressionBombError as e:
         raise DataFileError(f"{ref}: {e}; not decoded (`cnnlab data check` lists every such file)") from None

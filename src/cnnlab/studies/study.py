@@ -401,6 +401,7 @@ def _ray_task(cfg_dict: dict, name: str, threads: int) -> bytes:  # runs on a Ra
     from cnnlab.training import experiment
 
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what cnnlab.threads.choose keeps when train.threads is unset
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.load(cfg_dict, {"output.dir": tmp, "output.name": name})
         run = experiment.run(cfg, device=process.setup(cfg), quiet=True)
