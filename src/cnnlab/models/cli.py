@@ -25,6 +25,11 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         parts = [parts[0], parts[1], parts[1]]
     if len(parts) != 3 or min(parts) < 1:
         raise InputError(f"--input={text!r}: expected CxHxW such as 3x32x32 (or a side such as 32)")
+    from cnnlab.config import MAX_IMAGE_SIDE
+
+    if max(parts[1:]) > MAX_IMAGE_SIDE or parts[0] > 4096:
+        raise InputError(f"--input={text!r}: at most {MAX_IMAGE_SIDE} pixels a side (and 4096 channels), as "
+                         "data.image_size")
     return tuple(parts)
 
 
