@@ -191,28 +191,49 @@ def _json_default(o):
 # Reading
 
 
+def _run_file_error():
+    from cnnlab.errors import InputError
+
+    class RunFileError(InputError, ValueError):
+        """A file of a run folder that exists but cannot be read back (damaged, cut, edited by hand)."""
+
+    return RunFileError
+
+
+RunFileError = _run_file_error()
+
+
 def read_csv(path: str | Path) -> list[dict]:
     """Rows of a run's CSV with numbers parsed (INT_COLS as int, TEXT_COLS as text, the rest float; an empty
-    cell is NaN, 'nan'/'inf' kept as floats); [] when the file is missing. The one parser of history.csv,
+    or cut cell is None / NaN, 'nan'/'inf' kept as floats); [] when the file is missing. A damaged file (not
+    UTF-8, more cells than the header) raises RunFileError naming it. The one parser of history.csv,
     steps.csv, predictions.csv and failures.csv."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            out = {}
-            for k, v in r.items():
-                if k in TEXT_COLS or v is None:
-                    out[k] = v
-                elif k in INT_COLS:
-                    out[k] = int(float(v)) if v != "" else None
-                else:
-                    try:
-                        out[k] = float(v) if v != "" else math.nan
-                    except ValueError:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                out = {}
+                for k, v in r.items():
+                    if k is None:  # more cells than the header has columns
+                        raise ValueError(f"row {len(rows) + 2} has more cells than the header")
+                    if k in TEXT_COLS:
                         out[k] = v
-            rows.append(out)
+                    elif v is None or v == "":  # a short (cut) row
+                        out[k] = None if k in INT_COLS else math.nan
+                    elif k in INT_COLS:
+                        out[k] = int(float(v))
+                    else:
+                        try:
+                            out[k] = float(v)
+                        except ValueError:
+                            out[k] = v
+                rows.append(out)
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise RunFileError(f"{path}: damaged, cannot be read back ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
     return rows
 
 
@@ -221,12 +242,21 @@ def columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-def read_json(path: str | Path):
-    """A JSON file's value, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def read_json(path: str | Path, kind: type = dict):
+    """A run folder's JSON file (a `kind`: dict, or list for findings.json); None when missing;
+    RunFileError naming it when damaged."""
+    path = Path(path)
+    if not path.is_file():
         return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFileError(f"{path}: damaged, not readable JSON ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
+    if not isinstance(obj, kind):
+        raise RunFileError(f"{path}: damaged, expected a JSON {'object' if kind is dict else kind.__name__}, "
+                           f"found a {type(obj).__name__}")
+    return obj
 
 
 class RunDir:
@@ -304,7 +334,7 @@ class RunDir:
 
     @cached_property
     def findings(self) -> list | None:
-        return read_json(self.dir / FINDINGS)
+        return read_json(self.dir / FINDINGS, list)
 
     @property
     def seed(self) -> int:

@@ -19,7 +19,7 @@ from cnnlab.errors import InputError
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 from cnnlab import rundir as R
-from cnnlab.rundir import columns, read_csv  # noqa: F401  (re-exported: report.read_csv, report.columns)
+from cnnlab.rundir import RunFileError, columns, read_csv, read_json  # noqa: F401  (re-exported: report.read_csv, ...)
 
 from cnnlab.report import sections as S
 

@@ -60,7 +60,7 @@ def markdown(ctx: dict, sections: list[S.Section] | None = None) -> str:
     out = [f"# {f['name']}", "",
            f"**{f['model'] or 'model'}** on **{f['data']}** ({f['classes']} classes, {f['input']}). "
            f"{f['split']} accuracy **{pct(f['acc'])}**, best val accuracy {pct(f['best_val_acc'])} "
-           f"(epoch {f['best_epoch']}), {f['epochs']} epochs in {duration(f['seconds'])}."]
+           f"(epoch {f['best_epoch']}), {f['epochs']} epoch{'' if f['epochs'] == 1 else 's'} in {duration(f['seconds'])}."]
     for s in S.SECTIONS if sections is None else sections:
         blocks = S.blocks_of(s, ctx)
         if blocks:

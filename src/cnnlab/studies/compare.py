@@ -61,6 +61,20 @@ class Group:
     runs: list[RunDir]
 
 
+def load_run(d: str | Path) -> RunDir:
+    """A finished run folder, its history and test results checked: a damaged file is refused naming it."""
+    run = R.load_run(d, finished=True)
+    for row in run.history:
+        for k, v in row.items():
+            if not isinstance(v, (int, float)) and v is not None:
+                raise R.RunFileError(f"{run.dir / R.HISTORY}: damaged, column {k!r} holds {v!r}, not a number")
+    metrics = run.metrics or {}
+    if not isinstance(metrics.get("test"), dict) or "accuracy" not in metrics["test"]:
+        raise R.RunFileError(f"{run.dir / R.METRICS}: no 'test' results in it (the accuracy on the evaluated split, "
+                             "test or val); not a finished cnnlab run, or damaged")
+    return run
+
+
 def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
     """Groups from study folders (study.json: one group per variation) and run folders (one group each);
     also the study's baseline and its run list (with statuses) when there is one study."""
@@ -70,12 +84,12 @@ def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
             man = R.read_json(p / R.STUDY_JSON) or {}
             base = base or man.get("baseline")
             for v in man["variations"]:
-                runs = [R.load_run(p / r["dir"], finished=True) for r in v["runs"] if RunDir(p / r["dir"]).finished]
+                runs = [load_run(p / r["dir"]) for r in v["runs"] if RunDir(p / r["dir"]).finished]
                 listing += [{**r, "dir": str(p / r["dir"]), "variation": v["name"]} for r in v["runs"]]
                 if runs:
                     groups.append(Group(v["name"], runs))
         elif RunDir(p).finished:
-            groups.append(Group(p.name, [R.load_run(p, finished=True)]))
+            groups.append(Group(p.name, [load_run(p)]))
             listing.append({"dir": str(p), "variation": p.name, "seed": groups[-1].runs[0].seed, "status": "done"})
         else:
             raise FileNotFoundError(f"{p}: neither a run folder ({R.METRICS}) nor a study folder ({R.STUDY_JSON})")
@@ -164,7 +178,7 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
     classes = [c["name"] for c in bg.runs[0].metrics["test"]["per_class"]]
     c0 = firsts[base]
     setup = {"model.name": f"{c0.get('model.name')} on {c0.get('data.name')}", "optim.name": c0.get("optim.name"),
-             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epochs",
+             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epoch{'' if c0.get('train.epochs') == 1 else 's'}",
              "train.batch_size": f"batch {c0.get('train.batch_size')}"}
     setup = [str(v) for k, v in setup.items() if k not in differ]
     out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes,

@@ -7,15 +7,16 @@ matched to the run's classes by name (`map_classes`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 
+from cnnlab.data.base import ImageSet
+from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import rundir as R
-from cnnlab.data.base import ImageSet
 from cnnlab import process
-from cnnlab.training import checkpoint as ckpt
 
 
 def map_classes(splits, run_classes: list[str]):
@@ -43,30 +44,36 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     from cnnlab.data.pipeline import prepare
     from cnnlab.analysis.metrics import summary
 
-    run = R.RunDir(run_dir)
-    if run.config_text is None:
-        raise FileNotFoundError(f"{run.dir}: not a run folder (no {R.CONFIG})")
+    run_dir = Path(run_dir)
+    if not (run_dir / R.CONFIG).is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
     bad = [o for o in overrides or [] if not o.startswith("data.")]
     if bad:
         raise C.ConfigError(f"cnnlab eval takes only data.* overrides, got {', '.join(bad)}")
-    cfg = run.load_config(overrides)
-    saved = run.data
-    if saved is None:
-        raise FileNotFoundError(f"{run.dir}: no readable {R.DATA}")
+    cfg = C.load(run_dir / R.CONFIG, overrides)
+    saved = json.loads((run_dir / R.DATA).read_text())
     # evaluate with the training run's normalisation, not the new data's statistics
     cfg = C.replace(cfg, {"data.mean": saved["mean"], "data.std": saved["std"], "data.check": False})
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     data_classes = splits.classes
     splits = map_classes(splits, saved["classes"])
-    c = ckpt.load(R.checkpoint_path(run.dir, which))
+    path = run_dir / R.CHECKPOINTS / f"{which}.pt"
+    c = ckpt.load(path)
     device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
-    logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
-    dest = R.next_eval_dir(run.dir)
+    # foreign, damaged or NaN weights are refused here, before evals/<n>/ exists
+    logits, targets = training.evaluate_weights(cfg, splits, c.get("model"), device, source=path)
+    out = run_dir / R.EVALS
+    out.mkdir(exist_ok=True)
+    n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])
+    dest = out / str(n)
+    dest.mkdir()
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
+    state = c.get("state")
     result = {"checkpoint": which,
-              **({"data_classes": data_classes} if data_classes != splits.classes else {}), "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
+              **({"data_classes": data_classes} if data_classes != splits.classes else {}),
+              "epoch": state.get("epoch") if isinstance(state, dict) else None, "data": C.to_dict(cfg.data),
               "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
-    R.write_json(dest / R.METRICS, result)
+    experiment.write_json(dest / R.METRICS, result)
     return {"dir": str(dest), **result}
 
 

@@ -1,6 +1,7 @@
 """Resuming a run safely: one process per run folder (`folder_lock`, shared with studies), the data checked
 against the split the run recorded (`check_same_data`), and the overrides that may change mid-run
-(`resume_config`: more epochs yes, another learning rate no)."""
+(`resume_config`: more epochs yes, another learning rate no), and whether there is anything left to
+resume (`finished`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +40,10 @@ def check_same_data(run_dir: Path, splits: Splits, cfg: C.Config) -> None:
             what = [f"{len(gone)} no longer in it (e.g. {gone[0]})"] * bool(gone) + \
                    [f"{len(added)} new (e.g. {added[0]})"] * bool(added) or ["the same images in another order"]
             changes.append(f"{name}: {len(old)} -> {len(new)} images, {', '.join(what)}")
-    old_data = R.read_json(run_dir / R.DATA)
+    try:
+        old_data = R.read_json(run_dir / R.DATA)
+    except ValueError:  # damaged: nothing to compare against
+        old_data = None
     if isinstance(old_data, dict) and not changes:
         for key, now in (("classes", list(splits.classes)), ("mean", list(splits.mean)), ("std", list(splits.std))):
             if key in old_data and old_data[key] != now:
@@ -100,3 +104,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 class DataChangedError(InputError, ValueError):
     """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
+
+
+def finished(run_dir: Path, cfg: C.Config) -> dict | None:
+    """metrics.json of a run whose training ended (all `train.epochs`, or stopped early) and was
+    evaluated; None when there is something left to do."""
+    from cnnlab.training import checkpoint as ckpt
+
+    try:
+        metrics = R.read_json(run_dir / R.METRICS)
+        state = ckpt.load(R.checkpoint_path(run_dir, "last"))["state"]
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if not isinstance(metrics, dict) or "test" not in metrics or not isinstance(state, dict):
+        return None  # a damaged last.pt is refused, naming it, when the resume loads it
+    return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None
