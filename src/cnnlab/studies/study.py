@@ -227,9 +227,9 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
 def _check_study_folder(root: Path) -> None:
     """A study writes study.*, configs/, logs/ and a folder per run into its folder: refuse an existing folder
     that holds other things and is not a study's (no study.yaml / study.json), before anything is written."""
-    if not root.is_dir() or (root / "study.yaml").is_file() or (root / "study.json").is_file():
+    if not root.is_dir() or (root / R.STUDY_YAML).is_file() or (root / R.STUDY_JSON).is_file():
         return
-    other = sorted(p.name for p in root.iterdir() if p.name not in (".lock", ".cnnlab-run"))
+    other = sorted(p.name for p in root.iterdir() if p.name not in (R.LOCK, R.MARKER))
     if other:
         raise C.ConfigError(f"{root}: not a study folder (no study.yaml or study.json; it holds "
                             f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); a study writes its files and "
