@@ -207,11 +207,12 @@ def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: boo
     return dist.gather_rows(logits).cpu(), dist.gather_rows(targets).cpu()
 
 
-def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device, *,
+                     source: str | Path = "the weights") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of `splits.eval_set` for a state dict, in the layout and precision it trained in
-    (the final evaluation of a run and `cnnlab eval` alike)."""
+    (the final evaluation of a run and `cnnlab eval` alike). Weights that do not fit are refused naming `source`."""
     model = build_for(cfg, splits)
-    model.load_state_dict(weights)
+    ckpt.load_weights(model, weights, source)
     model.to(device)
     channels_last = use_channels_last(cfg, model, device)
     if channels_last:
@@ -328,17 +329,23 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                       f"{', '.join(stale)}", flush=True)
         if (ckdir / "last.pt").is_file():
             c = ckpt.load(ckdir / "last.pt")
-            model.load_state_dict(c["model"])
-            opt.load_state_dict(c["optimizer"])
-            sched.load_state_dict(c["scheduler"])
-            if scaler is not None and c.get("scaler"):
-                scaler.load_state_dict(c["scaler"])
-            if ema is not None and c.get("ema"):
-                ema.load_state_dict(c["ema"])
-            if lookahead is not None:
-                lookahead.load_state_dict(c.get("lookahead"))
-            state = State(**c["state"])
-            ckpt.set_rng_state(c["rng"])
+            try:
+                ckpt.load_weights(model, c.get("model"), ckdir / "last.pt")
+                opt.load_state_dict(c["optimizer"])
+                sched.load_state_dict(c["scheduler"])
+                if scaler is not None and c.get("scaler"):
+                    scaler.load_state_dict(c["scaler"])
+                if ema is not None and c.get("ema"):
+                    ema.load_state_dict(c["ema"])
+                if lookahead is not None:
+                    lookahead.load_state_dict(c.get("lookahead"))
+                state = State(**c["state"])
+                ckpt.set_rng_state(c["rng"])
+            except ckpt.CheckpointError:
+                raise
+            except Exception as e:  # a damaged or foreign last.pt: refused before anything is truncated or trained
+                raise ckpt.CheckpointError(f"{ckdir / 'last.pt'}: refused, cannot resume from it ({type(e).__name__}: "
+                                           f"{e}); history.csv and the checkpoints are left as they were") from None
             if main:
                 within = f", batch {state.batch_in_epoch} of epoch {state.epoch + 1}" if state.batch_in_epoch else ""
                 print(f"resuming {run_dir} after epoch {state.epoch}{within} (step {state.step}) of {t.epochs}",

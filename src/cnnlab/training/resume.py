@@ -132,6 +132,6 @@ def finished(run_dir: Path, cfg: C.Config) -> dict | None:
         state = ckpt.load(run_dir / "checkpoints" / "last.pt")["state"]
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
-    if not isinstance(metrics, dict) or "test" not in metrics:
-        return None
+    if not isinstance(metrics, dict) or "test" not in metrics or not isinstance(state, dict):
+        return None  # a damaged last.pt is refused, naming it, when the resume loads it
     return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None
