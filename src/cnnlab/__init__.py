@@ -10,6 +10,7 @@ def train(config, overrides=None, *, resume=None, quiet: bool = False):
     A config with `variations:` or `grid:` runs a whole study and returns the `Study`.
     """
     from cnnlab import config as C
+    from cnnlab import process
     from cnnlab.training import experiment
 
     cfg = C.load(config, overrides)
@@ -17,12 +18,12 @@ def train(config, overrides=None, *, resume=None, quiet: bool = False):
         from pathlib import Path
 
         cfg = C.load(Path(resume) / "config.yaml", overrides)
-        return experiment.run(cfg, resume_dir=Path(resume), quiet=quiet)
+        return experiment.run(cfg, device=process.setup(cfg), resume_dir=Path(resume), quiet=quiet)
     if cfg.variations or cfg.grid or cfg.repeats > 1:
         from cnnlab.studies import study
 
-        return study.run_study(cfg, quiet=quiet)
-    return experiment.run(cfg, quiet=quiet)
+        return study.run_study(cfg, quiet=quiet)  # sets up the process for each run
+    return experiment.run(cfg, device=process.setup(cfg), quiet=quiet)
 
 
 def load(run_dir, *, checkpoint: str = "best", device=None):

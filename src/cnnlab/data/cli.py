@@ -6,15 +6,20 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cnnlab.data import DATASETS, DataSource
 from cnnlab.errors import InputError
 from cnnlab.registry import UnknownNameError
+
+if TYPE_CHECKING:
+    from cnnlab.data.base import DataSource
 
 
 def open_source(spec: str, *, root: str | None = None, download: bool = True,
                 options: dict | None = None) -> DataSource:
     """A registered data set by name, or a folder / .zip path read as the `folder` data set."""
+    from cnnlab.data import DATASETS
+
     if spec not in DATASETS and (Path(spec).exists() or "/" in spec or spec.endswith(".zip")):
         if not Path(spec).exists():
             raise FileNotFoundError(f"{spec!r}: no such folder or zip file")

@@ -17,7 +17,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from cnnlab.config import DataConfig
-from cnnlab.data import DATASETS
+from cnnlab.data.catalog import DATASETS
 from cnnlab.data.base import DataSource, ImageSet, decode, open_image
 
 MEMORY_BUDGET = int(os.environ.get("CNNLAB_MEMORY_BUDGET", 6 * 2**30))  # bytes of uint8 pixels kept resident

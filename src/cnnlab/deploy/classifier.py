@@ -156,12 +156,13 @@ class Classifier:
     """A trained run ready to classify: `.predict(x)`, `.predict_proba(x)`, `.model`, `.classes`, `.transform`."""
 
     def __init__(self, run: RunFacts, *, device: str | torch.device | None = None):
+        from cnnlab import process
         from cnnlab.training import loop
 
         self.run = run
         self.classes = run.classes
         cfg = run.config
-        self.device = torch.device(device) if device is not None else loop.pick_device(cfg.train.device)
+        self.device = torch.device(device) if device is not None else process.pick_device(cfg.train.device)
         self.model = build_model(run).to(self.device)
         # the layout and precision the run evaluated in (loop.evaluate_weights), so results match it
         self.channels_last = loop.use_channels_last(cfg, self.model, self.device)

@@ -165,23 +165,3 @@ def export(run_dir, format: str = "onnx", out=None, *, dynamic_batch: bool = Fal
         tmp.unlink(missing_ok=True)
     say(f"exported {fmt}: {out} (metadata also in {out.name}.json)")
     return out
-
-
-def _cli(args) -> int:
-    export(args.run_dir, args.format, args.out, dynamic_batch=args.dynamic_batch, opset=args.opset,
-           checkpoint=args.checkpoint)
-    return 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a run's model to ONNX or TorchScript, verified",
-                              description="Export the run's checkpoint with its metadata (classes, input size, "
-                                          "mean/std, version, run id), then check it against PyTorch on the "
-                                          "run's images.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--format", required=True, choices=sorted(SUFFIX), type=str.lower)
-    p.add_argument("--out", metavar="FILE", help="default RUN_DIR/model.onnx or RUN_DIR/model.pt")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (TorchScript always is)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.set_defaults(func=_cli)

@@ -166,22 +166,3 @@ def run(args) -> int:
         raise FileNotFoundError(f"no images found in {' '.join(args.inputs)}" if not skipped else
                                 f"none of the {len(skipped)} input(s) could be read; nothing written")
     return EXIT_SKIPPED if skipped else 0
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "predict", help="classify new images with a trained run (files, folders, zips, globs)",
-        description="Classify unlabelled images with a run's checkpoint and its own evaluation preprocessing. "
-                    "Exit status: 0 all predicted, 3 some inputs skipped (listed on stderr), 2 bad usage.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), .zip files, globs")
-    p.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
-    p.add_argument("--out", metavar="FILE", help="write .csv, .json or .jsonl (atomically) instead of a table")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image "
-                                                      "(on by default when the run evaluated with train.tta_flip)")
-    p.add_argument("--gradcam", action="store_true",
-                   help="also write an HTML page with each image's Grad-CAM (beside --out, else predictions.html)")
-    p.add_argument("--gradcam-limit", type=int, default=200, help="images shown on the Grad-CAM page (default 200)")
-    p.set_defaults(func=run)

@@ -12,7 +12,7 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        from cnnlab.training.experiment import resume_config
+        from cnnlab.training.resume import resume_config
 
         overrides = list(args.overrides or [])
         if args.config and "=" in args.config and not Path(args.config).is_file():  # `--resume RUN key=value`
@@ -36,9 +36,11 @@ def _train(args) -> int:
                         executor=executor, address=args.ray_address)
         dist.shutdown()
         return 0
+    from cnnlab import process
     from cnnlab.training import experiment
 
-    experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
+    device = process.setup(cfg)
+    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 

@@ -15,6 +15,7 @@ import numpy as np
 from cnnlab.data.base import ImageSet
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
+from cnnlab import process
 
 
 def map_classes(splits, run_classes: list[str]):
@@ -56,7 +57,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     data_classes = splits.classes
     splits = map_classes(splits, saved["classes"])
     c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
-    device = training.pick_device(cfg.train.device)
+    device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
     logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)
