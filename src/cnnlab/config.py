@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -27,6 +29,38 @@ class ConfigError(InputError, ValueError):
     """A config that cannot be run: the message says which key, which value, and what to do."""
 
     label = "config error"
+
+
+# The largest square side an image is resized to (data.image_size) or probed at (`cnnlab summary
+# --input`): 8192 x 8192 = 67 M pixels, under Pillow's decompression-bomb limit of 89 M.
+MAX_IMAGE_SIDE = 8192
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
+                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique(text: str) -> Any:
+    """What yaml.safe_load(text) returns (the same SafeLoader, no Python tags), refusing duplicate keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 # the choices of each key that takes one of a few words (did-you-mean on a typo)
@@ -184,6 +218,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # .inf / .nan: every number here is finite
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None:
@@ -252,18 +288,62 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (`optim.lr`, `train.early_stop.patience`, ...)."""
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        out += _all_keys(tp, key + ".") if dataclasses.is_dataclass(tp) else [key]
+    return out
+
+
+def _unknown_key(key: str, k: str, prefix: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+    if close:
+        hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
+    else:  # a key in the wrong section (`lr=0.1` for optim.lr): look for its name anywhere
+        leaf = str(key).split(".")[-1]
+        full = _all_keys()
+        same = [x for x in full if x.split(".")[-1] == leaf]
+        near = same or [x for x in full if difflib.get_close_matches(leaf, [x.split(".")[-1]], cutoff=0.8)]
+        hint = f" Did you mean {' or '.join(repr(x) for x in near[:3])}?" if near else ""
+    return f"unknown key {key!r}.{hint} Known keys here: {', '.join(names)}."
+
+
+def _build(cls: type, data: dict, prefix: str = "", problems: list | None = None) -> Any:
+    """`cls` from `data`, every problem found (not only the first): raised together as one ConfigError
+    whose `problems` lists (key, message) pairs."""
+    top = problems is None
+    problems = [] if top else problems
+    before = len(problems)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r}.{hint} Known keys here: {', '.join(names)}.")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+            problems.append((key, _unknown_key(key, k, prefix, names)))
+            continue
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            kwargs[k] = _build(hints[k], v, key, problems)
+            continue
+        try:
+            kwargs[k] = _coerce(v, hints[k], key)
+        except ConfigError as e:
+            problems.append((key, str(e)))
+    if top and problems:
+        raise _many(problems)
+    return cls(**kwargs) if len(problems) == before else None
+
+
+def _many(problems: list[tuple[str, str]]) -> ConfigError:
+    text = problems[0][1] if len(problems) == 1 else \
+        f"{len(problems)} problems:\n  " + "\n  ".join(m for _, m in problems)
+    e = ConfigError(text)
+    e.problems = problems
+    return e
 
 
 def to_dict(cfg: Any) -> dict:
@@ -328,10 +408,15 @@ def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = _load_unique(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML (only plain YAML is read, no Python tags): {e}") from None
     if tree is None:
@@ -371,16 +456,28 @@ def check_size(tree: Any, where: str = "config") -> None:
     size(tree)
 
 
-def from_dict(tree: dict, *, where: str = "config") -> Config:
+_KEY = re.compile(r"^(?:unknown key )?'?([A-Za-z_][\w.]*)")
+
+
+def from_dict(tree: dict, *, where: str = "config", overridden: tuple[str, ...] = ()) -> Config:
+    """A validated Config; errors name `where` (the file), or the command line for the keys in
+    `overridden` (the dotted keys that overrides set)."""
     check_size(tree, where)
     try:
         cfg = _build(Config, tree)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    try:
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        problems = getattr(e, "problems", None) or [((_KEY.match(str(e)) or [None, ""])[1], str(e))]
+
+        def blamed(key: str) -> str:
+            if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden):
+                return "command line"
+            return where
+
+        places = {blamed(k) for k, _ in problems}
+        if len(places) == 1:
+            raise ConfigError(f"{places.pop()}: {e}") from None
+        raise ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(f"{blamed(k)}: {m}" for k, m in problems)) from None
     return cfg
 
 
@@ -400,7 +497,18 @@ def load(source: str | Path | dict | Config | None = None, overrides: list[str] 
     import copy
 
     tree = apply_overrides(copy.deepcopy(tree), overrides)
-    return from_dict(tree, where=where)
+    keys = tuple(overrides) if isinstance(overrides, dict) else tuple(o.split("=", 1)[0].strip() for o in overrides or ())
+    return expand_user(from_dict(tree, where=where, overridden=keys if where != "config" else ()))
+
+
+def expand_user(cfg: Config) -> Config:
+    """`~` and `~user` in output.dir and data.root mean a home folder, as in a shell (never a folder named '~')."""
+    root = os.path.expanduser(cfg.data.root) if cfg.data.root else cfg.data.root
+    out = os.path.expanduser(cfg.output.dir)
+    if root == cfg.data.root and out == cfg.output.dir:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root),
+                               output=dataclasses.replace(cfg.output, dir=out))
 
 
 def replace(cfg: Config, overrides: dict | list[str]) -> Config:
@@ -426,6 +534,8 @@ def validate(cfg: Config) -> None:
                 _check(val < 1, key, val, "a fraction must be below 1 (or give a whole count)")
     _check(d.limit_train is None or d.limit_train > 0, "data.limit_train", d.limit_train, "must be > 0")
     _check(d.image_size is None or d.image_size > 0, "data.image_size", d.image_size, "must be > 0")
+    _check(d.image_size is None or d.image_size <= MAX_IMAGE_SIDE, "data.image_size", d.image_size,
+           f"at most {MAX_IMAGE_SIDE} (a {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 67 M pixels per image)")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")

@@ -67,7 +67,8 @@ def add_parser(subparsers) -> None:
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run folder (runs/NAME)")
     e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=other.zip")
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="the best epoch's weights (default) or the last epoch's")
     e.set_defaults(func=_eval)

@@ -21,8 +21,9 @@ from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
 from cnnlab.data.loader import check_augment
+from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
-from cnnlab.training.resume import check_same_data, folder_lock
+from cnnlab.training.resume import check_same_data, finished, folder_lock
 
 
 @dataclass
@@ -82,6 +83,7 @@ def environment(cfg: C.Config, device: str) -> dict:
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device,  # results depend on the thread count
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # cnnlab.threads: PASSIVE unless the user chose
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "world_size": dist.world()[2], "seed": cfg.train.seed, "git_commit": _git_commit(),
@@ -116,7 +118,7 @@ def data_summary(splits: Splits, cfg: C.Config) -> dict:
 
 def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
     """predictions.csv (one row per sample), predictions.npz (logits, targets) and samples.npz (a seeded
-    pick of images plus the highest-loss failures, raw uint8) so every plot can be redrawn later."""
+    pick of images plus the failures a report shows (`metrics.worst_failures`), raw uint8) so every plot can be redrawn later."""
     import csv
 
     s = splits.eval_set
@@ -125,7 +127,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     conf, pred = probs.max(1)
     classes = splits.classes
     with open(run_dir / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"])
         for i in range(len(targets)):
             t, p = int(targets[i]), int(pred[i])
@@ -136,8 +138,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
         return
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(targets))[:48]
-    wrong = torch.nonzero(pred != targets).flatten()
-    worst = wrong[losses[wrong].argsort(descending=True)][:64].numpy()
+    worst = worst_failures(targets.numpy(), pred.numpy(), losses.numpy())
     index = np.concatenate([pick, worst[~np.isin(worst, pick)]]).astype(np.int64)  # the seeded pick first
     if s.images is not None:
         imgs = s.images[torch.from_numpy(index)].cpu()
@@ -159,12 +160,21 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
     check_names(cfg)  # before any work and before the run folder
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
     cfg = with_weight_defaults(cfg)
+    if resume_dir is not None:
+        done = finished(Path(resume_dir), cfg)
+        if done is not None:  # nothing to train: say so rather than silently evaluating again
+            say(f"{resume_dir} is already finished ({done['epochs_run']} of {cfg.train.epochs} epochs"
+                f"{', stopped early' if done.get('stopped_early') else ''}; {done.get('eval_split', 'test')} accuracy "
+                f"{done['test']['accuracy']:.4f}): nothing to resume. Train longer with `cnnlab train --resume "
+                f"{resume_dir} train.epochs=N`, evaluate again with `cnnlab eval {resume_dir}`.")
+            return Run(dir=Path(resume_dir), config=cfg, metrics=done)
     with contextlib.ExitStack() as stack:
         if resume_dir is not None and dist.is_main():  # before the data: a second resume is refused at once
             stack.enter_context(folder_lock(Path(resume_dir), "training", T.TrainingError))
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
+        dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         # the run folder only once the data is there: a missing or broken data set leaves no empty folder
         if resume_dir is not None:
             run_dir = Path(resume_dir)
@@ -189,10 +199,11 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
-    t_start = time.perf_counter()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
+        env = start_env(run_dir, cfg, str(device))
+        write_json(run_dir / "env.json", env)  # "started" when the run starts; completed at the end
         write_json(run_dir / "data.json", data_summary(splits, cfg))
         if not (resume and (run_dir / "splits.npz").is_file()):  # (a resumed run's split was checked: the same)
             save_splits(splits, run_dir / "splits.npz")
@@ -204,8 +215,9 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             say(f"note: {note}")
     model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume)
     if main:
-        env = environment(cfg, str(device))
-        env["train_seconds"] = round(time.perf_counter() - t_start, 3)
+        env = {**environment(cfg, str(device)), **{k: env[k] for k in ("started", "resumed") if k in env}}
+        env["train_seconds"] = round(state.train_seconds, 3)  # every session of the run, resumes included
+        env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(run_dir / "env.json", env)
         _write_model_json(run_dir, model, splits)
 
@@ -225,6 +237,37 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def dry_build(cfg: C.Config, splits: Splits) -> None:
+    """Build the model once on the meta device (no memory, no weights loaded) before the run folder exists,
+    so that a bad model.layers value or model option is refused before any training work."""
+    import dataclasses
+
+    from cnnlab.errors import InputError
+    from cnnlab.training import loop as T
+
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    try:
+        with torch.device("meta"):
+            T.build_for(probe, splits)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - an op the meta device lacks: the real build reports real problems
+        pass
+
+
+def start_env(run_dir: Path, cfg: C.Config, device: str) -> dict:
+    """env.json as a run (or a resumed session) starts: a resume keeps the first start and lists its own."""
+    env = environment(cfg, device)
+    try:
+        before = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError):
+        return env
+    if isinstance(before, dict) and before.get("started"):
+        env["resumed"] = [*before.get("resumed", []), env["started"]]
+        env["started"] = before["started"]
+    return env
 
 
 def _remove_if_untrained(run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Resuming a run safely: one process per run folder (`folder_lock`, shared with studies), the data checked
 against the split the run recorded (`check_same_data`), and the overrides that may change mid-run
-(`resume_config`: more epochs yes, another learning rate no)."""
+(`resume_config`: more epochs yes, another learning rate no), and whether there is anything left to
+resume (`finished`)."""
 from __future__ import annotations
 
 import contextlib
@@ -119,3 +120,18 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 class DataChangedError(InputError, ValueError):
     """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
+
+
+def finished(run_dir: Path, cfg: C.Config) -> dict | None:
+    """metrics.json of a run whose training ended (all `train.epochs`, or stopped early) and was
+    evaluated; None when there is something left to do."""
+    from cnnlab.training import checkpoint as ckpt
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        state = ckpt.load(run_dir / "checkpoints" / "last.pt")["state"]
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if not isinstance(metrics, dict) or "test" not in metrics or not isinstance(state, dict):
+        return None  # a damaged last.pt is refused, naming it, when the resume loads it
+    return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None
