@@ -34,6 +34,7 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None  # folder / zip / where downloads go (default ~/.cache/cnnlab/<name>)
     val_split: float | int = 0.1  # fraction (< 1) or count of the training split held out
+    val_from: str = "random"  # random (stratified) | last: the last N training images, in the data set's order
     test_split: float | int | None = None  # carve a test split from train when the set has none
     split_seed: int = 0  # seed of the val/test carving: fixed apart from train.seed, so repeats share splits
     limit_train: int | None = None  # use only this many (stratified) training images
@@ -69,6 +70,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    # weight decay on biases and norm parameters too (as torch.optim's weight_decay on model.parameters()
+    # does, e.g. experiment 4's L2); off = conv/linear weights only, as is standard
+    decay_bias_and_norm: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     # learning-rate multiplier for batch-norm parameters (airbench trains BN biases 64x faster: 94% in
     # 18 instead of 22 epochs); like every 1-D parameter they are not weight-decayed
@@ -379,6 +383,7 @@ def validate(cfg: Config) -> None:
     _check(d.limit_train is None or d.limit_train > 0, "data.limit_train", d.limit_train, "must be > 0")
     _check(d.image_size is None or d.image_size > 0, "data.image_size", d.image_size, "must be > 0")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
+    _check_choice("data.val_from", d.val_from, ["random", "last"])
     _check_choice("data.loader", d.loader, ["auto", "memory", "stream"])
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")
