@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.modules import activation as _act
 
+from cnnlab.errors import InputError
 from cnnlab.models import MODELS
 
 # every activation module of torch.nn by snake_case name: ReLU -> relu, LeakyReLU -> leaky_relu, SiLU -> silu
@@ -38,7 +39,7 @@ LAYER_KINDS = ["conv", "maxpool", "avgpool", "batchnorm", "dropout", "flatten", 
                "global_avgpool", "basic_block", "torchvision", *sorted(ACTIVATIONS)]
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(InputError, ValueError):
     pass
 
 
