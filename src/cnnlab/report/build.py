@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.analysis import diagnose as dg
+from cnnlab.analysis.gradients import GRADS_FILE
 from cnnlab.analysis import metrics as M
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
@@ -79,6 +80,7 @@ def load_run(run_dir: str | Path) -> dict:
         r[key] = _json(d / f"{key}.json" if key != "model" else d / "model.json")
     r["history"] = columns(read_csv(d / "history.csv"))
     r["steps"] = columns(read_csv(d / "steps.csv"))
+    r["grads"] = columns(read_csv(d / GRADS_FILE))
     r["pred_rows"] = read_csv(d / "predictions.csv")
     r["logits"] = r["targets"] = r["images"] = r["sample_index"] = None
     if (d / "predictions.npz").is_file():
@@ -152,7 +154,7 @@ def normalise(images: np.ndarray, data: dict):
 def findings(run: dict) -> list[dg.Finding]:
     best = (run["metrics"] or {}).get("best_epoch")
     return dg.diagnose(run["history"] or None, run["summary"], steps=run["steps"] or None,
-                       data_info=run["data"], best_epoch=best)
+                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None)
 
 
 def write_failures(run: dict, path: Path) -> int:
@@ -190,6 +192,11 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
             + ("; the learning rate below." if steps.get("lr") else "."))
     elif steps.get("lr") or h.get("lr"):
         add("lr", P.learning_rate(steps or None, h), "Learning rate", "The schedule as applied.")
+    if run.get("grads"):
+        grad = next((f.data for f in found if f.kind in ("vanishing_gradients", "exploding_gradients")), None)
+        add("grad_norms", P.grad_norms(run["grads"], verdict=grad["kind"] if grad else None),
+            "Gradient norms by depth", "Each weight tensor's gradient norm (log scale), input side left, at "
+            "logged steps from early (light) to late (dark)" + (f": {grad['kind']} gradients." if grad else "."))
     if summ:
         cm, k = summ["confusion"], len(run["classes"])
         dpi = 90 if k > 60 else None
