@@ -9,7 +9,7 @@ from typing import Callable
 from torch import nn
 
 from cnnlab.models import MODELS
-from cnnlab.models.layers import build_layers
+from cnnlab.models.layers import LayerSpecError, build_layers
 
 FALLBACK_INPUT = (3, 32, 32)  # models that declare nothing (e.g. `layers`)
 EXTERNAL_INPUT = (3, 224, 224)  # torchvision:<name> and timm:<name> were made for ImageNet
@@ -56,10 +56,10 @@ def classic(blocks: list[list[tuple[int, int, int]]], hidden: list[int], *, num_
     """
     fc_bn = (fc_bn_default if batchnorm else "none") if batchnorm_fc is None else str(batchnorm_fc)
     if fc_bn not in FC_BN:
-        raise ValueError(f"model.options.batchnorm_fc={batchnorm_fc!r} is not one of {', '.join(FC_BN)}")
+        raise LayerSpecError(f"model.options.batchnorm_fc={batchnorm_fc!r} is not one of {', '.join(FC_BN)}")
     for key, p in (("model.dropout", dropout), ("model.options.dropout_fc", dropout_fc)):
         if not 0 <= p < 1:
-            raise ValueError(f"{key}={p!r}: must be in [0, 1)")
+            raise LayerSpecError(f"{key}={p!r}: must be in [0, 1)")
     specs: list = []
     for block in blocks:
         for out, k, pad in block:

@@ -12,7 +12,22 @@ from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
+SPLITS = ("test", "val", "train")
+
+
+def parse_splits(text: str | None) -> list[str | None]:
+    """`--split val,test,train` -> ["val", "test", "train"]; None = the run's own evaluation split."""
+    if not text:
+        return [None]
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SPLITS]
+    if bad or not names:
+        raise C.ConfigError(f"--split {text!r}: each split must be one of {', '.join(SPLITS)} (comma-separated)")
+    return list(dict.fromkeys(names))
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best",
+                 split: str | None = None) -> dict:
     from cnnlab.training import experiment
     from cnnlab.training import loop as training
     from cnnlab.data.pipeline import prepare
@@ -31,6 +46,14 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     if splits.classes != saved["classes"]:
         raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
+    if split is not None:  # a chosen split: the training split is evaluated in eval mode, unaugmented
+        import dataclasses
+
+        chosen = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
+        if chosen is None:
+            raise C.ConfigError(f"--split test: the run's data has no test split (it has {', '.join(splits.indices) or 'train, val'}); "
+                                "use --split val or --split train")
+        splits = dataclasses.replace(splits, test=chosen, eval_split=split)
     c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
     device = training.pick_device(cfg.train.device)
     logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
@@ -47,7 +70,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
 
 
 def main(args) -> None:
-    r = evaluate_run(args.run_dir, args.overrides, which=args.checkpoint)
-    t = r["test"]
-    print(f"{args.checkpoint} checkpoint (epoch {r['epoch']}) on {r['data']['name']} {r['eval_split']}: "
-          f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}  -> {r['dir']}")
+    for split in parse_splits(getattr(args, "split", None)):
+        r = evaluate_run(args.run_dir, args.overrides, which=args.checkpoint, split=split)
+        t = r["test"]
+        print(f"{args.checkpoint} checkpoint (epoch {r['epoch']}) on {r['data']['name']} {r['eval_split']}: "
+              f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}  -> {r['dir']}")
