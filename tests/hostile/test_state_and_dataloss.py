@@ -5,6 +5,7 @@ key or member named) and that nothing already on disk is lost. Classes of hostil
 
 - study variation names that are not plain folder names (`..`, `.`, `a/b`): would delete output.dir
 - study run paths that land on folders cnnlab did not make: would be replaced by run folders
+- a study folder that is not one (a folder of the user's at output.dir/output.name): would be written into
 - `cnnlab report` pointed at a folder that is not a run folder: would delete its plots, overwrite report.*
 - a data set changed behind the decoded cache (one file replaced): would train on stale pixels
 - a corrupted decoded-cache entry (noise, all-0xFF bytes, wrong shape, wrong type): would train on garbage
@@ -82,6 +83,70 @@ def image_tree(root: Path, n_per_class: int = 20, classes=("a", "b"), size: int 
 
 
 # ----------------------------------------------------------------------------------------------
+# Never remove what cnnlab did not make (items 1-3)
+
+
+def study_config(tmp_path: Path, variations: dict, name: str = "st") -> Path:
+    return write_config(tmp_path, name=name, variations=variations,
+                        output={**TINY["output"], "dir": str(tmp_path / "out"), "name": name})
+
+
+@pytest.mark.parametrize("bad", ["..", ".", ".hidden", "a\\b"])
+def test_study_variation_names_must_be_plain_folder_names(tmp_path, bad, capsys):
+    out = tmp_path / "out"
+    (out / "st" / "done-run").mkdir(parents=True)
+    (out / "precious.txt").write_text("mine")
+    (out / "st" / "done-run" / "metrics.json").write_text("{}")
+    cfg = study_config(tmp_path, {"main": {}, bad: {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert repr(bad) in err and "folder name" in err, err
+    assert (out / "precious.txt").read_text() == "mine"  # `..` deleted everything in output.dir
+    assert (out / "st" / "done-run" / "metrics.json").is_file()  # `.` deleted the study's finished runs
+
+
+def test_study_refuses_run_paths_on_folders_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "out" / "st"
+    assert cli.main(["train", str(study_config(tmp_path, {"main": {}}))]) == 0
+    user = image_tree(out / "cats", n_per_class=2, classes=("tabby",))  # the user's images, where a run goes
+    cfg = study_config(tmp_path, {"main": {}, "cats": {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "cats") in err and "not made by cnnlab" in err, err
+    assert all(p.is_file() for p in user)
+    # a partial run cnnlab made (killed before its first checkpoint) is still cleaned and trained again
+    (out / "cats").rename(tmp_path / "cats-moved")
+    assert cli.main(["train", str(cfg)]) == 0
+    (out / "main" / "metrics.json").unlink()
+    (out / "main" / "checkpoints" / "last.pt").unlink()
+    assert cli.main(["train", str(cfg)]) == 0
+    assert (out / "main" / "metrics.json").is_file()
+
+
+def test_study_refuses_a_study_folder_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "out" / "st"
+    mine.mkdir(parents=True)
+    (mine / "study.html").write_text("my own page")
+    cfg = study_config(tmp_path, {"main": {}, "fast": {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "not a study folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["study.html"]
+    assert (mine / "study.html").read_text() == "my own page"
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    d = tmp_path / "photos"
+    (d / "plots").mkdir(parents=True)
+    (d / "plots" / "curves.png").write_bytes(b"my own picture")
+    (d / "report.html").write_text("my own page")
+    (d / "report.md").write_text("my own notes")
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert cli.main(["report", str(d)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------
 # YAML alias bomb (item 8)
 
 
@@ -90,11 +155,10 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
     bomb = tmp_path / "bomb.yaml"  # 9 ** 9 = 387 million strings once written out, in ~500 bytes
     bomb.write_text(f"model:\n  options: {{l0: &l0 ha, {levels}}}\n")
     assert len(bomb.read_bytes()) < 600
-    for args in (["train", bomb], ["train", bomb, "--print-config"]):
-        r = cnnlab(*args, timeout=90)  # it hung (and printed megabytes) before
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert str(bomb) in r.stderr and "alias bomb" in r.stderr and "Traceback" not in r.stderr
-        assert len(r.stdout) < 10_000
+    r = cnnlab("train", bomb, "--print-config", timeout=90)  # `train` hung (and --print-config printed MBs) before
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(bomb) in r.stderr and "alias bomb" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stdout) < 10_000
     loop = tmp_path / "loop.yaml"
     loop.write_text("model: {options: &a {x: *a}}\n")
     with pytest.raises(C.ConfigError, match="alias refers to"):
@@ -217,14 +281,15 @@ def test_resume_refuses_a_changed_data_set(tmp_path, monkeypatch, capsys):
     for i in range(35, 45):  # ...and 10 added
         Image.fromarray(np.full((8, 8), i, np.uint8), "L").save(tmp_path / "imgs" / "a" / f"{i:03d}.png")
     capsys.readouterr()
-    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert cli.main(["train", "--resume", str(run), "train.epochs=2"]) == 2  # (1 epoch more: not finished)
     err = capsys.readouterr().err
     assert "not what this run started with" in err and "new (e.g." in err and "val: 14 -> " in err, err
     assert (run / "splits.npz").read_bytes() == splits_before
     for i in range(35, 45):  # the same file names again, other pixels: the statistics say so
         (tmp_path / "imgs" / "a" / f"{i:03d}.png").unlink()
-    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert cli.main(["train", "--resume", str(run), "train.epochs=2"]) == 2
     assert "mean" in capsys.readouterr().err
+    assert epochs_of(run) == [1]
 
 
 def test_resume_applies_more_epochs_and_refuses_other_overrides(tmp_path, capsys):
@@ -248,7 +313,7 @@ def test_resume_applies_more_epochs_and_refuses_other_overrides(tmp_path, capsys
     assert (run / "history.csv").read_bytes() == history
 
 
-def test_two_resumes_of_one_run_at_once(tmp_path):
+def test_two_resumes_of_one_run_at_once(tmp_path, capsys):
     cfg = write_config(tmp_path, train={**TINY["train"], "epochs": 100_000})
     run = tmp_path / "runs" / "tiny"
     first = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", str(cfg)], stdout=subprocess.PIPE,
@@ -258,13 +323,14 @@ def test_two_resumes_of_one_run_at_once(tmp_path):
         while not (run / "history.csv").is_file():
             assert first.poll() is None and time.time() < deadline, first.stdout.read()
             time.sleep(0.2)
-        second = cnnlab("train", "--resume", run)
+        second = cli.main(["train", "--resume", str(run)])  # (in this process: saves an import of torch)
         assert first.poll() is None  # the first one was still training all along
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
-    assert second.returncode == 1, second.stderr
-    assert "another cnnlab process is training" in second.stderr and str(run) in second.stderr
+    err = capsys.readouterr().err
+    assert second == 1, err
+    assert "another cnnlab process is training" in err and str(run) in err
     epochs = epochs_of(run)
     assert epochs == list(range(1, len(epochs) + 1))  # every epoch once
 

@@ -6,8 +6,11 @@ fast path), else as files that `loader.py` streams through a DataLoader.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +19,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from cnnlab.config import DataConfig
-from cnnlab.data import DATASETS
+from cnnlab.config import ConfigError, DataConfig
+from cnnlab.data.catalog import DATASETS
 from cnnlab.data.base import DataSource, ImageSet, decode, open_image
 
 MEMORY_BUDGET = int(os.environ.get("CNNLAB_MEMORY_BUDGET", 6 * 2**30))  # bytes of uint8 pixels kept resident
@@ -64,6 +67,9 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     if not amount:
         return idx, idx[:0]
     k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k == 0:
+        raise ConfigError(f"data.{what}={amount!r} is {amount * n:.2g} of the {n} training images, which rounds "
+                          f"to none; hold out at least one image (or set it to 0 for none)")
     if k >= n:
         raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
     counts = np.bincount(labels)
@@ -87,12 +93,12 @@ def _file_key(files: list[str], channels: int, size: int | None) -> str:
     """The cache key of decoded files: the preprocessing, and every file's path and identity: a file's size,
     mtime and ctime in nanoseconds, a zip member's size and CRC-32 from the archive's index (a content hash
     for free). Any replaced, edited or touched file changes the key."""
-    from cnnlab.data.base import ZIP_SEP, _open_zip
+    from cnnlab.data.base import _open_zip, split_ref
 
     h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}".encode())
     for f in files:
-        if ZIP_SEP in f:
-            archive, member = f.split(ZIP_SEP, 1)
+        if (parts := split_ref(f)) is not None:  # a zip member (a plain file may have '::' in its name)
+            archive, member = parts
             try:
                 info = _open_zip(archive).getinfo(member)
                 stamp = f"{info.file_size}|{info.CRC}"
@@ -106,6 +112,36 @@ def _file_key(files: list[str], channels: int, size: int | None) -> str:
                 stamp = "?"
         h.update(f"{f}\0{stamp}\0".encode())
     return h.hexdigest()[:24]
+
+
+PROGRESS_FROM = 2000  # images: decoding fewer is quick enough to need no progress
+
+
+class _DecodeProgress:
+    """The first decode of a large data set takes a minute or more: say so on stderr, with a count
+    every few seconds, so a first run does not look hung. Later runs read the cache and print nothing."""
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.n, self.every_s = total, 0, every_s
+        self.on = total >= PROGRESS_FROM
+        self.t0 = self.last = time.perf_counter()
+        if self.on:
+            print(f"decoding {total} images (the first time only: later runs read the decoded cache)",
+                  file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        self.n += 1
+        now = time.perf_counter()
+        if self.on and now - self.last >= self.every_s and self.n < self.total:
+            rate = self.n / (now - self.t0)
+            print(f"  decoded {self.n}/{self.total} images, about {int((self.total - self.n) / rate)}s to go",
+                  file=sys.stderr, flush=True)
+            self.last = now
+
+    def done(self, path: Path) -> None:
+        if self.on:
+            print(f"  decoded {self.n}/{self.total} images in {time.perf_counter() - self.t0:.0f}s; cached in {path}",
+                  file=sys.stderr, flush=True)
 
 
 def _checksum(images: torch.Tensor) -> int:
@@ -142,10 +178,21 @@ def _read_cache(path: Path, n: int, channels: int, size: int | None) -> torch.Te
 
 
 def _write_cache(path: Path, images: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a decoded cache entry atomically. A full or unwritable disk costs only the cache: the
+    temporary file is removed and training goes on without it, with a warning."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(f"cnnlab: warning: cannot write the decoded-image cache {path} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); going on without it (set CNNLAB_CACHE to a folder "
+              "with free space to cache decoded images)", file=sys.stderr, flush=True)
 
 
 def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None) -> torch.Tensor:
@@ -170,9 +217,11 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
                              f"{size_hw[1]}x{size_hw[0]}; set data.image_size to resize them all")
         out[i] = t
 
+    show = _DecodeProgress(len(files))
     with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         for _ in pool.map(work, range(len(files)), chunksize=256):
-            pass
+            show.update()
+    show.done(path)
     _write_cache(path, out)
     return out
 
@@ -235,8 +284,22 @@ def _channels_of(s: ImageSet) -> int:
     return 1 if mode in ("L", "I;16", "I", "F", "1") else 3
 
 
+def _image_hw(s: ImageSet) -> tuple[int, int]:
+    if s.images is not None:
+        return int(s.images.shape[-2]), int(s.images.shape[-1])
+    w, h = open_image(s.files[0]).size
+    return h, w
+
+
 def load_source(d: DataConfig) -> DataSource:
     fn = DATASETS.get(d.name)
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # those with **options check their own
+        takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "download"]
+        for key in d.options:
+            if key not in takes:
+                raise ConfigError(f"data.options.{key}: data set {d.name!r} takes no option {key!r} "
+                                  f"(it takes: {', '.join(takes) or 'none'})")
     return fn(d.root, download=d.download, **d.options)
 
 
@@ -283,6 +346,12 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         notes.append("this data set has no test split: the final evaluation uses the validation split")
 
     channels = d.channels or _channels_of(src.train)
+    if not d.image_size:  # the models take square images; a mid-run shape error would be the alternative
+        h, w = _image_hw(src.train)
+        if h != w:
+            first = f" ({src.train.files[0]})" if src.train.files else ""
+            raise ConfigError(f"data.image_size is not set and the images are {w}x{h} (width x height){first}, "
+                              "not square; set data.image_size to resize them all to a square")
     sets = {"train": train, "val": val, "test": test}
     pixels = sum(len(s) for s in sets.values() if s is not None) * channels * (d.image_size or 64) ** 2
     memory = want_memory if want_memory is not None else (

@@ -15,6 +15,7 @@ import numpy as np
 from cnnlab.analysis import diagnose as dg
 from cnnlab.analysis.gradients import GRADS_FILE
 from cnnlab.analysis import metrics as M
+from cnnlab.errors import InputError
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
@@ -27,26 +28,53 @@ TEXT_COLS = {"id", "target_name", "pred_name"}
 # Reading a run folder (every file optional except what the caller needs)
 
 
+class RunFileError(InputError, ValueError):
+    """A file of a run folder that exists but cannot be read back (damaged, cut, edited by hand)."""
+
+
 def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing."""
+    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing.
+    A damaged file (not UTF-8, a number column holding text) raises RunFileError naming it."""
     if not path.is_file():
         return []
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            out = {}
-            for k, v in r.items():
-                if k in TEXT_COLS or v is None:
-                    out[k] = v
-                elif k in INT_COLS:
-                    out[k] = int(float(v)) if v not in ("", None) else None
-                else:
-                    try:
-                        out[k] = float(v) if v != "" else float("nan")
-                    except ValueError:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                out = {}
+                for k, v in r.items():
+                    if k is None:  # more cells than the header has columns
+                        raise ValueError(f"row {len(rows) + 2} has more cells than the header")
+                    if k in TEXT_COLS:
                         out[k] = v
-            rows.append(out)
+                    elif v is None or v == "":  # a short (cut) row
+                        out[k] = None if k in INT_COLS else float("nan")
+                    elif k in INT_COLS:
+                        out[k] = int(float(v))
+                    else:
+                        try:
+                            out[k] = float(v)
+                        except ValueError:
+                            out[k] = v
+                rows.append(out)
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise RunFileError(f"{path}: damaged, cannot be read back ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
     return rows
+
+
+def read_json(path: Path) -> dict | None:
+    """A run folder's JSON file as a dict; None when missing; RunFileError naming it when damaged."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFileError(f"{path}: damaged, not readable JSON ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path}: damaged, expected a JSON object ({{...}}), found a {type(obj).__name__}")
+    return obj
 
 
 def columns(rows: list[dict]) -> dict:
@@ -54,11 +82,7 @@ def columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
+_json = read_json
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -219,7 +243,7 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
                 key = (r["target_name"], r["pred_name"])
                 totals[key] = totals.get(key, 0) + 1
         add("failures", P.failure_gallery(images, rows, totals), "Failures",
-            "The saved misclassified images with the highest loss, grouped by (true → predicted) pair.")
+            "The misclassified images with the highest loss of each of the most frequent (true → predicted) pairs.")
         add("predictions", P.prediction_grid(images, rows), "Sample predictions",
             "Predicted class and confidence; green frame right, red frame wrong.")
     model, why = load_model(run)
@@ -277,6 +301,7 @@ def build(run_dir: str | Path, *, image: int | None = None, channels: list[int] 
     from cnnlab.report import html as report_html
     from cnnlab.report import md as report_md
 
+    require_run_dir(run_dir)  # the report deletes stale plots/*.png and rewrites report.*: only in a run folder
     run = load_run(run_dir)
     run["pick"] = {"image": image, "channels": channels}
     d = run["dir"]
@@ -293,6 +318,23 @@ def build(run_dir: str | Path, *, image: int | None = None, channels: list[int] 
     path = d / "report.html"
     path.write_text(report_html.html(ctx), encoding="utf-8")
     return path
+
+
+class NotARunError(InputError, ValueError):
+    """`cnnlab report` pointed at a folder that is not a run folder (exit 2); nothing in it is touched."""
+
+
+RUN_FILES = ("config.yaml", "history.csv", "metrics.json", "predictions.npz")  # what a report is drawn from
+
+
+def require_run_dir(run_dir: str | Path) -> None:
+    """Refuse a folder cnnlab did not make and that holds none of the files a report is drawn from."""
+    from cnnlab.training.experiment import MARKER
+
+    d = Path(run_dir)
+    if d.is_dir() and not (d / MARKER).is_file() and not any((d / f).is_file() for f in RUN_FILES):
+        raise NotARunError(f"{d}: not a run folder (none of {', '.join(RUN_FILES)} in it, and no {MARKER}); "
+                           "a report is written only into the run folder it describes, and nothing here was changed")
 
 
 def _plain(v):

@@ -12,7 +12,7 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        from cnnlab.training.experiment import resume_config
+        from cnnlab.training.resume import resume_config
 
         overrides = list(args.overrides or [])
         if args.config and "=" in args.config and not Path(args.config).is_file():  # `--resume RUN key=value`
@@ -38,9 +38,11 @@ def _train(args) -> int:
                         executor=executor, address=args.ray_address)
         dist.shutdown()
         return 0
+    from cnnlab import process
     from cnnlab.training import experiment
 
-    experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
+    device = process.setup(cfg)
+    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 
@@ -93,9 +95,10 @@ def add_parser(subparsers) -> None:
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run folder (runs/NAME)")
     e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=other.zip")
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="the best epoch's weights (default) or the last epoch's")
     e.add_argument("--split", metavar="SPLIT[,SPLIT]", help="evaluate on test, val and/or train (in eval mode, "
                    "unaugmented), comma-separated; default: the run's own evaluation split")
     e.set_defaults(func=_eval)

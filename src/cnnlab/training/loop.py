@@ -18,7 +18,6 @@ GPUs; on CPU/gloo each rank normalises with its own slice's statistics).
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -69,42 +68,17 @@ class State:
     epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch
     epoch_correct: int = 0
     epoch_seen: int = 0
-    epoch_lr: float | None = None  # learning rate at the start of the current epoch (history.csv)
+    epoch_lr: float | None = None  # the highest learning rate of the current epoch's steps (history.csv)
+    epoch_lr_min: float | None = None  # and the lowest (the progress line shows the range)
     epoch_seconds: float = 0.0  # training seconds of the current epoch before the last checkpoint
+    train_seconds: float = 0.0  # seconds in `fit` over every session of the run (resumes add theirs)
     history: list = field(default_factory=list)
-
-
-def pick_device(name: str) -> torch.device:
-    """The training device; under torchrun a bare 'cuda' (or 'auto') means this process's GPU, cuda:LOCAL_RANK."""
-    local_rank = dist.world()[1]
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use train.device=cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def configure_determinism(cfg: Config) -> None:
-    """`train.deterministic: true`: PyTorch's deterministic algorithms (an error names any op that has
-    none). CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, so call this before any CUDA work;
-    `experiment.run` calls it first thing and `fit` again. It stays on for the rest of the process,
-    so the final evaluation is deterministic too. On CPU, runs are reproducible without it."""
-    if not cfg.train.deterministic:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -177,6 +151,9 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         if bad:
             raise NonFiniteLossError(_nonfinite_message(None if finite else loss.item(), step, state.epoch + 1,
                                                         cfg, bad))
+        lr = opt.param_groups[0]["lr"]  # the rate this step uses: an epoch's rates span a range under a schedule
+        state.epoch_lr = lr if state.epoch_lr is None else max(state.epoch_lr, lr)
+        state.epoch_lr_min = lr if state.epoch_lr_min is None else min(state.epoch_lr_min, lr)
         n = y.shape[0]
         # DDP averages gradients over ranks; weight each rank's mean by its share of the global batch,
         # so uneven slices (batch size not divisible by the world size) give the 1-process gradient.
@@ -231,11 +208,12 @@ def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: boo
     return dist.gather_rows(logits).cpu(), dist.gather_rows(targets).cpu()
 
 
-def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device, *,
+                     source: str | Path = "the weights") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of `splits.eval_set` for a state dict, in the layout and precision it trained in
-    (the final evaluation of a run and `cnnlab eval` alike)."""
+    (the final evaluation of a run and `cnnlab eval` alike). Weights that do not fit are refused naming `source`."""
     model = build_for(cfg, splits)
-    model.load_state_dict(weights)
+    ckpt.load_weights(model, weights, source)
     model.to(device)
     channels_last = use_channels_last(cfg, model, device)
     if channels_last:
@@ -294,25 +272,18 @@ def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
     return 2 * one
 
 
-def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> tuple[nn.Module, State]:
+def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
+        resume: bool = False) -> tuple[nn.Module, State]:
     """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`.
 
     With `resume`, continue exactly from checkpoints/last.pt (or from the start when the run was
     stopped before its first checkpoint): the rows of history.csv/steps.csv written after that
     checkpoint are dropped and written again, stale temporary files of a killed save are removed.
     """
-    t = cfg.train
-    configure_determinism(cfg)
-    device = pick_device(t.device)
-    distributed = dist.init(device)
+    t = cfg.train  # the process (threads, determinism, device, process group) is set up: cnnlab.process.setup
+    distributed = dist.active()
     rank, _, world = dist.world()
     main = dist.is_main()
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if device.type == "cuda" and not t.deterministic:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed)
 
     model = build_for(cfg, splits)
@@ -359,17 +330,29 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                       f"{', '.join(stale)}", flush=True)
         if (ckdir / "last.pt").is_file():
             c = ckpt.load(ckdir / "last.pt")
-            model.load_state_dict(c["model"])
-            opt.load_state_dict(c["optimizer"])
-            sched.load_state_dict(c["scheduler"])
-            if scaler is not None and c.get("scaler"):
-                scaler.load_state_dict(c["scaler"])
-            if ema is not None and c.get("ema"):
-                ema.load_state_dict(c["ema"])
-            if lookahead is not None:
-                lookahead.load_state_dict(c.get("lookahead"))
-            state = State(**c["state"])
-            ckpt.set_rng_state(c["rng"])
+            try:
+                ckpt.load_weights(model, c.get("model"), ckdir / "last.pt")
+                opt.load_state_dict(c["optimizer"])
+                sched.load_state_dict(c["scheduler"])
+                if scaler is not None and c.get("scaler"):
+                    scaler.load_state_dict(c["scaler"])
+                if ema is not None and c.get("ema"):
+                    ema.load_state_dict(c["ema"])
+                if lookahead is not None:
+                    lookahead.load_state_dict(c.get("lookahead"))
+                state = State(**c["state"])
+                ckpt.set_rng_state(c["rng"])
+            except ckpt.CheckpointError:
+                raise
+            except Exception as e:  # a damaged or foreign last.pt: refused before anything is truncated or trained
+                raise ckpt.CheckpointError(f"{ckdir / 'last.pt'}: refused, cannot resume from it ({type(e).__name__}: "
+                                           f"{e}); history.csv and the checkpoints are left as they were") from None
+            if main:
+                within = f", batch {state.batch_in_epoch} of epoch {state.epoch + 1}" if state.batch_in_epoch else ""
+                print(f"resuming {run_dir} after epoch {state.epoch}{within} (step {state.step}) of {t.epochs}",
+                      flush=True)
+        elif main:
+            print(f"resuming {run_dir} from the start: it was stopped before its first checkpoint", flush=True)
         runlog.truncate_after(run_dir, state)  # rows written after the checkpoint are written again
     train_model = model
     if distributed:
@@ -379,11 +362,16 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
 
     progress = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
     tb = TBLogger(run_dir / "tensorboard") if main and cfg.output.tensorboard else None
-    progress.step(state.step, float("nan"))
+    progress.step(state.step, None)  # the bar from the resumed step; no loss yet
     saved_at = None  # (epoch, step) of the last write of last.pt
+    session = (time.perf_counter(), state.train_seconds)  # this session's start, the earlier sessions' time
+
+    def tick() -> None:  # state.train_seconds up to now, before it is checkpointed or returned
+        state.train_seconds = session[1] + time.perf_counter() - session[0]
 
     def save_last() -> None:
         nonlocal saved_at
+        tick()
         if saved_at != (state.epoch, state.step):
             save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
                             state=state, cfg=cfg, lookahead=lookahead)
@@ -415,8 +403,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         try:
             while state.epoch < t.epochs and not state.stopped_early:
                 clock[0] = time.perf_counter()
-                if state.batch_in_epoch == 0 or state.epoch_lr is None:
-                    state.epoch_lr, state.epoch_seconds = opt.param_groups[0]["lr"], 0.0
+                if state.batch_in_epoch == 0:
+                    state.epoch_lr = state.epoch_lr_min = None
+                    state.epoch_seconds = 0.0
                 order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
                 train_one_epoch(train_model, train_b, order, opt=opt, sched=sched, scaler=scaler, ema=ema,
                                 normalize=normalize, cfg=cfg, state=state, device=device, dtype=dtype,
@@ -430,13 +419,16 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                 seconds = state.epoch_seconds + time.perf_counter() - clock[0]
                 row = {"epoch": state.epoch, "train_loss": state.epoch_loss_sum / max(1, state.epoch_seen),
                        "train_acc": state.epoch_correct / max(1, state.epoch_seen), "val_loss": val_loss,
-                       "val_acc": val_acc, "lr": state.epoch_lr, "seconds": seconds}
+                       "val_acc": val_acc, "lr": state.epoch_lr if state.epoch_lr is not None else opt.param_groups[0]["lr"],
+                       "seconds": seconds}
+                lr_low = state.epoch_lr_min if state.epoch_lr_min is not None else row["lr"]
                 state.batch_in_epoch, state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0, 0.0, 0, 0
                 state.epoch_seconds = 0.0
                 state.history.append({k: (round(v, 4) if k == "seconds" else v) for k, v in row.items()})
                 metric = val_acc if t.monitor == "val_acc" else val_loss
                 if _is_better(metric, state.best_metric, t.monitor, t.early_stop.min_delta):
                     state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
+                    tick()
                     save_checkpoint(ckdir / "best.pt", model=eval_model, opt=opt, sched=sched, scaler=scaler,
                                     ema=None, state=state, cfg=cfg)
                 else:
@@ -448,7 +440,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                     if tb is not None:
                         tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, state.epoch)
                 save_last()
-                progress.epoch(row)
+                progress.epoch(row, lr_low=lr_low)
                 code = dist.stop_code(guard)  # a signal during evaluation: stop now, not after another step
                 if code is not None:
                     raise Stopped(code)
@@ -462,7 +454,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
             progress.close()
             if tb is not None:
                 tb.close()
+    tick()
     if state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
-              f"{t.early_stop.patience} epochs (best epoch {state.best_epoch})", flush=True)
+              f"{t.early_stop.patience} epoch{'' if t.early_stop.patience == 1 else 's'} (best epoch {state.best_epoch})", flush=True)
     return model, state
