@@ -66,8 +66,10 @@ def _one_variation(cfg, name: str) -> int:
         close = difflib.get_close_matches(name, names, n=1)
         raise C.ConfigError(f"--variation {name!r} is not a variation of this study."
                             + (f" Did you mean {close[0]!r}?" if close else "") + f" Variations: {', '.join(names)}")
+    from cnnlab import process
+
     for p in chosen:
-        experiment.run(p.cfg)
+        experiment.run(p.cfg, device=process.setup(p.cfg))
     dist.shutdown()
     return 0
 
