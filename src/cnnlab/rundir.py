@@ -27,6 +27,7 @@ SPLITS = "splits.npz"           # the split's sample ids
 MODEL = "model.json"            # model name, parameter counts, layer summary
 HISTORY = "history.csv"         # one row per epoch
 STEPS = "steps.csv"             # one row per logged step
+GRADS = "grads.csv"             # per-layer gradient norms at the logging interval
 METRICS = "metrics.json"        # headline metrics; its presence means "finished"
 PREDICTIONS_CSV = "predictions.csv"  # one row per evaluated sample
 PREDICTIONS_NPZ = "predictions.npz"  # logits, targets
@@ -51,7 +52,7 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "study.html"
 COMPARISON_MD = "study.md"
 
-HISTORY_TMP = tuple(f".{n}.tmp" for n in (HISTORY, STEPS))  # what a kill while rewriting the logs leaves
+HISTORY_TMP = tuple(f".{n}.tmp" for n in (HISTORY, STEPS, GRADS))  # what a kill while rewriting the logs leaves
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
 TEXT_COLS = {"id", "target_name", "pred_name"}
 PREDICTION_COLS = ["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"]

@@ -144,10 +144,10 @@ def open_image(ref: str) -> Image.Image:
         img = Image.open(NamedBytes(data, ref))
         img.load()
     except Image.DecompressionBombError as e:
-        raise DataFileError(f"{ref}: {e}; not decoded (`cnnlab data check` lists every such file)") from None
+        raise DataFileError(f"{ref}: {e}; not decoded (`cnnlab data check` lists every such file)") from e
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, struct.error, ...
         raise DataFileError(f"{ref}: not an image Pillow can read ({len(data)} bytes; {type(e).__name__}: {e}); "
-                            "`cnnlab data check` lists every unreadable file") from None
+                            "`cnnlab data check` lists every unreadable file") from e
     return img
 
 

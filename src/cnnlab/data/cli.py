@@ -28,7 +28,11 @@ def open_source(spec: str, *, root: str | None = None, download: bool = True,
         fn = DATASETS.get(spec)
     except UnknownNameError as e:
         raise UnknownNameError(f"{spec!r} is neither a path that exists nor a data set name: {e}") from None
-    return fn(root, download=download, **(options or {}))
+    try:
+        return fn(root, download=download, **(options or {}))
+    except FileNotFoundError as e:  # the loaders name config keys; this command's flags stand for them here
+        text = str(e).replace("set data.download: true", "drop --no-download").replace("data.root", "--root")
+        raise FileNotFoundError(text) from None
 
 
 def _options(pairs: list[str]) -> dict:

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cnnlab.data.base import ZIP_SEP, _open_zip, decode_image, open_image, read_bytes
+from cnnlab.data.base import ZIP_SEP, DataFileError, _open_zip, decode_image, open_image, read_bytes
 from cnnlab.data.sources import IMAGE_EXTS
 
 _PLAIN_MODES = {"L", "RGB"}
@@ -97,6 +97,8 @@ def expand(inputs: Iterable[str], ignored: list[str] | None = None) -> Iterator[
 
 
 def _reason(ref: str, e: Exception) -> str:
+    if isinstance(e, DataFileError) and e.__cause__ is not None:  # open_image names the file; say why, once
+        e = e.__cause__
     if isinstance(e, Image.DecompressionBombError):
         return f"too large to decode: {e}"
     if isinstance(e, FileNotFoundError):

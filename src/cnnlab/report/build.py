@@ -43,6 +43,7 @@ def gather(run_dir: str | Path) -> dict:
     r["env"], r["data"], r["model"], r["metrics"] = rd.env, rd.data, rd.model_info, rd.metrics
     r["history"] = rd.history_columns
     r["steps"] = columns(rd.steps)
+    r["grads"] = columns(read_csv(d / R.GRADS))
     r["pred_rows"] = rd.predictions
     r["logits"], r["targets"] = rd.logits, rd.targets
     r["images"], r["sample_index"] = rd.samples
@@ -75,7 +76,7 @@ def _rows_from_logits(logits, targets, classes) -> list[dict]:
 def findings(run: dict) -> list[dg.Finding]:
     best = (run["metrics"] or {}).get("best_epoch")
     return dg.diagnose(run["history"] or None, run["summary"], steps=run["steps"] or None,
-                       data_info=run["data"], best_epoch=best)
+                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None)
 
 
 def write_failures(run: dict, path: Path) -> int:
@@ -100,15 +101,18 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path, sections=None) -> 
     return figs
 
 
-def build(run_dir: str | Path, *, sections: list | None = None) -> Path:
+def build(run_dir: str | Path, *, sections: list | None = None, image: int | None = None,
+          channels: list[int] | None = None) -> Path:
     """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html.
-    `sections`: the report's sections (default sections.SECTIONS, the page order)."""
+    `sections`: the report's sections (default sections.SECTIONS, the page order); `image` (an index of the
+    evaluated split among the saved samples) and `channels` pick the feature maps."""
     from cnnlab.report import html as report_html
     from cnnlab.report import md as report_md
 
     sections = S.SECTIONS if sections is None else sections
     require_run_dir(run_dir)  # the report deletes stale plots/*.png and rewrites report.*: only in a run folder
     run = gather(run_dir)
+    run["pick"] = {"image": image, "channels": channels}
     d = run["dir"]
     found = findings(run)
     R.write_text(d / R.FINDINGS, json.dumps([f.to_dict() for f in found], indent=1, default=_plain) + "\n")
@@ -183,11 +187,21 @@ def add_parser(subparsers) -> None:
                                           "folder from its saved files (no training).")
     p.add_argument("run_dir", help="the run folder (runs/<name>)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    p.add_argument("--image", type=int, metavar="N", help="feature maps of this image (its index in the evaluated "
+                   "split, among the samples saved with the run)")
+    p.add_argument("--channels", metavar="C[,C]", help="feature-map channels to show, e.g. 0,5,9 (default: the 8 "
+                   "most active of each stage)")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    path = build(args.run_dir)  # a missing run folder: FileNotFoundError, exit 2 (cli.main)
+    chans = None
+    if args.channels:
+        try:
+            chans = [int(c) for c in args.channels.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--channels {args.channels!r}: expected channel numbers, e.g. 0,5,9") from None
+    path = build(args.run_dir, image=args.image, channels=chans)  # a missing run folder: FileNotFoundError, exit 2
     print(f"report: {path}")
     if getattr(args, "tensorboard", False):
         tb = write_tensorboard(args.run_dir)

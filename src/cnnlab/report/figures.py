@@ -112,6 +112,17 @@ def steps(d: Drawing):
                  + ("; the learning rate below." if s.get("lr") else "."))
 
 
+def grad_norms(d: Drawing):
+    from cnnlab.report import plots as P
+
+    if not d.run.get("grads"):
+        return None
+    grad = next((f.data for f in d.findings if f.kind in ("vanishing_gradients", "exploding_gradients")), None)
+    return Drawn(P.grad_norms(d.run["grads"], verdict=grad["kind"] if grad else None),
+                 "Each weight tensor's gradient norm (log scale), input side left, at logged steps from early "
+                 "(light) to late (dark)" + (f": {grad['kind']} gradients." if grad else "."))
+
+
 def learning_rate(d: Drawing):
     from cnnlab.report import plots as P
 
@@ -178,7 +189,7 @@ def failures(d: Drawing):
             key = (r["target_name"], r["pred_name"])
             totals[key] = totals.get(key, 0) + 1
     return Drawn(P.failure_gallery(images, rows, totals),
-                 "The saved misclassified images with the highest loss, grouped by (true → predicted) pair.")
+                 "The misclassified images with the highest loss of each of the most frequent (true → predicted) pairs.")
 
 
 def predictions(d: Drawing):
@@ -209,8 +220,17 @@ def feature_maps(d: Drawing):
     if d.model is None or images is None or not len(images):
         return None
     first = next((i for i, r in enumerate(rows) if r["target"] == r["pred"]), 0)
-    return Drawn(P.feature_maps(d.model, d.x[first:first + 1], images[first]),
-                 f"The most active channels of each conv stage for one image (true '{rows[first]['target_name']}').")
+    pick = d.run.get("pick") or {}
+    if pick.get("image") is not None:  # `cnnlab report --image N`: an image of the evaluated split
+        at = [i for i, r in enumerate(rows) if r["index"] == pick["image"]]
+        if not at:
+            raise ValueError(f"--image {pick['image']}: not among the images saved with the run ({R.SAMPLES}); "
+                             f"saved: {', '.join(str(r['index']) for r in rows[:40])}{', ...' if len(rows) > 40 else ''}")
+        first = at[0]
+    chans = pick.get("channels")
+    return Drawn(P.feature_maps(d.model, d.x[first:first + 1], images[first], channels=chans or 8),
+                 (f"Channels {', '.join(map(str, chans))}" if chans else "The most active channels")
+                 + f" of each conv stage for image {rows[first]['index']} (true '{rows[first]['target_name']}').")
 
 
 def gradcam(d: Drawing):

@@ -239,6 +239,7 @@ SECTIONS: list[Section] = [
     Section("curves", "Training curves", "How loss and accuracy moved during training.", (Figures((
         Figure("curves", "Loss and accuracy per epoch", F.curves),
         Figure("steps", "Training loss per step", F.steps),
+        Figure("grad_norms", "Gradient norms by depth", F.grad_norms),
         Figure("lr", "Learning rate", F.learning_rate))),)),
     Section("confusion", "Confusion matrices", "On the {split} split: where the mistakes go.", (Figures((
         Figure("confusion_matrix", "Confusion matrix (counts)", F.confusion_counts),

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.analysis.gradients import layer_grad_norms
 from cnnlab.errors import RunError
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
@@ -180,7 +181,7 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         state.epoch_seen += int(stats[2].item())
         state.step = step
         state.batch_in_epoch += 1
-        on_step(step, stats[0].item() / max(1.0, stats[2].item()))
+        on_step(step, stats[0].item() / max(1.0, stats[2].item()), stats[1].item() / max(1.0, stats[2].item()))
         if stats[3] > 0 or stats[4] > 0:
             raise Stopped(143 if stats[3] > 0 else 130)
 
@@ -379,14 +380,20 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
 
     clock = [0.0]  # perf_counter() when state.epoch_seconds was last brought up to date
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: float, acc: float) -> None:
         now = time.perf_counter()
         state.epoch_seconds += now - clock[0]  # so a checkpoint knows how long its epoch has taken
         clock[0] = now
         progress.step(step, loss)
         if main and step % t.log_every == 0:
             runlog.append_row(run_dir / R.STEPS, {"step": step, "epoch": state.epoch + 1, "loss": runlog.fmt(loss),
-                                                      "lr": runlog.fmt(opt.param_groups[0]["lr"])})
+                                                  "acc": runlog.fmt(acc),
+                                                  "lr": runlog.fmt(opt.param_groups[0]["lr"])})
+            # this step's gradients (unscaled by the optimizer step; averaged over ranks under DDP)
+            norms = layer_grad_norms(_unwrap(model))
+            if norms:
+                runlog.append_row(run_dir / R.GRADS, {"step": step, "epoch": state.epoch + 1,
+                                                      **{k: runlog.fmt(v) for k, v in norms.items()}})
             if tb is not None:
                 tb.scalars({"step/loss": loss, "step/lr": opt.param_groups[0]["lr"]}, step)
         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
