@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from cnnlab.training import runlog
 from cnnlab.config import Config
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
-from cnnlab.models import build_model
+from cnnlab.models import build_model, hooks
 from cnnlab.training.optim import Lookahead, build_optimizer, build_scheduler
 from cnnlab.training.tblog import TBLogger
 
@@ -53,9 +54,12 @@ class Stopped(SystemExit):
     """Training was stopped by a signal after saving a resumable checkpoint (exit code 143 / 130)."""
 
 
+CHECKPOINT_FORMAT = 1  # checkpoints/*.pt: TrainState.state_dict()
+
+
 @dataclass
 class State:
-    """Everything about progress that a resumed run needs (besides model/optimizer tensors)."""
+    """The run's progress, saved with the tensors in TrainState: what a resumed run needs besides them."""
 
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
@@ -70,6 +74,123 @@ class State:
     epoch_lr: float | None = None  # learning rate at the start of the current epoch (history.csv)
     epoch_seconds: float = 0.0  # training seconds of the current epoch before the last checkpoint
     history: list = field(default_factory=list)
+
+
+class TrainState:
+    """The trainable state of a run as one object: the model, optimizer, scheduler, grad scaler (fp16),
+    EMA, lookahead average and `progress` (a `State`), plus the RNG states when saved. `state_dict` and
+    `load_state_dict` sit side by side, so what resume restores is what a checkpoint holds.
+
+    `model` is the bare model (no DDP or torch.compile wrapper); `device` and `amp` (the autocast dtype,
+    None for full precision) say how it runs and are not saved.
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched, *, cfg: Config, scaler=None, ema=None,
+                 lookahead: Lookahead | None = None, progress: State | None = None,
+                 device: torch.device = torch.device("cpu"), amp: torch.dtype | None = None):
+        self.model, self.opt, self.sched, self.scaler, self.ema, self.lookahead = model, opt, sched, scaler, ema, lookahead
+        self.progress = progress if progress is not None else State()
+        self.cfg, self.device, self.amp = cfg, device, amp
+        self._last_saved_at: tuple[int, int] | None = None  # (epoch, step) of the last save_last
+
+    @classmethod
+    def build(cls, cfg: Config, model: nn.Module, *, steps_per_epoch: int, device: torch.device) -> "TrainState":
+        """Optimizer, schedule, grad scaler, EMA and lookahead for `model` (on `device`, initialised) per `cfg`."""
+        t = cfg.train
+        opt = build_optimizer(model, cfg.optim)
+        sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
+        amp = amp_dtype(cfg, device)
+        scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+        ema = None
+        if t.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
+        lookahead = Lookahead(t.epochs * steps_per_epoch) if t.lookahead else None
+        return cls(model, opt, sched, cfg=cfg, scaler=scaler, ema=ema, lookahead=lookahead, device=device, amp=amp)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and kept as best.pt: the EMA weights when there are some, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def update(self, objective: torch.Tensor, step: int) -> None:
+        """Optimizer step number `step` (1-based) on `objective`: backward (through the grad scaler),
+        step, schedule, then the EMA and lookahead averages."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(objective).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            objective.backward()
+            self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.lookahead is not None:
+            self.lookahead.step(self.model, step)
+
+    # ---- save and resume, side by side
+
+    def state_dict(self, *, best: bool = False) -> dict:
+        """What a checkpoint holds (plain types and tensors only). `best`: the evaluated weights
+        (`eval_model`) as "model", without the EMA and lookahead copies (checkpoints/best.pt)."""
+        weights = _unwrap(self.eval_model if best else self.model).state_dict()
+        return {"model": weights, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None and not best else None,
+                "lookahead": self.lookahead.state_dict() if self.lookahead is not None and not best else None,
+                "state": asdict(self.progress), "rng": ckpt.rng_state(), "format": CHECKPOINT_FORMAT}
+
+    def load_state_dict(self, c: dict) -> None:
+        """Restore everything `state_dict` saved, the RNG states included (a resumed run continues exactly)."""
+        self.model.load_state_dict(c["model"])
+        self.opt.load_state_dict(c["optimizer"])
+        self.sched.load_state_dict(c["scheduler"])
+        if self.scaler is not None and c.get("scaler"):
+            self.scaler.load_state_dict(c["scaler"])
+        if self.ema is not None and c.get("ema"):
+            self.ema.load_state_dict(c["ema"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(c.get("lookahead"))
+        self.progress = State(**c["state"])
+        ckpt.set_rng_state(c["rng"])
+
+    def save(self, path: Path, *, best: bool = False) -> None:
+        """Write `state_dict` atomically; only rank 0 writes, and never a model with non-finite weights."""
+        if not dist.is_main():
+            return
+        sd = self.state_dict(best=best)
+        if not ckpt.all_finite(sd["model"]) or (sd["ema"] is not None and not ckpt.all_finite(sd["ema"])):
+            p = self.progress
+            raise NonFiniteLossError(
+                f"refusing to write {path}: the model has non-finite weights at step {p.step} (epoch "
+                f"{p.epoch + (p.batch_in_epoch > 0)}). Likely causes: a learning rate too high "
+                f"(optim.lr={self.cfg.optim.lr}) or fp16 overflow (try train.amp=bf16 or off). The previous "
+                "checkpoint is kept.")
+        ckpt.atomic_save(sd, path)
+
+    def save_last(self, path: Path) -> None:
+        """`save`, unless this (epoch, step) was saved already (a step checkpoint at an epoch's end)."""
+        at = (self.progress.epoch, self.progress.step)
+        if at != self._last_saved_at:
+            self.save(path)
+            self._last_saved_at = at
+
+    def load(self, path: Path) -> None:
+        """`load_state_dict` of a checkpoint read with weights_only=True; a file that is not a training
+        checkpoint of this format is refused naming it."""
+        c = ckpt.load(path)
+        missing = [k for k in ("model", "optimizer", "scheduler", "state", "rng") if k not in c]
+        if missing or c.get("format") != CHECKPOINT_FORMAT:
+            why = f"it has no {', '.join(map(repr, missing))}" if missing else f"format {c.get('format')!r}"
+            raise ckpt.CheckpointError(f"{path}: not a cnnlab training checkpoint of format {CHECKPOINT_FORMAT} "
+                                       f"({why}); cannot resume from it")
+        self.load_state_dict(c)
 
 
 def pick_device(name: str) -> torch.device:
@@ -139,17 +260,18 @@ def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, r
             "checkpoint and the history up to it are kept.")
 
 
-def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, normalize, cfg: Config,
-                    state: State, device, dtype, on_step, guard: dist.SignalGuard, lookahead=None) -> None:
-    """One pass over the training split from `state.batch_in_epoch`, updating `state` as it goes.
+def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, normalize, cfg: Config,
+                    guard: dist.SignalGuard) -> Iterator[tuple[int, float, int | None]]:
+    """One pass over the training split from `ts.progress.batch_in_epoch`, updating `ts` as it goes;
+    `net` is `ts.model` as the steps run it (DDP, torch.compile). Yields (step, mean loss, stop code)
+    after each optimizer step; the stop code (143 / 130) says a signal reached some rank.
 
     A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
-    checkpoint ever holds it). A signal raises Stopped at the step boundary after `on_step`.
+    checkpoint ever holds it).
     """
-    model.train()
-    bare = _unwrap(model)
-    if hasattr(bare, "_cnnlab_after_train"):
-        bare._cnnlab_after_train()
+    state = ts.progress
+    net.train()
+    hooks.after_train_mode(ts.model)
     loss_fn = _loss_fn(cfg)
     limit = cfg.train.limit_batches
     seed = cfg.train.seed
@@ -164,8 +286,8 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         # random draws for the whole global batch, this rank's rows of them: the same images as with 1 process
         offset, total = (batches.local_offset(i, n_order), batches.global_size(i, n_order)) if world > 1 else (0, None)
         x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=total))  # (B, C, H, W) float
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)  # (B, K)
+        with torch.autocast(ts.device.type, dtype=ts.amp, enabled=ts.amp is not None):
+            logits = net(x)  # (B, K)
             loss = loss_fn(logits.float(), y)
         finite = bool(torch.isfinite(loss))
         if distributed:  # every rank stops at the same step, naming the rank(s) that saw it
@@ -179,20 +301,7 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         # DDP averages gradients over ranks; weight each rank's mean by its share of the global batch,
         # so uneven slices (batch size not divisible by the world size) give the 1-process gradient.
         share = n * world / max(1, batches.global_size(i, n_order))
-        opt.zero_grad(set_to_none=True)
-        objective = loss if share == 1 else loss * share
-        if scaler is not None:
-            scaler.scale(objective).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            objective.backward()
-            opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(bare)
-        if lookahead is not None:
-            lookahead.step(bare, step)
+        ts.update(loss if share == 1 else loss * share, step)
         stats = torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
                               guard.code() == 143, guard.code() == 130], dtype=torch.float64)
         dist.all_reduce_sum(stats)  # also tells every rank whether any rank was signalled
@@ -201,9 +310,8 @@ def train_one_epoch(model, batches: Batches, order, *, opt, sched, scaler, ema, 
         state.epoch_seen += int(stats[2].item())
         state.step = step
         state.batch_in_epoch += 1
-        on_step(step, stats[0].item() / max(1.0, stats[2].item()))
-        if stats[3] > 0 or stats[4] > 0:
-            raise Stopped(143 if stats[3] > 0 else 130)
+        stop = 143 if stats[3] > 0 else 130 if stats[4] > 0 else None
+        yield step, stats[0].item() / max(1.0, stats[2].item()), stop
 
 
 @torch.no_grad()
@@ -263,24 +371,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def save_checkpoint(path: Path, *, model, opt, sched, scaler, ema, state: State, cfg: Config, lookahead=None) -> None:
-    """Only rank 0 writes; a model with non-finite weights is never saved."""
-    if not dist.is_main():
-        return
-    sd = _unwrap(model).state_dict()
-    if not ckpt.all_finite(sd) or (ema is not None and not ckpt.all_finite(ema.state_dict())):
-        raise NonFiniteLossError(
-            f"refusing to write {path}: the model has non-finite weights at step {state.step} (epoch "
-            f"{state.epoch + (state.batch_in_epoch > 0)}). Likely causes: a learning rate too high "
-            f"(optim.lr={cfg.optim.lr}) or fp16 overflow (try train.amp=bf16 or off). The previous checkpoint is kept.")
-    obj = {"model": sd, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-           "scaler": scaler.state_dict() if scaler is not None else None,
-           "ema": ema.state_dict() if ema is not None else None,
-           "lookahead": lookahead.state_dict() if lookahead is not None else None,
-           "state": asdict(state), "rng": ckpt.rng_state(), "format": 1}
-    ckpt.atomic_save(obj, path)
-
-
 def build_for(cfg: Config, splits: Splits) -> nn.Module:
     return build_model(cfg.model, num_classes=len(splits.classes), in_channels=splits.channels, input_size=splits.size)
 
@@ -313,6 +403,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed)
 
+    # data, model and the trainable state
     model = build_for(cfg, splits)
     nb = dict(batch_size=t.batch_size, device=device, channels=splits.channels, size=splits.size,
               num_workers=cfg.data.num_workers)
@@ -321,116 +412,75 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
     channels_last = use_channels_last(cfg, model, device)
     normalize = Normalizer(splits.mean, splits.std, device, channels_last)
     model = model.to(device)
-    if hasattr(model, "init_from_data"):  # data-dependent init (e.g. fastnet's whitening stem); before EMA copies it
-        sample = splits.train.images[:5000] if splits.train.images is not None else \
-            next(iter(train_b.iterate(torch.arange(min(5000, len(splits.train))), shard=False)))[0]
-        model.init_from_data(normalize(sample.to(device)))
+    if hooks.needs_data(model):  # e.g. fastnet's whitening stem; before EMA, SyncBatchNorm or DDP copy it
+        hooks.init_from_data(model, normalize(_init_sample(splits, train_b).to(device)))
     if distributed and device.type == "cuda":
         # batch statistics over the global batch, as in a 1-GPU run (SyncBatchNorm needs CUDA: on
         # CPU/gloo each rank normalises with its own slice's statistics; running stats come from rank 0)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, cfg.optim)
     steps_per_epoch = min(len(train_b), t.limit_batches or len(train_b))
-    sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
-    dtype = amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    ema = None
-    if t.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
-    lookahead = Lookahead(t.epochs * steps_per_epoch) if t.lookahead else None
+    ts = TrainState.build(cfg, model, steps_per_epoch=steps_per_epoch, device=device)
 
     ckdir = run_dir / "checkpoints"
+    last = ckdir / "last.pt"
     if main:
         ckpt.check_free_space(ckdir, checkpoint_bytes(model, cfg))
-    state = State()
     if resume:
         if main:
-            stale = ckpt.clean_stale_tmp(ckdir)
-            for name in (".history.csv.tmp", ".steps.csv.tmp"):  # a kill during _truncate_logs
-                (run_dir / name).unlink(missing_ok=True)
-            if stale:
-                print(f"removed {len(stale)} temporary file(s) of an interrupted save in {ckdir}: "
-                      f"{', '.join(stale)}", flush=True)
-        if (ckdir / "last.pt").is_file():
-            c = ckpt.load(ckdir / "last.pt")
-            model.load_state_dict(c["model"])
-            opt.load_state_dict(c["optimizer"])
-            sched.load_state_dict(c["scheduler"])
-            if scaler is not None and c.get("scaler"):
-                scaler.load_state_dict(c["scaler"])
-            if ema is not None and c.get("ema"):
-                ema.load_state_dict(c["ema"])
-            if lookahead is not None:
-                lookahead.load_state_dict(c.get("lookahead"))
-            state = State(**c["state"])
-            ckpt.set_rng_state(c["rng"])
-        runlog.truncate_after(run_dir, state)  # rows written after the checkpoint are written again
-    train_model = model
+            _clean_interrupted_saves(run_dir, ckdir)
+        if last.is_file():
+            ts.load(last)
+        runlog.truncate_after(run_dir, ts.progress)  # rows written after the checkpoint are written again
+    net = model  # what the training steps run: DDP and torch.compile wrap the model, sharing its weights
     if distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
-        train_model = torch.compile(train_model)
+        net = torch.compile(net)
 
-    progress = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
+    state = ts.progress
+    bar = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
     tb = TBLogger(run_dir / "tensorboard") if main and cfg.output.tensorboard else None
-    progress.step(state.step, float("nan"))
-    saved_at = None  # (epoch, step) of the last write of last.pt
-
-    def save_last() -> None:
-        nonlocal saved_at
-        if saved_at != (state.epoch, state.step):
-            save_checkpoint(ckdir / "last.pt", model=model, opt=opt, sched=sched, scaler=scaler, ema=ema,
-                            state=state, cfg=cfg, lookahead=lookahead)
-            saved_at = (state.epoch, state.step)
-
-    clock = [0.0]  # perf_counter() when state.epoch_seconds was last brought up to date
-
-    def on_step(step: int, loss: float) -> None:
-        now = time.perf_counter()
-        state.epoch_seconds += now - clock[0]  # so a checkpoint knows how long its epoch has taken
-        clock[0] = now
-        progress.step(step, loss)
-        if main and step % t.log_every == 0:
-            runlog.append_row(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1, "loss": runlog.fmt(loss),
-                                                      "lr": runlog.fmt(opt.param_groups[0]["lr"])})
-            if tb is not None:
-                tb.scalars({"step/loss": loss, "step/lr": opt.param_groups[0]["lr"]}, step)
-        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-            save_last()
-
-    eval_model = ema.module if ema is not None else model
+    bar.step(state.step, float("nan"))
     with dist.SignalGuard(distributed) as guard:
         try:
             while state.epoch < t.epochs and not state.stopped_early:
-                clock[0] = time.perf_counter()
                 if state.batch_in_epoch == 0 or state.epoch_lr is None:
-                    state.epoch_lr, state.epoch_seconds = opt.param_groups[0]["lr"], 0.0
+                    state.epoch_lr, state.epoch_seconds = ts.lr(), 0.0
+                started, seconds_before = time.perf_counter(), state.epoch_seconds  # (a resumed epoch's earlier part)
                 order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
-                train_one_epoch(train_model, train_b, order, opt=opt, sched=sched, scaler=scaler, ema=ema,
-                                normalize=normalize, cfg=cfg, state=state, device=device, dtype=dtype,
-                                on_step=on_step, guard=guard, lookahead=lookahead)
-                if lookahead is not None:
-                    lookahead.end_epoch(model)
-                logits, targets = evaluate(eval_model, val_b, normalize, device=device, dtype=dtype, tta_flip=t.tta_flip)
+                for step, loss, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
+                                                        guard=guard):
+                    state.epoch_seconds = seconds_before + time.perf_counter() - started  # saved with a checkpoint
+                    bar.step(step, loss)
+                    if main and step % t.log_every == 0:
+                        runlog.append_row(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1,
+                                                                  "loss": runlog.fmt(loss), "lr": runlog.fmt(ts.lr())})
+                        if tb is not None:
+                            tb.scalars({"step/loss": loss, "step/lr": ts.lr()}, step)
+                    if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                        ts.save_last(last)
+                    if stop is not None:
+                        raise Stopped(stop)
+                if ts.lookahead is not None:
+                    ts.lookahead.end_epoch(model)
+                logits, targets = evaluate(ts.eval_model, val_b, normalize, device=device, dtype=ts.amp,
+                                           tta_flip=t.tta_flip)
                 val_loss = F.cross_entropy(logits, targets).item() if len(targets) else float("nan")
                 val_acc = (logits.argmax(1) == targets).float().mean().item() if len(targets) else float("nan")
                 state.epoch += 1
-                seconds = state.epoch_seconds + time.perf_counter() - clock[0]
                 row = {"epoch": state.epoch, "train_loss": state.epoch_loss_sum / max(1, state.epoch_seen),
                        "train_acc": state.epoch_correct / max(1, state.epoch_seen), "val_loss": val_loss,
-                       "val_acc": val_acc, "lr": state.epoch_lr, "seconds": seconds}
+                       "val_acc": val_acc, "lr": state.epoch_lr,
+                       "seconds": seconds_before + time.perf_counter() - started}
                 state.batch_in_epoch, state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0, 0.0, 0, 0
                 state.epoch_seconds = 0.0
                 state.history.append({k: (round(v, 4) if k == "seconds" else v) for k, v in row.items()})
                 metric = val_acc if t.monitor == "val_acc" else val_loss
                 if _is_better(metric, state.best_metric, t.monitor, t.early_stop.min_delta):
                     state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
-                    save_checkpoint(ckdir / "best.pt", model=eval_model, opt=opt, sched=sched, scaler=scaler,
-                                    ema=None, state=state, cfg=cfg)
+                    ts.save(ckdir / "best.pt", best=True)
                 else:
                     state.bad_epochs += 1
                     if t.early_stop.patience is not None and state.bad_epochs >= t.early_stop.patience:
@@ -439,22 +489,39 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> 
                     runlog.append_row(run_dir / "history.csv", {k: runlog.fmt(v) for k, v in row.items()})
                     if tb is not None:
                         tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, state.epoch)
-                save_last()
-                progress.epoch(row)
+                ts.save_last(last)
+                bar.epoch(row)
                 code = dist.stop_code(guard)  # a signal during evaluation: stop now, not after another step
                 if code is not None:
                     raise Stopped(code)
         except Stopped as e:
-            save_last()  # at a step boundary every rank has the same weights: rank 0 writes them
+            ts.save_last(last)  # at a step boundary every rank has the same weights: rank 0 writes them
             if main:
                 print(f"stopped by a signal after step {state.step} (epoch {state.epoch + 1}); resume with "
                       f"cnnlab train --resume {run_dir}", file=sys.stderr, flush=True)
             raise Stopped(e.code) from None
         finally:
-            progress.close()
+            bar.close()
             if tb is not None:
                 tb.close()
     if state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
               f"{t.early_stop.patience} epochs (best epoch {state.best_epoch})", flush=True)
     return model, state
+
+
+def _init_sample(splits: Splits, train_b: Batches) -> torch.Tensor:
+    """Up to 5,000 training images (uint8) for `hooks.init_from_data`, in the split's order."""
+    if splits.train.images is not None:
+        return splits.train.images[:5000]
+    return next(iter(train_b.iterate(torch.arange(min(5000, len(splits.train))), shard=False)))[0]
+
+
+def _clean_interrupted_saves(run_dir: Path, ckdir: Path) -> None:
+    """Remove what a kill during a save left: temporary checkpoint files and log files being rewritten."""
+    stale = ckpt.clean_stale_tmp(ckdir)
+    for name in (".history.csv.tmp", ".steps.csv.tmp"):  # a kill during runlog.truncate_after
+        (run_dir / name).unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted save in {ckdir}: {', '.join(stale)}",
+              flush=True)
