@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -12,6 +13,12 @@ import torch
 from PIL import Image
 
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
+
+
+def cache_dir() -> Path:
+    """Where cnnlab keeps what it downloads and decodes: $CNNLAB_CACHE, else ~/.cache/cnnlab. Read at
+    each call, so setting the variable takes effect at any time."""
+    return Path(os.environ.get("CNNLAB_CACHE") or "~/.cache/cnnlab").expanduser()
 
 
 @dataclass
