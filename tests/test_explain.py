@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cnnlab.models import explain as E
-from cnnlab.models import cli
+from cnnlab import cli
 
 
 @st.composite

@@ -212,8 +212,8 @@ def test_renders_in_chromium(built, tmp_path):
 
 
 def test_rebuild_is_identical_and_never_trains(built, monkeypatch, capsys):
-    """`cnnlab report RUN_DIR` (through the subcommand hook) redraws the same report, without training."""
-    import argparse
+    """`cnnlab report RUN_DIR` (through the command's parser and handler) redraws the same report, without training."""
+    from cnnlab import cli
 
     run, path = built
     before = {p: (run / p).read_bytes() for p in ("report.html", "report.md", "findings.json", "failures.csv")}
@@ -223,15 +223,11 @@ def test_rebuild_is_identical_and_never_trains(built, monkeypatch, capsys):
         raise AssertionError("the report must not train")
 
     monkeypatch.setattr(torch.optim.Optimizer, "step", no_training)
-    parser = argparse.ArgumentParser(prog="cnnlab")
-    report.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["report", str(run)])
-    assert args.func(args) == 0 and str(path) in capsys.readouterr().out
+    assert cli.main(["report", str(run)]) == 0 and str(path) in capsys.readouterr().out
     for p, data in before.items():
         assert (run / p).read_bytes() == data, p
     assert (run / "checkpoints" / "best.pt").read_bytes() == ckpt
-    args = parser.parse_args(["report", str(run.parent / "missing")])
-    assert args.func(args) == 2 and "does not exist" in capsys.readouterr().err
+    assert cli.main(["report", str(run.parent / "missing")]) == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_planted_label_bug_is_named(tmp_path):

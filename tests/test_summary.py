@@ -11,7 +11,8 @@ from torch import nn
 
 from cnnlab.config import ModelConfig
 from cnnlab.models import MODELS, build_model
-from cnnlab.models import cli
+from cnnlab import cli
+from cnnlab.models import cli as models_cli
 from cnnlab.models.summary import out_size, summarize
 
 
@@ -109,4 +110,4 @@ def test_cli_summary_for_a_name_and_a_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("text, shape", [("3x32x32", (3, 32, 32)), ("32", (3, 32, 32)), ("1x28", (1, 28, 28))])
 def test_parse_shape(text, shape):
-    assert cli.parse_shape(text) == shape
+    assert models_cli.parse_shape(text) == shape

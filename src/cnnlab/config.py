@@ -16,9 +16,13 @@ from typing import Any
 
 import yaml
 
+from cnnlab.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A config that cannot be run: the message says which key, which value, and what to do."""
+
+    label = "config error"
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Iterator
 
+from cnnlab.errors import InputError
 
-class UnknownNameError(KeyError, ValueError):
-    """An unknown name was asked of a registry; the message offers the closest names."""
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+class UnknownNameError(InputError, KeyError, ValueError):
+    """An unknown name was asked of a registry; the message offers the closest names (exit 2)."""
 
 
 class Registry:

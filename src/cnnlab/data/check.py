@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from cnnlab.data import base
 from cnnlab.data.base import ZIP_SEP, DataSource, ImageSet
 from cnnlab.data.stats import channels_of, chunked, pool_map
+from cnnlab.errors import InputError
 
 SEVERITIES = ("error", "warning", "info")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -124,7 +125,7 @@ def fast_check(source: DataSource) -> list[Finding]:
     return out
 
 
-class DataCheckError(ValueError):
+class DataCheckError(InputError, ValueError):
     """The data has errors that would crash training or teach the model garbage."""
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from cnnlab.errors import InputError
+
 
 def _options(pairs: list[str]) -> dict:
     from cnnlab.config import parse_value
@@ -13,7 +15,7 @@ def _options(pairs: list[str]) -> dict:
     out = {}
     for p in pairs or []:
         if "=" not in p:
-            raise ValueError(f"--option {p!r}: expected key=value, e.g. --option fold=0")
+            raise InputError(f"--option {p!r}: expected key=value, e.g. --option fold=0")
         k, v = p.split("=", 1)
         out[k] = parse_value(v)
     return out
@@ -41,7 +43,7 @@ def _stats(args) -> int:
     src = _source(args)
     split = getattr(src, args.split)
     if split is None:
-        raise ValueError(f"{args.data}: has no {args.split} split")
+        raise InputError(f"{args.data}: has no {args.split} split")
     st = compute_stats(split, channels=args.channels, size=args.size, jobs=args.jobs)
     print(json.dumps(st.to_dict(), indent=1) if args.json else f"{args.data} [{args.split}]\n{st.format()}")
     return 0
@@ -78,7 +80,7 @@ def _coco_subset(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def add_parser(subparsers) -> None:
     """Add `data` with its subcommands to the main CLI's subparsers; each sets `func(args) -> exit code`."""
     d = subparsers.add_parser("data", help="data set statistics, checks and builders")
     sub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -118,17 +120,11 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cnnlab.data.cli stats cifar10` (the same as `cnnlab data stats cifar10`)."""
-    p = argparse.ArgumentParser(prog="cnnlab")
-    sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
+    """`python -m cnnlab.data.cli stats cifar10`: the same as `cnnlab data stats cifar10` (and its exit codes)."""
+    from cnnlab import cli
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv if argv[:1] == ["data"] else ["data", *argv])
-    try:
-        return int(args.func(args) or 0)
-    except (OSError, ValueError, KeyError) as e:  # missing files, failed downloads, bad data or arguments
-        print(f"cnnlab: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+    return cli.main(argv if argv[:1] == ["data"] else ["data", *argv])
 
 
 if __name__ == "__main__":

@@ -18,20 +18,22 @@ from typing import IO, Any
 
 import numpy as np
 
+from cnnlab.errors import InputError
 
-class ChecksumError(ValueError):
+
+class ChecksumError(InputError, ValueError):
     """A file's hash differs from the published one; it is never extracted or read."""
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(InputError, ValueError):
     """An archive member would land outside the target folder (absolute path, `..`, outside link)."""
 
 
-class UnsafePickleError(pickle.UnpicklingError, ValueError):
+class UnsafePickleError(InputError, pickle.UnpicklingError, ValueError):
     """A pickle asked for a global other than numpy array reconstruction or a plain builtin type."""
 
 
-class DownloadError(OSError):
+class DownloadError(InputError, OSError):
     """No mirror could be reached (network down, URL gone)."""
 
 

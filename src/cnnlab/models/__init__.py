@@ -10,6 +10,7 @@ import inspect
 import torch
 from torch import nn
 
+from cnnlab.errors import InputError
 from cnnlab.registry import Registry
 
 MODELS = Registry("model")
@@ -17,7 +18,7 @@ MODELS = Registry("model")
 from cnnlab.models import fast, layers, zoo  # noqa: E402,F401  (register the built-in models)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InputError, ValueError):
     """A model option the builder does not take, or a value it refuses."""
 
 

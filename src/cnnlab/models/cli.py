@@ -1,14 +1,16 @@
-"""`cnnlab summary` and `cnnlab explain` subcommands; `register(subparsers)` adds them to the main CLI.
+"""`cnnlab summary`: its parser and handler (`add_parser`), and the model built as the trainer would build it.
 
-Handlers return an exit code and raise ValueError subclasses (naming the option and value) on bad input.
+The handler returns an exit code and raises InputError (naming the option and value) on bad input;
+torch and the models are imported inside the functions, so `cnnlab --help` stays fast.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from cnnlab.errors import InputError
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -22,7 +24,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     elif len(parts) == 2:
         parts = [parts[0], parts[1], parts[1]]
     if len(parts) != 3 or min(parts) < 1:
-        raise ValueError(f"--input={text!r}: expected CxHxW such as 3x32x32 (or a side such as 32)")
+        raise InputError(f"--input={text!r}: expected CxHxW such as 3x32x32 (or a side such as 32)")
     return tuple(parts)
 
 
@@ -88,74 +90,8 @@ def _summary(args) -> int:
     return 0
 
 
-def _explain_conv(args) -> int:
-    from cnnlab.models import explain as E
-
-    name, kernel = E.kernel_from(args.kernel)
-    x = E.parse_matrix(args.input, "--input")
-    print(E.conv2d(x, kernel, padding=_int_pair(args.padding, "--padding"), stride=_int_pair(args.stride, "--stride"),
-                   flip=args.flip, kernel_name=name).text())
-    return 0
-
-
-def _int_pair(text: str, what: str):
-    try:
-        parts = [int(p) for p in str(text).split(",")]
-    except ValueError:
-        raise ValueError(f"{what}={text!r}: expected a whole number (or two, rows,columns)") from None
-    if len(parts) not in (1, 2):
-        raise ValueError(f"{what}={text!r}: expected one or two whole numbers")
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
-def _explain_size(args) -> int:
-    from cnnlab.models import explain as E
-
-    sol = E.solve_output_size(input=args.input, kernel=args.kernel, padding=args.padding, stride=args.stride,
-                              output=args.output, dilation=args.dilation)
-    print(sol.text())
-    return 0 if sol.values else 1
-
-
-def _ints(text: str, what: str, n: tuple[int, ...]) -> list[int]:
-    try:
-        vals = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if len(vals) not in n or min(vals, default=0) < 1:
-        raise ValueError(f"{what}={text!r}: expected {' or '.join(map(str, n))} positive whole numbers, "
-                         "comma-separated")
-    return vals
-
-
-def _explain_params(args) -> int:
-    from cnnlab.models import explain as E
-
-    lines, total = [], 0
-    for text in args.conv or []:
-        v = _ints(text, "--conv", (3, 4))
-        n, line = E.conv_params(v[0], v[1], v[2], bias=not args.no_bias, groups=v[3] if len(v) == 4 else 1)
-        lines.append(line)
-        total += n
-    for text in args.linear or []:
-        v = _ints(text, "--linear", (2,))
-        n, line = E.linear_params(v[0], v[1], bias=not args.no_bias)
-        lines.append(line)
-        total += n
-    for text in args.bn or []:
-        n, line = E.batchnorm_params(_ints(text, "--bn", (1,))[0])
-        lines.append(line)
-        total += n
-    if not lines:
-        raise ValueError("cnnlab explain params: give at least one --conv CIN,COUT,K, --linear IN,OUT or --bn C")
-    print("\n".join(lines))
-    if len(lines) > 1:
-        print(f"total: {total:,}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `summary` and `explain` to the main CLI's subparsers."""
+def add_parser(subparsers) -> None:
+    """Add `summary` to the main CLI's subparsers."""
     s = subparsers.add_parser("summary", help="a model's layer table, parameter counts and shape arithmetic")
     s.add_argument("target", help="a model name (net1, resnet18, torchvision:resnet50...) or an experiment YAML")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.padding=1 model.batchnorm=true")
@@ -163,43 +99,3 @@ def register(subparsers) -> None:
     s.add_argument("--classes", type=int, help="number of classes (default: the data set's, else 10)")
     s.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
     s.set_defaults(func=_summary)
-
-    e = subparsers.add_parser("explain", help="convolution arithmetic worked by hand")
-    sub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
-    c = sub.add_parser("conv", help="every output cell of a 2-D convolution as a sum of products")
-    c.add_argument("--input", required=True, help="a matrix, e.g. \"[[2,1,0],[0,3,1],[4,0,2]]\"")
-    c.add_argument("--kernel", default="sobel-x",
-                   help="sobel-x, sobel-y, laplacian, box, identity, sharpen, or a matrix (default sobel-x)")
-    c.add_argument("--padding", default="0", help="zero padding (or rows,columns); default 0")
-    c.add_argument("--stride", default="1", help="stride (or rows,columns); default 1")
-    c.add_argument("--flip", action="store_true", help="flip the kernel: convolution in the textbook sense")
-    c.set_defaults(func=_explain_conv)
-
-    o = sub.add_parser("output-size", help="solve floor((W - K + 2P) / S) + 1 = out for the one value left out")
-    for key in ("input", "kernel", "padding", "stride", "output"):
-        o.add_argument(f"--{key}", type=int)
-    o.add_argument("--dilation", type=int, default=1)
-    o.set_defaults(func=_explain_size)
-
-    p = sub.add_parser("params", help="parameter counts with their formulas")
-    p.add_argument("--conv", action="append", metavar="CIN,COUT,K[,GROUPS]", help="a conv layer (repeatable)")
-    p.add_argument("--linear", action="append", metavar="IN,OUT", help="a linear layer (repeatable)")
-    p.add_argument("--bn", action="append", metavar="C", help="a batchnorm layer (repeatable)")
-    p.add_argument("--no-bias", action="store_true", help="layers without bias")
-    p.set_defaults(func=_explain_params)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run these subcommands alone (tests; `python -m cnnlab.models.cli summary net1`)."""
-    parser = argparse.ArgumentParser(prog="cnnlab")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as e:
-        print(f"cnnlab: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

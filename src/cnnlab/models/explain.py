@@ -6,6 +6,8 @@ import ast
 import math
 from dataclasses import dataclass, field
 
+from cnnlab.errors import InputError
+
 KERNELS: dict[str, list[list[float]]] = {
     "sobel-x": [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],  # responds to left-right changes (vertical edges)
     "sobel-y": [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],  # responds to top-bottom changes (horizontal edges)
@@ -16,7 +18,7 @@ KERNELS: dict[str, list[list[float]]] = {
 }
 
 
-class ExplainError(ValueError):
+class ExplainError(InputError, ValueError):
     """Input to `cnnlab explain` that cannot be worked out; the message names the option and value."""
 
 
@@ -258,3 +260,94 @@ def linear_params(fin: int, fout: int, *, bias: bool = True) -> tuple[int, str]:
 
 def batchnorm_params(c: int) -> tuple[int, str]:
     return 2 * c, f"batchnorm {c}: 2*C = 2*{c} = {2 * c:,} (scale and shift; running mean/var are buffers)"
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: `cnnlab explain conv | output-size | params`
+
+
+def _explain_conv(args) -> int:
+    name, kernel = kernel_from(args.kernel)
+    x = parse_matrix(args.input, "--input")
+    print(conv2d(x, kernel, padding=_int_pair(args.padding, "--padding"), stride=_int_pair(args.stride, "--stride"),
+                 flip=args.flip, kernel_name=name).text())
+    return 0
+
+
+def _int_pair(text: str, what: str):
+    try:
+        parts = [int(p) for p in str(text).split(",")]
+    except ValueError:
+        raise ExplainError(f"{what}={text!r}: expected a whole number (or two, rows,columns)") from None
+    if len(parts) not in (1, 2):
+        raise ExplainError(f"{what}={text!r}: expected one or two whole numbers")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _explain_size(args) -> int:
+    sol = solve_output_size(input=args.input, kernel=args.kernel, padding=args.padding, stride=args.stride,
+                            output=args.output, dilation=args.dilation)
+    print(sol.text())
+    return 0 if sol.values else 1
+
+
+def _ints(text: str, what: str, n: tuple[int, ...]) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if len(vals) not in n or min(vals, default=0) < 1:
+        raise ExplainError(f"{what}={text!r}: expected {' or '.join(map(str, n))} positive whole numbers, "
+                           "comma-separated")
+    return vals
+
+
+def _explain_params(args) -> int:
+    lines, total = [], 0
+    for text in args.conv or []:
+        v = _ints(text, "--conv", (3, 4))
+        n, line = conv_params(v[0], v[1], v[2], bias=not args.no_bias, groups=v[3] if len(v) == 4 else 1)
+        lines.append(line)
+        total += n
+    for text in args.linear or []:
+        v = _ints(text, "--linear", (2,))
+        n, line = linear_params(v[0], v[1], bias=not args.no_bias)
+        lines.append(line)
+        total += n
+    for text in args.bn or []:
+        n, line = batchnorm_params(_ints(text, "--bn", (1,))[0])
+        lines.append(line)
+        total += n
+    if not lines:
+        raise ExplainError("cnnlab explain params: give at least one --conv CIN,COUT,K, --linear IN,OUT or --bn C")
+    print("\n".join(lines))
+    if len(lines) > 1:
+        print(f"total: {total:,}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add `explain` with its subcommands to the main CLI's subparsers."""
+    e = subparsers.add_parser("explain", help="convolution arithmetic worked by hand")
+    sub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
+    c = sub.add_parser("conv", help="every output cell of a 2-D convolution as a sum of products")
+    c.add_argument("--input", required=True, help="a matrix, e.g. \"[[2,1,0],[0,3,1],[4,0,2]]\"")
+    c.add_argument("--kernel", default="sobel-x",
+                   help="sobel-x, sobel-y, laplacian, box, identity, sharpen, or a matrix (default sobel-x)")
+    c.add_argument("--padding", default="0", help="zero padding (or rows,columns); default 0")
+    c.add_argument("--stride", default="1", help="stride (or rows,columns); default 1")
+    c.add_argument("--flip", action="store_true", help="flip the kernel: convolution in the textbook sense")
+    c.set_defaults(func=_explain_conv)
+
+    o = sub.add_parser("output-size", help="solve floor((W - K + 2P) / S) + 1 = out for the one value left out")
+    for key in ("input", "kernel", "padding", "stride", "output"):
+        o.add_argument(f"--{key}", type=int)
+    o.add_argument("--dilation", type=int, default=1)
+    o.set_defaults(func=_explain_size)
+
+    p = sub.add_parser("params", help="parameter counts with their formulas")
+    p.add_argument("--conv", action="append", metavar="CIN,COUT,K[,GROUPS]", help="a conv layer (repeatable)")
+    p.add_argument("--linear", action="append", metavar="IN,OUT", help="a linear layer (repeatable)")
+    p.add_argument("--bn", action="append", metavar="C", help="a batchnorm layer (repeatable)")
+    p.add_argument("--no-bias", action="store_true", help="layers without bias")
+    p.set_defaults(func=_explain_params)

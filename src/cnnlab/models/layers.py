@@ -18,13 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cnnlab.errors import InputError
 from cnnlab.models import MODELS
 
 LAYER_KINDS = ["conv", "maxpool", "avgpool", "batchnorm", "relu", "gelu", "leaky_relu", "tanh", "sigmoid",
                "dropout", "flatten", "linear", "adaptive_avgpool", "global_avgpool"]
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(InputError, ValueError):
     pass
 
 

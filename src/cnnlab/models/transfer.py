@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cnnlab.errors import InputError
 from cnnlab.models.hooks import freeze_bn
 
 log = logging.getLogger("cnnlab")
@@ -22,7 +23,7 @@ WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-class TransferError(ValueError):
+class TransferError(InputError, ValueError):
     """Weights that cannot be found, read or matched, or a freeze spec the model cannot honour."""
 
 

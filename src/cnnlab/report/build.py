@@ -314,7 +314,7 @@ def write_tensorboard(run_dir: str | Path, log_dir: str | Path | None = None) ->
 # CLI
 
 
-def register(subparsers) -> None:
+def add_parser(subparsers) -> None:
     """Add `report RUN_DIR` to an argparse subparsers object (sets `func`, returning an exit code)."""
     p = subparsers.add_parser("report", help="redraw plots and report.html of a run from its saved files",
                               description="Regenerate plots/, failures.csv, report.html and report.md of a run "
@@ -325,13 +325,7 @@ def register(subparsers) -> None:
 
 
 def _cli(args) -> int:
-    import sys
-
-    try:
-        path = build(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"cnnlab report: {e}", file=sys.stderr)
-        return 2
+    path = build(args.run_dir)  # a missing run folder: FileNotFoundError, exit 2 (cli.main)
     print(f"report: {path}")
     if getattr(args, "tensorboard", False):
         tb = write_tensorboard(args.run_dir)

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnlab import config as C
+from cnnlab.errors import RunError
 
 STUDY_KEYS = ("variations", "grid", "repeats", "baseline")
 IGNORED = ("output.", "train.progress", "train.threads")  # keys that may differ without changing a run's result
 
 
-class StudyError(RuntimeError):
+class StudyError(RunError, RuntimeError):
     """Some runs of a study failed, or the study folder is busy; the message says which and where to look."""
+
+    label = ""  # the message itself opens with what failed
 
 
 @dataclass
@@ -442,7 +445,8 @@ EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
 # CLI: `cnnlab compare` (`cnnlab train` runs a study when the config has variations/grid/repeats)
 
 
-def register(subparsers) -> None:
+def add_parser(subparsers) -> None:
+    """Add `compare` to the main CLI's subparsers."""
     c = subparsers.add_parser("compare", help="compare runs or a study: tables, curves, significance tests",
                               description="Compare finished run folders (each one variation) or study folders "
                                           "(their variations, with seeds): study.html, study.md, comparison.json.")

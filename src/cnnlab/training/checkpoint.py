@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnlab.errors import RunError
 
-class CheckpointError(RuntimeError):
-    pass
+
+class CheckpointError(RunError, RuntimeError):
+    """A checkpoint that cannot be written or is refused on loading (exit 1)."""
 
 
 # What a checkpoint may contain: exactly what `torch.load(weights_only=True)` accepts back.

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.errors import RunError
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import runlog
@@ -42,7 +43,7 @@ from cnnlab.training.optim import Lookahead, build_optimizer, build_scheduler
 from cnnlab.training.tblog import TBLogger
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError, RuntimeError):
     """Training cannot go on; the message says why and what to do (the CLI prints it, exit 1)."""
 
 

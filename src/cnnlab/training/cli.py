@@ -1,0 +1,65 @@
+"""`cnnlab train` and `cnnlab eval`: their parsers and handlers (`add_parser`), thin over the Python API.
+
+Torch and the training code are imported inside the handlers, so `cnnlab --help` stays fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _train(args) -> int:
+    from cnnlab import config as C
+    from cnnlab import dist
+
+    if args.resume:
+        if not (Path(args.resume) / "config.yaml").is_file():
+            raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no config.yaml in it)")
+        cfg = C.load(Path(args.resume) / "config.yaml", args.overrides)
+    else:
+        if not args.config:
+            raise C.ConfigError("cnnlab train needs a config file (or --resume RUN_DIR)")
+        cfg = C.load(args.config, args.overrides)
+    if args.print_config:
+        print(C.dump_yaml(cfg), end="")
+        return 0
+    if cfg.variations or cfg.grid or cfg.repeats > 1:
+        from cnnlab.studies import study
+
+        executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
+        study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
+                        executor=executor, address=args.ray_address)
+        dist.shutdown()
+        return 0
+    from cnnlab.training import experiment
+
+    experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
+    dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
+    return 0
+
+
+def _eval(args) -> int:
+    from cnnlab.training import evaluate
+
+    evaluate.main(args)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add `train` and `eval` to the main CLI's subparsers; each sets `func(args) -> exit code`."""
+    t = subparsers.add_parser("train", help="train a config (a study when it has variations/grid/repeats)")
+    t.add_argument("config", nargs="?", help="the experiment YAML")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly where it left off")
+    t.add_argument("--jobs", type=int, default=1, help="studies: run this many variations in parallel")
+    t.add_argument("--executor", default="auto", choices=["auto", "inline", "process", "ray"],
+                   help="studies: inline (one process), process (--jobs subprocesses) or ray (default: inline, "
+                        "or process when --jobs > 1)")
+    t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
+    t.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
+    e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=other.zip")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.set_defaults(func=_eval)
