@@ -212,7 +212,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-5 (no dot) as text
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # a number given as text: "0.5", "1e-5"
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -256,18 +256,34 @@ def to_dict(cfg: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Overrides
+# Values as people write them, and dotted keys (the one definition of each)
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load` that reads `1e-5` as a number. PyYAML follows YAML 1.1, whose floats need a dot
+    (`1.0e-5`), so the value people write would arrive as the text "1e-5", in typed fields, options and
+    study grids alike; YAML 1.2 (and everyone) reads a number. Every config value is read through it."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Plain YAML (no Python tags) with YAML 1.2 numbers (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_value(text: str) -> Any:
-    """`key=value` on the command line: the value is read as YAML (`0.1`, `true`, `[1, 2]`, `null`)."""
+    """`key=value` on the command line: the value is read as YAML (`0.1`, `1e-5`, `true`, `[1, 2]`, `null`)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree["a"]["b"] = value for "a.b", making the mappings on the way."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -275,6 +291,29 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node[k] = {}
         node = node[k]
     node[keys[-1]] = value
+
+
+def section(dotted: str) -> type | None:
+    """The config dataclass a dotted key names (`train.early_stop` -> EarlyStopConfig), else None."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+        if not dataclasses.is_dataclass(tp):
+            return None
+    return tp
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested config dict or nested overrides (the inverse of `set_dotted`):
+    config sections are opened, a setting whose value is a mapping (model.options, grid) stays whole."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and section(key) is not None:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
@@ -305,7 +344,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML (only plain YAML is read, no Python tags): {e}") from None
     if tree is None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab import config as C
 from cnnlab.analysis import stats as S
-from cnnlab.studies.study import IGNORED, STUDY_KEYS, flat, fmt_value
+from cnnlab.studies.study import IGNORED, STUDY_KEYS, fmt_value
 
 ALPHA = 0.05
 IGNORED = IGNORED + STUDY_KEYS  # settings that never make two runs' results differ, and the study's own keys
@@ -50,12 +51,10 @@ def _json(path: Path) -> dict:
 
 
 def load_run(d: str | Path) -> Run:
-    import yaml
-
     d = Path(d)
     if not (d / "metrics.json").is_file():
         raise FileNotFoundError(f"{d}: not a finished run folder (no metrics.json in it)")
-    cfg = flat(yaml.safe_load((d / "config.yaml").read_text()) or {}) if (d / "config.yaml").is_file() else {}
+    cfg = C.flatten(C.load_yaml((d / "config.yaml").read_text()) or {}) if (d / "config.yaml").is_file() else {}
     hist: dict = {}
     if (d / "history.csv").is_file():
         with open(d / "history.csv", newline="") as f:
