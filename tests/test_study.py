@@ -223,7 +223,7 @@ def test_jobs_run_parallel_subprocesses(tmp_path):
 
 def test_ray_executor_on_a_local_instance(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'cnnlab[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)  # GPUs as Ray resources only
     try:
         cfg = C.load(tiny(tmp_path, name="ray", variations={"main": {}, "fast": {"optim.lr": 0.03}}))
         st = study.run_study(cfg, executor="ray", jobs=2, quiet=True)
@@ -231,6 +231,9 @@ def test_ray_executor_on_a_local_instance(tmp_path):
         ray.shutdown()
     root = tmp_path / "ray"
     assert set(st.status.values()) == {"done"}
+    # a cluster with GPUs gives each trial one (Ray hides GPUs from tasks that do not ask: they trained on CPUs)
+    gpus = {json.loads((root / v / "env.json").read_text())["cuda_visible_devices"] for v in ("main", "fast")}
+    assert gpus == {"0", "1"}
     assert C.load(root / "fast" / "config.yaml").output.dir == str(root)  # the study's path, not the worker's
     assert {p.name for p in (root / "main").iterdir()} >= {"metrics.json", "predictions.csv", "checkpoints"}
     assert json.loads((root / "comparison.json").read_text())["comparisons"][0]["test"] == "mcnemar"

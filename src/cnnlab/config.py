@@ -354,7 +354,38 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
+MAX_NODES = 100_000  # values in a config once YAML aliases are expanded (a real one has a few hundred)
+
+
+def check_size(tree: Any, where: str = "config") -> None:
+    """Refuse a config whose YAML aliases expand past MAX_NODES values (an "alias bomb": a few hundred
+    bytes of `&a [*b, *b, ...]` that would take hours and gigabytes to expand) or refer to themselves."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(v: Any) -> int:  # values counted as if every alias were written out, each shared node once
+        if not isinstance(v, (dict, list, tuple)):
+            return 1
+        if id(v) in sizes:
+            return sizes[id(v)]
+        if id(v) in busy:
+            raise ConfigError(f"{where}: a YAML alias refers to the mapping or list that contains it")
+        busy.add(id(v))
+        n = 1
+        for x in (v.values() if isinstance(v, dict) else v):
+            n += size(x)
+            if n > MAX_NODES:
+                raise ConfigError(f"{where}: the config expands to more than {MAX_NODES:,} values once its YAML "
+                                  "aliases (*name) are written out; refusing to read it (an alias bomb?)")
+        busy.discard(id(v))
+        sizes[id(v)] = n
+        return n
+
+    size(tree)
+
+
 def from_dict(tree: dict, *, where: str = "config") -> Config:
+    check_size(tree, where)
     try:
         cfg = _build(Config, tree)
     except ConfigError as e:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnlab.errors import InputError
+
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
 
 
@@ -80,10 +82,31 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
+MAX_MEMBER_BYTES = 1 << 30  # no image file needs more (Pillow's pixel limit is ~270 MB of RGB)
+MAX_RATIO, RATIO_FROM = 100, 16 << 20  # images hardly compress: a big member shrunk over 100x is a zip bomb
+
+
+class ZipBombError(InputError, OSError):
+    """A zip member whose declared size or compression ratio no image has; refused before it is read."""
+
+
+def check_member(info: zipfile.ZipInfo, archive: str) -> None:
+    """Refuse a member before decompressing it (zipfile never returns more than the declared size)."""
+    size, packed = info.file_size, max(1, info.compress_size)
+    if size > MAX_MEMBER_BYTES or (size > RATIO_FROM and size / packed > MAX_RATIO):
+        raise ZipBombError(f"{archive}{ZIP_SEP}{info.filename}: refusing to read this zip member: it unpacks "
+                           f"{packed:,} bytes into {size:,} ({size / packed:,.0f}x); no image needs that "
+                           f"(limits: {MAX_MEMBER_BYTES:,} bytes, {MAX_RATIO}x above {RATIO_FROM:,}). "
+                           "A zip bomb? Remove the member from the archive.")
+
+
 def read_bytes(ref: str) -> bytes:
     if ZIP_SEP in ref:
         archive, member = ref.split(ZIP_SEP, 1)
-        return _open_zip(archive).read(member)
+        zf = _open_zip(archive)
+        info = zf.getinfo(member)
+        check_member(info, archive)
+        return zf.read(info)
     return Path(ref).read_bytes()
 
 

@@ -75,30 +75,78 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
 
 
 def _file_key(files: list[str], channels: int, size: int | None) -> str:
-    h = hashlib.sha256(f"v1|{channels}|{size}|{len(files)}".encode())
+    """The cache key of decoded files: the preprocessing, and every file's path and identity: a file's size,
+    mtime and ctime in nanoseconds, a zip member's size and CRC-32 from the archive's index (a content hash
+    for free). Any replaced, edited or touched file changes the key."""
+    from cnnlab.data.base import ZIP_SEP, _open_zip
+
+    h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}".encode())
     for f in files:
-        h.update(f.encode())
-        h.update(b"\0")
-    stamps = set()
-    for f in {f.split("::")[0] if "::" in f else f for f in files[:: max(1, len(files) // 64)]} | ({files[-1].split("::")[0]} if files else set()):
-        try:
-            st = os.stat(f)
-            stamps.add((f, st.st_size, int(st.st_mtime)))
-        except OSError:
-            pass
-    h.update(repr(sorted(stamps)).encode())
+        if ZIP_SEP in f:
+            archive, member = f.split(ZIP_SEP, 1)
+            try:
+                info = _open_zip(archive).getinfo(member)
+                stamp = f"{info.file_size}|{info.CRC}"
+            except (OSError, KeyError, ValueError):
+                stamp = "?"
+        else:
+            try:
+                st = os.stat(f)
+                stamp = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+            except OSError:
+                stamp = "?"
+        h.update(f"{f}\0{stamp}\0".encode())
     return h.hexdigest()[:24]
 
 
+def _checksum(images: torch.Tensor) -> int:
+    import zlib
+
+    return zlib.crc32(memoryview(images.contiguous().numpy()).cast("B"))
+
+
+def _read_cache(path: Path, n: int, channels: int, size: int | None) -> torch.Tensor | None:
+    """A cache entry, verified: the checksum written with it, its shape and dtype; None (and the entry
+    removed, so it is rebuilt) when anything is off."""
+    if not path.is_file():
+        return None
+    try:  # memory-mapped: no copy on load, and parallel runs (a study's --jobs) share the page cache
+        entry = torch.load(path, weights_only=True, mmap=True)
+        images = entry.get("images") if isinstance(entry, dict) else None
+        why = None
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            why = "not a uint8 (N, C, H, W) tensor"
+        elif images.shape[:2] != (n, channels) or (size is not None and images.shape[2:] != (size, size)):
+            why = f"shape {tuple(images.shape)}, expected ({n}, {channels}, ...)"
+        elif entry.get("crc32") != _checksum(images):
+            why = "checksum mismatch"
+    except Exception as e:  # unreadable, wrong type, missing keys
+        why = f"unreadable ({type(e).__name__})"
+    if why is None:
+        return images
+    import sys
+
+    print(f"cnnlab: warning: decoded-cache entry {path} is damaged ({why}); decoding the images again",
+          file=sys.stderr, flush=True)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _write_cache(path: Path, images: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
+    os.replace(tmp, path)
+
+
 def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None) -> torch.Tensor:
-    """Decode files into one (N, C, S, S) uint8 tensor; cached on disk, keyed by the files and preprocessing."""
+    """Decode files into one (N, C, S, S) uint8 tensor; cached on disk, keyed by the files and preprocessing,
+    each entry verified against the checksum written with it."""
     key = _file_key(files, channels, size)
     path = cache_dir() / "decoded" / f"{key}.pt"
-    if path.is_file():
-        try:  # memory-mapped: no copy on load, and parallel runs (a study's --jobs) share the page cache
-            return torch.load(path, weights_only=True, mmap=True)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+    cached = _read_cache(path, len(files), channels, size)
+    if cached is not None:
+        return cached
     if size is None:
         first = open_image(files[0]).size
         size_hw = (first[1], first[0])
@@ -116,10 +164,7 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
     with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         for _ in pool.map(work, range(len(files)), chunksize=256):
             pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(out, tmp)
-    os.replace(tmp, path)
+    _write_cache(path, out)
     return out
 
 

@@ -233,17 +233,11 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
         "complete": all(s == "done" for s in status.values()), "variations": variations})
 
 
-@contextlib.contextmanager
 def _lock(root: Path):
-    """An exclusive flock on <study>/.lock: two processes never run one study; the OS frees it on any death."""
-    import fcntl
+    """An exclusive lock on the study folder (the one run folders have): two processes never run one study."""
+    from cnnlab.training.experiment import folder_lock
 
-    with open(root / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise StudyError(f"another cnnlab process is running the study in {root}") from None
-        yield
+    return folder_lock(root, "running the study in", StudyError)
 
 
 def _done_line(root: Path, p: Planned, seconds: float) -> str:
@@ -364,9 +358,12 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
     node_cpus = max([n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1])
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = int(max(1, min(node_cpus, cpus // (jobs if jobs > 1 else min(len(todo), cpus)))))
-    task = ray.remote(num_cpus=threads)(_ray_task)
+    # Ray hides GPUs from a task that does not ask for one: on a cluster with GPUs each run gets a whole one
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    task = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_ray_task)
     refs = {task.remote(C.to_dict(p.cfg), p.id.replace("/", "__"), threads): p for p, _ in todo}
-    say(f"sent {len(refs)} runs to Ray ({threads} CPUs each, {cpus} in the cluster)")
+    say(f"sent {len(refs)} runs to Ray ({threads} CPUs{' and 1 GPU' if gpus else ''} each, {cpus} CPUs"
+        f"{f' and {gpus} GPUs' if gpus else ''} in the cluster)")
     failures = {}
     try:
         while refs:

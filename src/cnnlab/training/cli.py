@@ -12,9 +12,15 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        if not (Path(args.resume) / "config.yaml").is_file():
-            raise C.ConfigError(f"--resume {args.resume!r}: not a run folder (no config.yaml in it)")
-        cfg = C.load(Path(args.resume) / "config.yaml", args.overrides)
+        from cnnlab.training.experiment import resume_config
+
+        overrides = list(args.overrides or [])
+        if args.config and "=" in args.config and not Path(args.config).is_file():  # `--resume RUN key=value`
+            overrides.insert(0, args.config)
+        elif args.config:
+            raise C.ConfigError(f"give a config file or --resume RUN_DIR, not both ({args.config!r} and "
+                                f"--resume {args.resume!r})")
+        cfg = resume_config(args.resume, overrides)
     else:
         if not args.config:
             raise C.ConfigError("cnnlab train needs a config file (or --resume RUN_DIR)")

@@ -2,9 +2,11 @@
 checkpoint, and write everything a report or a comparison later reads."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
+from cnnlab.errors import InputError
 from cnnlab.data.loader import check_augment
 from cnnlab.data.pipeline import Splits, prepare, save_splits
 
@@ -70,7 +73,8 @@ def environment(cfg: C.Config, device: str) -> dict:
     return {"cnnlab": getattr(cnnlab, "__version__", "0"), "python": sys.version.split()[0],
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": device,
+            "torch_threads": torch.get_num_threads(), "device": device,  # results depend on the thread count
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "world_size": dist.world()[2], "seed": cfg.train.seed, "git_commit": _git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
@@ -146,29 +150,161 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
     if dist.world()[2] > 1:
         dist.init(T.pick_device(cfg.train.device))
     cfg = with_weight_defaults(cfg)
-    with dist.local_main_first():  # downloads and the decoded cache: written once per node
-        splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
-    check_augment(cfg.data.augment, splits.size, splits.size)
-    # the run folder only once the data is there: a missing or broken data set leaves no empty folder
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-    else:
-        run_dir = new_run_dir(cfg) if dist.is_main() else None
-        run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
+    with contextlib.ExitStack() as stack:
+        if resume_dir is not None and dist.is_main():  # before the data: a second resume is refused at once
+            stack.enter_context(folder_lock(Path(resume_dir), "training", T.TrainingError))
+        with dist.local_main_first():  # downloads and the decoded cache: written once per node
+            splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+        check_augment(cfg.data.augment, splits.size, splits.size)
+        # the run folder only once the data is there: a missing or broken data set leaves no empty folder
+        if resume_dir is not None:
+            run_dir = Path(resume_dir)
+            if dist.is_main():
+                check_same_data(run_dir, splits, cfg)
+        else:
+            run_dir = new_run_dir(cfg) if dist.is_main() else None
+            run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
+            if dist.is_main():
+                stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
+        try:
+            return _train_and_evaluate(cfg, run_dir, splits, resume=resume_dir is not None, say=say)
+        except BaseException:
+            if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
+                _remove_if_untrained(run_dir)         # empty run folder behind
+            raise
+
+
+def folder_lock(folder: Path, doing: str, error: type[Exception]):
+    """An exclusive flock on <folder>/.lock, held while the context is open: two processes never train
+    one run (or run one study); the OS releases it when the process dies in any way."""
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        with open(Path(folder) / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise error(f"another cnnlab process is {doing} {folder}; wait for it to finish (or stop it) "
+                            "and run the command again") from None
+            yield
+
+    return held()
+
+
+def _remove_if_untrained(run_dir: Path) -> None:
+    """Remove a run folder this process has just made when nothing was trained in it (no checkpoint, no
+    logged step): what is left there (config.yaml, data.json, splits.npz) is rewritten by the next run."""
+    trained = [p for p in ("checkpoints/last.pt", "checkpoints/best.pt", "history.csv", "steps.csv")
+               if (run_dir / p).exists()]
+    if not trained and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_same_data(run_dir: Path, splits: Splits, cfg: C.Config) -> None:
+    """Resume only on the data the run started with: the same sample ids in each split (splits.npz) and the
+    same pixel statistics (data.json); else refuse, saying what changed."""
+    changes = []
+    if (run_dir / "splits.npz").is_file():
+        with np.load(run_dir / "splits.npz") as z:
+            saved = {k[:-4]: [str(x) for x in z[k]] for k in z.files if k.endswith("_ids")}
+        for name in ("train", "val", "test"):
+            s = getattr(splits, name)
+            old, new = saved.get(name), [str(x) for x in s.ids] if s is not None else None
+            if old == new:
+                continue
+            if old is None or new is None:
+                changes.append(f"{name}: {'no' if new is None else len(new)} images now, "
+                               f"{'none' if old is None else len(old)} then")
+                continue
+            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            what = [f"{len(gone)} no longer in it (e.g. {gone[0]})"] * bool(gone) + \
+                   [f"{len(added)} new (e.g. {added[0]})"] * bool(added) or ["the same images in another order"]
+            changes.append(f"{name}: {len(old)} -> {len(new)} images, {', '.join(what)}")
+    try:
+        old_data = json.loads((run_dir / "data.json").read_text())
+    except (OSError, ValueError):
+        old_data = None
+    if isinstance(old_data, dict) and not changes:
+        for key, now in (("classes", list(splits.classes)), ("mean", list(splits.mean)), ("std", list(splits.std))):
+            if key in old_data and old_data[key] != now:
+                changes.append(f"{key}: {old_data[key]} then, {now} now (the pixels changed)" if key != "classes"
+                               else f"classes: {old_data[key]} then, {now} now")
+    if changes:
+        raise DataChangedError(
+            f"--resume {run_dir}: the data ({cfg.data.name}, data.root={cfg.data.root!r}) is not what this run "
+            f"started with: {'; '.join(changes)}. Resuming would train and validate on a different split. Restore "
+            "the data, or train a new run on it.")
+
+
+SAFE_ON_RESUME = ("train.epochs", "train.progress", "train.threads", "data.num_workers", "output.report",
+                  "output.tensorboard")  # overrides that leave what has been trained valid
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
+    """The config to resume a run with: its config.yaml plus the overrides that are safe mid-run (more
+    epochs, progress, threads, workers, report, TensorBoard); any other override is refused by name."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise C.ConfigError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml in it)")
+    saved = C.load(run_dir / "config.yaml")
+    if not overrides:
+        return saved
+    cfg = C.load(saved, overrides)
+    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+    if unsafe:
+        raise C.ConfigError(
+            f"--resume {run_dir}: {', '.join(f'{k}={after.get(k)!r}' for k in unsafe)} cannot change on resume: the "
+            f"epochs already trained used {', '.join(f'{k}={before.get(k)!r}' for k in unsafe)}. Overrides allowed on "
+            f"resume: {', '.join(SAFE_ON_RESUME)}. To train with the new setting, start a new run from "
+            f"{run_dir / 'config.yaml'}.")
+    if "train.epochs" in changed:
+        old, new = saved.train.epochs, cfg.train.epochs
+        if new < old:
+            raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: on resume the number of epochs can only "
+                                f"grow (this run was set to {old})")
+        fixed = [w for w, on in (("schedule.name=onecycle", cfg.schedule.name == "onecycle"),
+                                 ("train.lookahead", cfg.train.lookahead)) if on]
+        if fixed:
+            raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: {' and '.join(fixed)} are laid out over "
+                                f"the {old} epochs the run started with; more epochs cannot be added on resume")
+    return cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class DataChangedError(InputError, ValueError):
+    """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
+
+
+def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, resume: bool, say) -> Run:
+    from cnnlab.training import loop as T
+
     main = dist.is_main()
     t_start = time.perf_counter()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
         write_json(run_dir / "data.json", data_summary(splits, cfg))
-        save_splits(splits, run_dir / "splits.npz")
+        if not (resume and (run_dir / "splits.npz").is_file()):  # (a resumed run's split was checked: the same)
+            save_splits(splits, run_dir / "splits.npz")
         say(f"run folder: {run_dir}")
         say(f"data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val"
             f"{f' / {len(splits.test)} test' if splits.test is not None else ''}, {len(splits.classes)} classes, "
             f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
         for note in splits.notes:
             say(f"note: {note}")
-    model, state = T.fit(cfg, run_dir, splits, resume=resume_dir is not None)
+    model, state = T.fit(cfg, run_dir, splits, resume=resume)
     device = T.pick_device(cfg.train.device)
     if main:
         env = environment(cfg, str(device))
