@@ -47,14 +47,14 @@ class Probe(hooks.InitFromData, hooks.AfterTrainMode, nn.Module):
         self.train_calls += 1
 
 
-if "hook_probe" not in MODELS:
-    @MODELS.register("hook_probe")
-    def _hook_probe(*, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
-        return Probe(num_classes, in_channels, input_size)
+def _hook_probe(*, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+    return Probe(num_classes, in_channels, input_size)
 
 
 @pytest.fixture(autouse=True)
-def _keep_threads():
+def _probe_and_threads(monkeypatch):
+    # registered only while a test here runs: the tests parametrized over every model never see it
+    monkeypatch.setitem(MODELS._items, "hook_probe", _hook_probe)
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)

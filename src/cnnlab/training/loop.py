@@ -1,15 +1,17 @@
 """The training loop: data -> model -> optimizer -> epochs -> checkpoints -> history. Flat functions.
 
-Reads top to bottom: `fit` prepares everything, then for each epoch `train_one_epoch` and
-`evaluate`; the best epoch (by `train.monitor`) is kept as checkpoints/best.pt beside last.pt.
+Reads top to bottom: `fit` builds the model and `TrainState` (everything trainable, saved and resumed
+as one), then for each epoch runs the steps `train_one_epoch` yields (logging and step checkpoints
+inline) and `evaluate`; the best epoch (by `train.monitor`) is kept as checkpoints/best.pt beside
+last.pt. The model's hooks (models/hooks.py) are called here, explicitly.
 
 Resume is exact: last.pt (written atomically every epoch and every `train.checkpoint_every_steps`)
-holds model, optimizer, scheduler, grad scaler, EMA, the lookahead average, the RNG states and `State`
-(epoch, step, batch within the epoch, best metric, early-stopping counters, the interrupted epoch's
-running sums). The
-sample order is a function of (seed, epoch) and augmentation of (seed, step), so a run stopped by
-SIGTERM/SIGINT (exit 143/130 after saving), a crash or a SIGKILL ends, once resumed, with the same
-history.csv (but its `seconds` column), metrics.json and weights as a run never stopped.
+is `TrainState.state_dict()`: model, optimizer, scheduler, grad scaler, EMA, the lookahead average, the
+RNG states and `State` (epoch, step, batch within the epoch, best metric, early-stopping counters, the
+interrupted epoch's running sums); `load_state_dict` beside it restores exactly that. The sample order
+is a function of (seed, epoch) and augmentation of (seed, step), so a run stopped by SIGTERM/SIGINT
+(exit 143/130 after saving), a crash or a SIGKILL ends, once resumed, with the same history.csv (but
+its `seconds` column), metrics.json and weights as a run never stopped.
 
 Under torchrun each rank takes its slice of every global batch; gradients are weighted so that W
 processes step exactly as 1 process with the same global batch (BatchNorm aside: SyncBatchNorm on
@@ -22,7 +24,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.errors import RunError
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import runlog
@@ -39,159 +39,12 @@ from cnnlab.config import Config
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
-from cnnlab.training.optim import Lookahead, build_optimizer, build_scheduler
+from cnnlab.training.state import NonFiniteLossError, State, TrainingError, TrainState, amp_dtype
 from cnnlab.training.tblog import TBLogger
-
-
-class TrainingError(RunError, RuntimeError):
-    """Training cannot go on; the message says why and what to do (the CLI prints it, exit 1)."""
-
-
-class NonFiniteLossError(TrainingError, FloatingPointError):
-    pass
 
 
 class Stopped(SystemExit):
     """Training was stopped by a signal after saving a resumable checkpoint (exit code 143 / 130)."""
-
-
-CHECKPOINT_FORMAT = 1  # checkpoints/*.pt: TrainState.state_dict()
-
-
-@dataclass
-class State:
-    """The run's progress, saved with the tensors in TrainState: what a resumed run needs besides them."""
-
-    epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps taken
-    batch_in_epoch: int = 0  # batches of the current epoch already done (mid-epoch checkpoint)
-    best_epoch: int = 0
-    best_metric: float | None = None
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    epoch_lr: float | None = None  # learning rate at the start of the current epoch (history.csv)
-    epoch_seconds: float = 0.0  # training seconds of the current epoch before the last checkpoint
-    history: list = field(default_factory=list)
-
-
-class TrainState:
-    """The trainable state of a run as one object: the model, optimizer, scheduler, grad scaler (fp16),
-    EMA, lookahead average and `progress` (a `State`), plus the RNG states when saved. `state_dict` and
-    `load_state_dict` sit side by side, so what resume restores is what a checkpoint holds.
-
-    `model` is the bare model (no DDP or torch.compile wrapper); `device` and `amp` (the autocast dtype,
-    None for full precision) say how it runs and are not saved.
-    """
-
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sched, *, cfg: Config, scaler=None, ema=None,
-                 lookahead: Lookahead | None = None, progress: State | None = None,
-                 device: torch.device = torch.device("cpu"), amp: torch.dtype | None = None):
-        self.model, self.opt, self.sched, self.scaler, self.ema, self.lookahead = model, opt, sched, scaler, ema, lookahead
-        self.progress = progress if progress is not None else State()
-        self.cfg, self.device, self.amp = cfg, device, amp
-        self._last_saved_at: tuple[int, int] | None = None  # (epoch, step) of the last save_last
-
-    @classmethod
-    def build(cls, cfg: Config, model: nn.Module, *, steps_per_epoch: int, device: torch.device) -> "TrainState":
-        """Optimizer, schedule, grad scaler, EMA and lookahead for `model` (on `device`, initialised) per `cfg`."""
-        t = cfg.train
-        opt = build_optimizer(model, cfg.optim)
-        sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
-        amp = amp_dtype(cfg, device)
-        scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-        ema = None
-        if t.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
-        lookahead = Lookahead(t.epochs * steps_per_epoch) if t.lookahead else None
-        return cls(model, opt, sched, cfg=cfg, scaler=scaler, ema=ema, lookahead=lookahead, device=device, amp=amp)
-
-    @property
-    def eval_model(self) -> nn.Module:
-        """What is evaluated and kept as best.pt: the EMA weights when there are some, else the model."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
-    def update(self, objective: torch.Tensor, step: int) -> None:
-        """Optimizer step number `step` (1-based) on `objective`: backward (through the grad scaler),
-        step, schedule, then the EMA and lookahead averages."""
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(objective).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            objective.backward()
-            self.opt.step()
-        self.sched.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        if self.lookahead is not None:
-            self.lookahead.step(self.model, step)
-
-    # ---- save and resume, side by side
-
-    def state_dict(self, *, best: bool = False) -> dict:
-        """What a checkpoint holds (plain types and tensors only). `best`: the evaluated weights
-        (`eval_model`) as "model", without the EMA and lookahead copies (checkpoints/best.pt)."""
-        weights = _unwrap(self.eval_model if best else self.model).state_dict()
-        return {"model": weights, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "ema": self.ema.state_dict() if self.ema is not None and not best else None,
-                "lookahead": self.lookahead.state_dict() if self.lookahead is not None and not best else None,
-                "state": asdict(self.progress), "rng": ckpt.rng_state(), "format": CHECKPOINT_FORMAT}
-
-    def load_state_dict(self, c: dict) -> None:
-        """Restore everything `state_dict` saved, the RNG states included (a resumed run continues exactly)."""
-        self.model.load_state_dict(c["model"])
-        self.opt.load_state_dict(c["optimizer"])
-        self.sched.load_state_dict(c["scheduler"])
-        if self.scaler is not None and c.get("scaler"):
-            self.scaler.load_state_dict(c["scaler"])
-        if self.ema is not None and c.get("ema"):
-            self.ema.load_state_dict(c["ema"])
-        if self.lookahead is not None:
-            self.lookahead.load_state_dict(c.get("lookahead"))
-        self.progress = State(**c["state"])
-        ckpt.set_rng_state(c["rng"])
-
-    def save(self, path: Path, *, best: bool = False) -> None:
-        """Write `state_dict` atomically; only rank 0 writes, and never a model with non-finite weights."""
-        if not dist.is_main():
-            return
-        sd = self.state_dict(best=best)
-        if not ckpt.all_finite(sd["model"]) or (sd["ema"] is not None and not ckpt.all_finite(sd["ema"])):
-            p = self.progress
-            raise NonFiniteLossError(
-                f"refusing to write {path}: the model has non-finite weights at step {p.step} (epoch "
-                f"{p.epoch + (p.batch_in_epoch > 0)}). Likely causes: a learning rate too high "
-                f"(optim.lr={self.cfg.optim.lr}) or fp16 overflow (try train.amp=bf16 or off). The previous "
-                "checkpoint is kept.")
-        ckpt.atomic_save(sd, path)
-
-    def save_last(self, path: Path) -> None:
-        """`save`, unless this (epoch, step) was saved already (a step checkpoint at an epoch's end)."""
-        at = (self.progress.epoch, self.progress.step)
-        if at != self._last_saved_at:
-            self.save(path)
-            self._last_saved_at = at
-
-    def load(self, path: Path) -> None:
-        """`load_state_dict` of a checkpoint read with weights_only=True; a file that is not a training
-        checkpoint of this format is refused naming it."""
-        c = ckpt.load(path)
-        missing = [k for k in ("model", "optimizer", "scheduler", "state", "rng") if k not in c]
-        if missing or c.get("format") != CHECKPOINT_FORMAT:
-            why = f"it has no {', '.join(map(repr, missing))}" if missing else f"format {c.get('format')!r}"
-            raise ckpt.CheckpointError(f"{path}: not a cnnlab training checkpoint of format {CHECKPOINT_FORMAT} "
-                                       f"({why}); cannot resume from it")
-        self.load_state_dict(c)
 
 
 def pick_device(name: str) -> torch.device:
@@ -225,15 +78,6 @@ def configure_determinism(cfg: Config) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    amp = cfg.train.amp
-    if amp == "off" or device.type != "cuda":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bool:
