@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cnnlab import config as C
 
@@ -57,8 +58,6 @@ def test_yaml_round_trip(tmp_path):
 @pytest.mark.parametrize("override, words", [
     (["optim.lr=-0.1"], ["optim.lr", "-0.1"]),
     (["train.batch_size=0"], ["train.batch_size", "0"]),
-    (["data.name=cifar11"], ["data.name", "cifar11", "cifar10"]),
-    (["model.name=lenet"], ["model.name", "lenet", "lenet5"]),
     (["optim.lrr=0.1"], ["optim.lrr", "optim.lr"]),
     (["train.epochs=three"], ["train.epochs", "three"]),
     (["optim.name=sgdd"], ["optim.name", "sgd"]),
@@ -70,6 +69,22 @@ def test_yaml_round_trip(tmp_path):
 def test_bad_values_name_key_and_value(override, words):
     with pytest.raises(C.ConfigError) as e:
         C.load(None, override)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("override, words", [
+    (["data.name=cifar11"], ["data.name", "cifar11", "cifar10"]),
+    (["model.name=lenet"], ["model.name", "lenet", "lenet5"]),
+])
+def test_unknown_names_are_refused_where_things_are_built(override, words):
+    """config.py checks values; the registries' names are checked by data/catalog and models/build
+    (experiment.check_names runs both before any work), with the key, the value and the closest names."""
+    from cnnlab.training.experiment import check_names
+
+    cfg = C.load(None, override)
+    with pytest.raises(C.ConfigError) as e:
+        check_names(cfg)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
@@ -92,6 +107,27 @@ def test_cli_exit_2_before_any_work(tmp_path):
     assert r.returncode == 2
     assert "optim.lr" in r.stderr and "-1" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.name=lenet", ["model.name", "'lenet'", "Did you mean 'lenet5'"]),
+    ("data.name=cifar11", ["data.name", "'cifar11'", "Did you mean 'cifar10'"]),
+])
+def test_cli_unknown_name_exits_2_before_any_work(tmp_path, override, words):
+    r = _cli("train", "examples/quickstart.yaml", override, f"output.dir={tmp_path}/runs")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_device_without_cuda_is_a_config_error(tmp_path):
+    """Was a RuntimeError traceback (exit 1) from inside training; now refused at process setup (exit 2)."""
+    r = _cli("train", "examples/quickstart.yaml", "train.device=cuda", f"output.dir={tmp_path}/runs")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "train.device='cuda'" in r.stderr and "train.device=cpu" in r.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_print_config_resolves_overrides():

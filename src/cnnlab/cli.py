@@ -13,6 +13,7 @@ import sys
 
 from cnnlab import errors
 from cnnlab.data import cli as data_cli
+from cnnlab.deploy import cli as deploy_cli
 from cnnlab.models import cli as models_cli
 from cnnlab.models import explain
 from cnnlab.report import build as report_build
@@ -20,7 +21,7 @@ from cnnlab.studies import study
 from cnnlab.training import cli as training_cli
 
 # the order of `cnnlab --help`
-COMMANDS = (training_cli, report_build, data_cli, models_cli, explain, study)
+COMMANDS = (training_cli, deploy_cli, report_build, data_cli, models_cli, explain, study)
 
 
 def build_parser() -> argparse.ArgumentParser:

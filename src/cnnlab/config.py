@@ -1,7 +1,11 @@
 """Typed, frozen experiment configuration: YAML in, dotted `key=value` overrides, validation up front.
 
-Every mistake a person can make in a config fails here, before any work starts, with a
-`ConfigError` that names the key and the value (the CLI turns it into exit code 2).
+Every mistake in a value fails here, before any work starts, with a `ConfigError` that names the key
+and the value (the CLI turns it into exit code 2). A leaf: imports no other cnnlab module but
+errors.py. The choices a key takes are `Literal` types defined here, once, and checked by type in
+`_coerce`; the builders (optimizers, weight init, padding, ...) take their names from them
+(tests/test_architecture.py checks that each builder covers every choice). Names from the
+registries (data.name, model.name) are checked where data sets and models are built.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -25,11 +29,24 @@ class ConfigError(InputError, ValueError):
     label = "config error"
 
 
+# the choices of each key that takes one of a few words (did-you-mean on a typo)
+PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's padding_mode
+LoaderKind = Literal["auto", "memory", "stream"]
+InitScheme = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"]
+OptimName = Literal["sgd", "adam", "adamw"]
+ScheduleName = Literal["none", "step", "cosine", "onecycle"]
+Anneal = Literal["cos", "linear"]
+Monitor = Literal["val_acc", "val_loss"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
+Switch = Literal["auto", "on", "off"]
+Progress = Literal["auto", "bar", "lines", "off"]
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     hflip: bool = False  # random horizontal flip, p = 0.5
     crop_padding: int = 0  # random crop back to the input size after padding by this much
-    crop_padding_mode: str = "constant"  # constant (zeros) | edge | reflect, as torchvision's RandomCrop
+    crop_padding_mode: PaddingMode = "constant"  # constant (zeros) | edge | reflect, as torchvision's RandomCrop
     cutout: int = 0  # side of a random square set to zero (0 = off)
 
 
@@ -46,7 +63,7 @@ class DataConfig:
     mean: tuple[float, ...] | None = None  # None = computed on the training split
     std: tuple[float, ...] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    loader: str = "auto"  # auto | memory | stream: memory = decoded uint8 cache, stream = DataLoader
+    loader: LoaderKind = "auto"  # auto | memory | stream: memory = decoded uint8 cache, stream = DataLoader
     num_workers: int = 0  # DataLoader workers on the stream path
     download: bool = True  # fetch official files when missing (never in tests)
     check: bool = True  # run the fast data checks before step 0
@@ -60,7 +77,7 @@ class ModelConfig:
     batchnorm: bool | None = None  # None = the model's default
     dropout: float | None = None
     padding: int | None = None
-    init: str = "default"  # default | kaiming_uniform | kaiming_normal | xavier_uniform | xavier_normal
+    init: InitScheme = "default"  # default | kaiming_uniform | kaiming_normal | xavier_uniform | xavier_normal
     pretrained: str | None = None  # torchvision weights name or a local weights file
     freeze: str = "none"  # none | backbone | <n first stages>
     options: dict = field(default_factory=dict)  # further keyword arguments of the builder
@@ -68,7 +85,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam | adamw
+    name: OptimName = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
@@ -81,7 +98,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: str = "none"  # none | step | cosine | onecycle
+    name: ScheduleName = "none"  # none | step | cosine | onecycle
     step_size: int = 1  # epochs between decays (step)
     gamma: float = 0.1  # decay factor (step)
     warmup_epochs: float = 0.0  # linear warm-up (cosine)
@@ -89,7 +106,7 @@ class ScheduleConfig:
     pct_start: float = 0.25  # onecycle: share of training spent warming up to optim.lr
     div_factor: float = 25.0  # onecycle: starts at optim.lr / div_factor
     final_div_factor: float = 1e4  # onecycle: ends at the start lr / final_div_factor
-    anneal: str = "cos"  # onecycle: cos | linear, the shape of both ramps
+    anneal: Anneal = "cos"  # onecycle: cos | linear, the shape of both ramps
     # onecycle: cycle momentum (SGD) or beta1 (Adam) between 0.85 and 0.95 the other way round to the
     # learning rate, as fastai does; off by default, so that optim.momentum / betas are what is used
     cycle_momentum: bool = False
@@ -108,23 +125,23 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    monitor: str = "val_acc"  # val_acc | val_loss: picks the best epoch
+    monitor: Monitor = "val_acc"  # val_acc | val_loss: picks the best epoch
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     label_smoothing: float = 0.0
     log_every: int = 20  # steps between training-loss rows in steps.csv
     limit_batches: int | None = None  # debugging: at most this many batches per epoch
-    amp: str = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
+    amp: Amp = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
     compile: bool = False
     # NHWC memory format: auto | on | off. auto = on where it is faster: on CUDA for any conv net; on CPU
     # when the widest conv has >= 32 channels (1.1-1.9x faster here); narrower nets such as LeNet-5 stay NCHW
     # (with batch norm 2x faster: PyTorch's CPU batch norm is 2-3x slower in NHWC).
-    channels_last: str = "auto"
+    channels_last: Switch = "auto"
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); None = off
     tta_flip: bool = False  # average logits of the image and its mirror at evaluation
     lookahead: bool = False  # airbench's lookahead averaging of weights over the last 70% of training
     deterministic: bool = False
     checkpoint_every_steps: int | None = None  # also save last.pt every N steps
-    progress: str = "auto"  # auto | bar | lines | off
+    progress: Progress = "auto"  # auto | bar | lines | off
     threads: int | None = None  # torch.set_num_threads; None = PyTorch's choice
 
 
@@ -182,6 +199,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(e)
         names = " or ".join(_type_name(o) for o in options if o is not type(None))
         raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if all(isinstance(c, str) for c in choices):
+            value = _coerce(value, str, key)  # `amp: off` (YAML 1.1 reads a boolean) means "off"
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}.{hint}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
@@ -426,23 +452,10 @@ def _check(cond: bool, key: str, value: Any, what: str) -> None:
         raise ConfigError(f"{key}={value!r}: {what}")
 
 
-def _check_choice(key: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
-
-
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express; names from the registries are checked too."""
-    from cnnlab.data import DATASETS
-    from cnnlab.models import MODELS
-
+    """Value checks that types alone cannot express. Data-set and model names are checked where they are
+    built (data/catalog.py, models/build.py; experiment.check_names runs both before any work)."""
     d, m, o, s, t = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train
-    if d.name not in DATASETS:
-        raise ConfigError(f"data.name={d.name!r}: {DATASETS.unknown_message(d.name)}")
-    if m.name not in MODELS and not m.name.startswith(("torchvision:", "timm:")):
-        raise ConfigError(f"model.name={m.name!r}: {MODELS.unknown_message(m.name)}")
     if m.name == "layers":
         _check(bool(m.layers), "model.layers", m.layers, "model 'layers' needs a non-empty list of layers")
     for key, val in (("data.val_split", d.val_split), ("data.test_split", d.test_split)):
@@ -453,10 +466,8 @@ def validate(cfg: Config) -> None:
     _check(d.limit_train is None or d.limit_train > 0, "data.limit_train", d.limit_train, "must be > 0")
     _check(d.image_size is None or d.image_size > 0, "data.image_size", d.image_size, "must be > 0")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
-    _check_choice("data.loader", d.loader, ["auto", "memory", "stream"])
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")
-    _check_choice("data.augment.crop_padding_mode", d.augment.crop_padding_mode, ["constant", "edge", "reflect"])
     _check(d.augment.cutout >= 0, "data.augment.cutout", d.augment.cutout, "must be >= 0")
     if d.std is not None:
         _check(all(v > 0 for v in d.std), "data.std", d.std, "every std must be > 0")
@@ -465,12 +476,9 @@ def validate(cfg: Config) -> None:
 
     _check(m.dropout is None or 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(m.padding is None or m.padding >= 0, "model.padding", m.padding, "must be >= 0")
-    _check_choice("model.init", m.init,
-                  ["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"])
     if m.freeze not in ("none", "backbone"):
         _check(m.freeze.isdigit(), "model.freeze", m.freeze, "must be none, backbone or a number of stages")
 
-    _check_choice("optim.name", o.name, ["sgd", "adam", "adamw"])
     _check(o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -479,33 +487,27 @@ def validate(cfg: Config) -> None:
            "Nesterov needs optim.name=sgd and momentum > 0")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "each beta must be in [0, 1)")
 
-    _check_choice("schedule.name", s.name, ["none", "step", "cosine", "onecycle"])
     _check(s.step_size > 0, "schedule.step_size", s.step_size, "must be > 0")
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must be in (0, 1]")
     _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "must be >= 0")
     _check(0 < s.pct_start < 1, "schedule.pct_start", s.pct_start, "must be in (0, 1)")
     _check(s.div_factor >= 1, "schedule.div_factor", s.div_factor, "must be >= 1")
     _check(s.final_div_factor >= 1, "schedule.final_div_factor", s.final_div_factor, "must be >= 1")
-    _check_choice("schedule.anneal", s.anneal, ["cos", "linear"])
 
     _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "the batch size must be > 0")
     _check(t.eval_batch_size > 0, "train.eval_batch_size", t.eval_batch_size, "must be > 0")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
            "train.device", t.device, "must be auto, cpu, cuda or cuda:N")
-    _check_choice("train.monitor", t.monitor, ["val_acc", "val_loss"])
     _check(t.early_stop.patience is None or t.early_stop.patience > 0, "train.early_stop.patience",
            t.early_stop.patience, "must be > 0 (or null for off)")
     _check(t.early_stop.min_delta >= 0, "train.early_stop.min_delta", t.early_stop.min_delta, "must be >= 0")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _check(t.limit_batches is None or t.limit_batches > 0, "train.limit_batches", t.limit_batches, "must be > 0")
-    _check_choice("train.amp", t.amp, ["auto", "off", "bf16", "fp16"])
     _check(t.ema is None or 0 < t.ema < 1, "train.ema", t.ema, "the EMA decay must be in (0, 1)")
     _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
            t.checkpoint_every_steps, "must be > 0")
-    _check_choice("train.progress", t.progress, ["auto", "bar", "lines", "off"])
-    _check_choice("train.channels_last", t.channels_last, ["auto", "on", "off"])
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
     _check(cfg.repeats > 0, "repeats", cfg.repeats, "must be > 0")
     for name, ov in cfg.variations.items():

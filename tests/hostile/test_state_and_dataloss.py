@@ -82,6 +82,58 @@ def image_tree(root: Path, n_per_class: int = 20, classes=("a", "b"), size: int 
 
 
 # ----------------------------------------------------------------------------------------------
+# Never remove what cnnlab did not make (items 1-3)
+
+
+def study_config(tmp_path: Path, variations: dict, name: str = "st") -> Path:
+    return write_config(tmp_path, name=name, variations=variations,
+                        output={**TINY["output"], "dir": str(tmp_path / "out"), "name": name})
+
+
+@pytest.mark.parametrize("bad", ["..", ".", ".hidden", "a\\b"])
+def test_study_variation_names_must_be_plain_folder_names(tmp_path, bad, capsys):
+    out = tmp_path / "out"
+    (out / "st" / "done-run").mkdir(parents=True)
+    (out / "precious.txt").write_text("mine")
+    (out / "st" / "done-run" / "metrics.json").write_text("{}")
+    cfg = study_config(tmp_path, {"main": {}, bad: {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert repr(bad) in err and "folder name" in err, err
+    assert (out / "precious.txt").read_text() == "mine"  # `..` deleted everything in output.dir
+    assert (out / "st" / "done-run" / "metrics.json").is_file()  # `.` deleted the study's finished runs
+
+
+def test_study_refuses_run_paths_on_folders_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "out" / "st"
+    user = image_tree(out / "cats", n_per_class=2, classes=("tabby",))  # the user's images, where a run goes
+    cfg = study_config(tmp_path, {"main": {}, "cats": {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "cats") in err and "not made by cnnlab" in err, err
+    assert all(p.is_file() for p in user)
+    # a partial run cnnlab made (killed before its first checkpoint) is still cleaned and trained again
+    (out / "cats").rename(tmp_path / "cats-moved")
+    assert cli.main(["train", str(cfg)]) == 0
+    (out / "main" / "metrics.json").unlink()
+    (out / "main" / "checkpoints" / "last.pt").unlink()
+    assert cli.main(["train", str(cfg)]) == 0
+    assert (out / "main" / "metrics.json").is_file()
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    d = tmp_path / "photos"
+    (d / "plots").mkdir(parents=True)
+    (d / "plots" / "curves.png").write_bytes(b"my own picture")
+    (d / "report.html").write_text("my own page")
+    (d / "report.md").write_text("my own notes")
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert cli.main(["report", str(d)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------
 # YAML alias bomb (item 8)
 
 

@@ -137,7 +137,12 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
 
 def decode(ref: str, channels: int, size: int | None) -> torch.Tensor:
     """A file as a (C, H, W) uint8 tensor, converted to `channels` and resized to `size` x `size`."""
-    img = to_mode(open_image(ref), channels)
+    return decode_image(open_image(ref), channels, size)
+
+
+def decode_image(img: Image.Image, channels: int, size: int | None) -> torch.Tensor:
+    """An opened Pillow image as `decode` returns a file: (C, H, W) uint8, `channels`, `size` x `size`."""
+    img = to_mode(img, channels)
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)

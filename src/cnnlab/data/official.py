@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.data import DATASETS
+from cnnlab.data._registry import DATASETS
 from cnnlab.data.base import DataSource, ImageSet, cache_dir
 from cnnlab.data.download import download as fetch, file_hash, restricted_load, safe_extract, verify
 

@@ -20,7 +20,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from cnnlab.config import DataConfig
-from cnnlab.data import DATASETS
+from cnnlab.data.catalog import DATASETS
 from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, open_image
 from cnnlab.data.stats import split_channels, training_stats
 from cnnlab.registry import UnknownNameError

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.data import DATASETS
+from cnnlab.data._registry import DATASETS
 from cnnlab.data.base import ZIP_SEP, DataSource, ImageSet, _open_zip
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

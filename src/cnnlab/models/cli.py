@@ -45,6 +45,7 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
     """(model, (C, H, W), title, notes) for a model name or a config file, as the trainer would build it."""
     from cnnlab import config as C
     from cnnlab.models import build_model, transfer
+    from cnnlab.models._registry import library_of
     from cnnlab.models.zoo import default_input
 
     notes = []
@@ -69,7 +70,7 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
         c, h, w = parse_shape(input_text)
     n_classes = n_classes or 10
     mcfg = cfg.model
-    if mcfg.pretrained and not mcfg.name.startswith("timm:"):  # shapes and counts do not depend on the values
+    if mcfg.pretrained and library_of(mcfg.name)[0] != "timm":  # shapes and counts do not depend on the values
         mcfg = dataclasses.replace(mcfg, pretrained=None)
         notes.append(f"weights {cfg.model.pretrained} not loaded: the summary needs only the shapes")
     model = build_model(mcfg, num_classes=n_classes, in_channels=c, input_size=h)

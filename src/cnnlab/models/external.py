@@ -7,6 +7,8 @@ import difflib
 
 from torch import nn
 
+from cnnlab.models._registry import library_of
+
 # torchvision classifiers that return (logits, aux logits) in training mode unless told otherwise
 _AUX = {"inception_v3": {"aux_logits": False, "init_weights": True},
         "googlenet": {"aux_logits": False, "init_weights": True}}
@@ -72,7 +74,7 @@ def _timm(arch: str, num_classes: int, in_channels: int, kwargs: dict, pretraine
 
 def build(name: str, *, num_classes: int, in_channels: int, mcfg) -> nn.Module:
     """`torchvision:<name>` or `timm:<name>` with `model.options` passed to the library's constructor."""
-    source, _, arch = name.partition(":")
+    source, arch = library_of(name)
     for key in ("batchnorm", "padding", "layers"):
         if getattr(mcfg, key, None) is not None:
             raise _error(f"model.{key}={getattr(mcfg, key)!r}: model {name!r} has no such option "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab.models import MODELS
+from cnnlab.models._registry import MODELS
 from cnnlab.models.hooks import InitFromData
 from cnnlab.models.zoo import takes_input
 

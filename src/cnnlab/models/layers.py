@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import InputError
-from cnnlab.models import MODELS
+from cnnlab.models._registry import MODELS
 
 LAYER_KINDS = ["conv", "maxpool", "avgpool", "batchnorm", "relu", "gelu", "leaky_relu", "tanh", "sigmoid",
                "dropout", "flatten", "linear", "adaptive_avgpool", "global_avgpool"]

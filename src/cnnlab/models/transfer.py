@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cnnlab.errors import InputError
+from cnnlab.models._registry import library_of
 from cnnlab.models.hooks import freeze_bn
 
 log = logging.getLogger("cnnlab")
@@ -60,7 +61,7 @@ class LoadReport:
 
 
 def _arch(name: str) -> str:
-    return name.split(":", 1)[-1]
+    return library_of(name)[1]
 
 
 def torchvision_weights(weights: str, name: str = ""):
@@ -116,7 +117,7 @@ def load_pretrained(model: nn.Module, weights: str, *, name: str) -> LoadReport:
     `weights`: a local file (state dict), a torchvision weights name (downloaded by torchvision when
     not cached), or for `timm:<name>` models 'timm' (already loaded by timm.create_model).
     """
-    if name.startswith("timm:") and weights.lower() in ("timm", "default", "true"):
+    if library_of(name)[0] == "timm" and weights.lower() in ("timm", "default", "true"):
         report = LoadReport(source=f"timm ({_arch(name)})")
         model.pretrained_report = report
         return report
@@ -175,7 +176,7 @@ class InputSpec(NamedTuple):
 
 def input_spec(weights: str | None, name: str = "") -> InputSpec:
     """(resize, mean, std) the weights expect; all None for local files and timm (unknown here)."""
-    if not weights or _is_file_ref(weights) or name.startswith("timm:"):
+    if not weights or _is_file_ref(weights) or library_of(name)[0] == "timm":
         return InputSpec(None, None, None)
     t = torchvision_weights(weights, name).transforms()  # no download: the preset only
     crop = getattr(t, "crop_size", None)

@@ -8,7 +8,7 @@ from typing import Callable
 
 from torch import nn
 
-from cnnlab.models import MODELS
+from cnnlab.models._registry import MODELS, library_of
 from cnnlab.models.layers import build_layers
 
 FALLBACK_INPUT = (3, 32, 32)  # models that declare nothing (e.g. `layers`)
@@ -27,7 +27,7 @@ def takes_input(c: int, h: int, w: int | None = None) -> Callable[[Callable], Ca
 
 def default_input(name: str) -> tuple[int, int, int]:
     """The (C, H, W) a model name was designed for (the trainer uses the data's own shape instead)."""
-    if name.startswith(("torchvision:", "timm:")):
+    if library_of(name)[0] is not None:
         return EXTERNAL_INPUT
     return tuple(getattr(MODELS.get(name), "default_input", FALLBACK_INPUT))
 

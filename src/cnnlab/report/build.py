@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnlab.analysis import diagnose as dg
 from cnnlab.analysis import metrics as M
+from cnnlab.errors import InputError
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
@@ -260,6 +261,7 @@ def build(run_dir: str | Path) -> Path:
     from cnnlab.report import html as report_html
     from cnnlab.report import md as report_md
 
+    require_run_dir(run_dir)  # the report deletes stale plots/*.png and rewrites report.*: only in a run folder
     run = load_run(run_dir)
     d = run["dir"]
     found = findings(run)
@@ -275,6 +277,23 @@ def build(run_dir: str | Path) -> Path:
     path = d / "report.html"
     path.write_text(report_html.html(ctx), encoding="utf-8")
     return path
+
+
+class NotARunError(InputError, ValueError):
+    """`cnnlab report` pointed at a folder that is not a run folder (exit 2); nothing in it is touched."""
+
+
+RUN_FILES = ("config.yaml", "history.csv", "metrics.json", "predictions.npz")  # what a report is drawn from
+
+
+def require_run_dir(run_dir: str | Path) -> None:
+    """Refuse a folder cnnlab did not make and that holds none of the files a report is drawn from."""
+    from cnnlab.training.experiment import MARKER
+
+    d = Path(run_dir)
+    if d.is_dir() and not (d / MARKER).is_file() and not any((d / f).is_file() for f in RUN_FILES):
+        raise NotARunError(f"{d}: not a run folder (none of {', '.join(RUN_FILES)} in it, and no {MARKER}); "
+                           "a report is written only into the run folder it describes, and nothing here was changed")
 
 
 def _plain(v):

@@ -75,6 +75,10 @@ def groups(cfg: C.Config) -> list[tuple[str, dict]]:
             parts = [vname] * bool(vname) + [f"{short[k]}={fmt_value(v)}" for k, v in zip(keys, point)]
             name = "+".join(parts) or "main"
             out.append((name.replace("/", "_").replace(" ", "_"), {**ov, **dict(zip(keys, point))}))
+    for name, _ in out:  # a run's folder is <study>/<name>: `..` or `.` would be output.dir or the study itself
+        if name in (".", "..") or name.startswith(".") or any(c in name for c in "\\\0"):
+            raise C.ConfigError(f"variation name {name!r}: must be a plain folder name (not starting with '.', "
+                                "without '\\'): it names the run's folder inside the study folder")
     if len({n for n, _ in out}) != len(out):
         raise C.ConfigError(f"variation names must be unique, got {[n for n, _ in out]}")
     for name, ov in out:
@@ -85,7 +89,11 @@ def groups(cfg: C.Config) -> list[tuple[str, dict]]:
 
 
 def study_dir(cfg: C.Config) -> Path:
-    return Path(cfg.output.dir) / (cfg.output.name or "study")
+    name = cfg.output.name or "study"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise C.ConfigError(f"output.name={name!r}: a study's name must be a plain folder name (the study folder "
+                            "is output.dir/<name>)")
+    return Path(cfg.output.dir) / name
 
 
 def baseline_of(cfg: C.Config, names: list[str]) -> str:
@@ -99,7 +107,9 @@ def baseline_of(cfg: C.Config, names: list[str]) -> str:
 
 
 def plan(cfg: C.Config) -> list[Planned]:
-    """Every run of the study with its resolved single-run config (validated up front)."""
+    """Every run of the study with its resolved single-run config (validated up front, names too)."""
+    from cnnlab.training.experiment import check_names
+
     root, out = study_dir(cfg), []
     tree = {k: v for k, v in C.to_dict(cfg).items() if k not in STUDY_KEYS}
     for name, ov in groups(cfg):
@@ -109,6 +119,7 @@ def plan(cfg: C.Config) -> list[Planned]:
             fixed = {**ov, "train.seed": seed, "output.dir": str((root / rid).parent), "output.name": Path(rid).name}
             try:
                 rcfg = C.load(tree, fixed)
+                check_names(rcfg)
             except C.ConfigError as e:
                 raise C.ConfigError(f"variation {name!r} ({', '.join(f'{k}={fmt_value(v)}' for k, v in ov.items())}): "
                                     f"{str(e).removeprefix('config: ')}") from None
@@ -159,9 +170,9 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         if kind != "inline":
             raise C.ConfigError(f"--jobs {jobs} --executor {executor}: under torchrun a study trains its runs one "
                                 "after another, each on every process; leave out --jobs and --executor")
-        from cnnlab.training.loop import pick_device
+        from cnnlab import process
 
-        dist.init(pick_device(cfg.train.device))
+        process.setup(cfg)  # the process group, before rank 0 plans and broadcasts
     if main:
         root.mkdir(parents=True, exist_ok=True)
     with _lock(root) if main else contextlib.nullcontext():
@@ -193,6 +204,14 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
 
 def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:
     """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed."""
+    from cnnlab.training.experiment import MARKER, made_by_cnnlab
+
+    foreign = [str(root / p.id) for p in planned if run_state(root / p.id) == "partial"
+               and not made_by_cnnlab(root / p.id) and _saved_config(root / p.id) is None]
+    if foreign:  # never replace what cnnlab did not make (a class folder of images, another tool's output)
+        raise C.ConfigError(f"{', '.join(foreign)}: {'this folder is' if len(foreign) == 1 else 'these folders are'} "
+                            f"where runs of this study go, but not made by cnnlab (no {MARKER} in it); nothing was "
+                            "changed. Move it away, or choose another output.dir, output.name or variation name.")
     (root / "study.yaml").write_text(C.dump_yaml(cfg))
     todo, status = [], {}
     for p in planned:
@@ -210,8 +229,11 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
             resumable = saved is not None and not diff and (path / "checkpoints" / "last.pt").is_file()
             if resumable and executor != "ray":  # (Ray workers start from scratch)
                 mode = "resume"
+            elif made_by_cnnlab(path):
+                shutil.rmtree(path)  # a run cnnlab started, with nothing resumable in it: start it cleanly
             else:
-                shutil.rmtree(path)  # nothing resumable in it: start it cleanly
+                raise C.ConfigError(f"{path}: a partial run of this study that cannot be resumed, made before "
+                                    f"run folders were marked ({MARKER}); delete it to train it again")
         todo.append((p, mode))
     write_manifest(root, cfg, planned, base, status, {}, config_path, overrides)
     return todo, status
@@ -252,6 +274,7 @@ def _done_line(root: Path, p: Planned, seconds: float) -> str:
 
 def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
     """One run after another in this process."""
+    from cnnlab import process
     from cnnlab.training import experiment
 
     failures = {}
@@ -259,7 +282,9 @@ def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
         say(f"[{i}/{len(todo)}] {p.id}" + (" (resuming)" if mode == "resume" else ""))
         t0 = time.perf_counter()
         try:
-            experiment.run(p.cfg, resume_dir=root / p.id if mode == "resume" else None, quiet=quiet)
+            # each run sets up the process for its own config (a variation may change train.threads, device...)
+            experiment.run(p.cfg, device=process.setup(p.cfg), resume_dir=root / p.id if mode == "resume" else None,
+                           quiet=quiet)
         except Exception as e:  # one broken variation must not stop the others
             failures[p.id] = f"{type(e).__name__}: {e}"
             say(f"  {p.id}: {failures[p.id]}")
@@ -329,12 +354,13 @@ def _ray_task(cfg_dict: dict, name: str, threads: int) -> bytes:  # runs on a Ra
 
     import torch
 
+    from cnnlab import process
     from cnnlab.training import experiment
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.load(cfg_dict, {"output.dir": tmp, "output.name": name})
-        run = experiment.run(cfg, quiet=True)
+        run = experiment.run(cfg, device=process.setup(cfg), quiet=True)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             tar.add(run.dir, arcname=name)

@@ -36,9 +36,11 @@ def _train(args) -> int:
                         executor=executor, address=args.ray_address)
         dist.shutdown()
         return 0
+    from cnnlab import process
     from cnnlab.training import experiment
 
-    experiment.run(cfg, resume_dir=Path(args.resume) if args.resume else None)
+    device = process.setup(cfg)
+    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 

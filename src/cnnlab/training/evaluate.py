@@ -1,15 +1,40 @@
 """`cnnlab eval RUN_DIR [data.key=value ...]`: re-evaluate a saved run's checkpoint, optionally on other data.
 
 Results go to RUN_DIR/evals/<n>/ (metrics.json, predictions.csv/.npz, samples.npz): the run's own
-files are never overwritten.
+files are never overwritten. Data whose classes are a subset of the run's, or in another order, is
+matched to the run's classes by name (`map_classes`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+
+from cnnlab.data.base import ImageSet
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
+from cnnlab import process
+
+
+def map_classes(splits, run_classes: list[str]):
+    """Splits whose classes are the run's, a subset of them or in another order, relabelled with the run's
+    class indices (matched by name); names the run does not know are an error that lists them."""
+    if splits.classes == list(run_classes):
+        return splits
+    unknown = [c for c in splits.classes if c not in run_classes]
+    if unknown:
+        raise ValueError(f"the data's classes {unknown} are not classes of the run, so they cannot be scored; "
+                         f"the run's classes are {list(run_classes)} (rename the class folders to match)")
+    index = np.array([list(run_classes).index(c) for c in splits.classes], dtype=np.int64)
+
+    def relabel(s):
+        return None if s is None else ImageSet(labels=index[s.labels], classes=list(run_classes), images=s.images,
+                                               files=s.files, ids=s.ids)
+
+    return dataclasses.replace(splits, train=relabel(splits.train), val=relabel(splits.val), test=relabel(splits.test),
+                               classes=list(run_classes))
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
@@ -29,10 +54,10 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     # evaluate with the training run's normalisation, not the new data's statistics
     cfg = C.replace(cfg, {"data.mean": saved["mean"], "data.std": saved["std"], "data.check": False})
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
-    if splits.classes != saved["classes"]:
-        raise ValueError(f"the data's classes {splits.classes} differ from the run's {saved['classes']}")
+    data_classes = splits.classes
+    splits = map_classes(splits, saved["classes"])
     c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
-    device = training.pick_device(cfg.train.device)
+    device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
     logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)
@@ -40,7 +65,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     dest = out / str(n)
     dest.mkdir()
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
-    result = {"checkpoint": which, "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
+    result = {"checkpoint": which,
+              **({"data_classes": data_classes} if data_classes != splits.classes else {}), "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
               "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
     experiment.write_json(dest / "metrics.json", result)
     return {"dir": str(dest), **result}
@@ -49,5 +75,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
 def main(args) -> None:
     r = evaluate_run(args.run_dir, args.overrides, which=args.checkpoint)
     t = r["test"]
+    if "data_classes" in r:
+        print(f"classes matched by name: the data's {', '.join(r['data_classes'])} scored as the run's classes")
     print(f"{args.checkpoint} checkpoint (epoch {r['epoch']}) on {r['data']['name']} {r['eval_split']}: "
           f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}  -> {r['dir']}")

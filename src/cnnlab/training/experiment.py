@@ -41,6 +41,13 @@ class Run:
             return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+MARKER = ".cnnlab-run"  # written into every run folder cnnlab makes: only such folders are ever removed
+
+
+def made_by_cnnlab(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
 def new_run_dir(cfg: C.Config) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... : an existing folder is never reused."""
     base = Path(cfg.output.dir)
@@ -50,9 +57,10 @@ def new_run_dir(cfg: C.Config) -> Path:
         path = base / (name if i == 1 else f"{name}-{i}")
         try:
             path.mkdir()
-            return path
         except FileExistsError:
             continue
+        write_json(path / MARKER, {"kind": "run", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return path
     raise RuntimeError(f"no free run folder name under {base}")
 
 
@@ -141,14 +149,15 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     np.savez_compressed(run_dir / "samples.npz", images=imgs.numpy(), index=index)
 
 
-def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -> Run:
-    """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it."""
+def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False) -> Run:
+    """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
+
+    `device` comes from `cnnlab.process.setup(cfg)`, called once by the entry point (CLI, `cnnlab.train`).
+    """
     from cnnlab.training import loop as T
 
-    T.configure_determinism(cfg)  # before any CUDA work (CUBLAS_WORKSPACE_CONFIG)
+    check_names(cfg)  # before any work and before the run folder
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
-    if dist.world()[2] > 1:
-        dist.init(T.pick_device(cfg.train.device))
     cfg = with_weight_defaults(cfg)
     with contextlib.ExitStack() as stack:
         if resume_dir is not None and dist.is_main():  # before the data: a second resume is refused at once
@@ -167,7 +176,8 @@ def run(cfg: C.Config, *, resume_dir: Path | None = None, quiet: bool = False) -
             if dist.is_main():
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
         try:
-            return _train_and_evaluate(cfg, run_dir, splits, resume=resume_dir is not None, say=say)
+            return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
+                                       say=say)
         except BaseException:
             if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
                 _remove_if_untrained(run_dir)         # empty run folder behind
@@ -287,7 +297,8 @@ class DataChangedError(InputError, ValueError):
     """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
 
 
-def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, resume: bool, say) -> Run:
+def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
+                        say) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
@@ -304,8 +315,7 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, resume:
             f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
         for note in splits.notes:
             say(f"note: {note}")
-    model, state = T.fit(cfg, run_dir, splits, resume=resume)
-    device = T.pick_device(cfg.train.device)
+    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume)
     if main:
         env = environment(cfg, str(device))
         env["train_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -328,6 +338,16 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, resume:
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def check_names(cfg: C.Config) -> None:
+    """The data set and the model the config names exist: checked where they are built (data/catalog,
+    models/build), with "did you mean", naming data.name / model.name (config.py checks values only)."""
+    from cnnlab.data.catalog import check_name as check_data
+    from cnnlab.models.build import check_name as check_model
+
+    check_data(cfg.data.name)
+    check_model(cfg.model.name)
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:

@@ -20,7 +20,6 @@ GPUs; on CPU/gloo each rank normalises with its own slice's statistics).
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -47,37 +46,10 @@ class Stopped(SystemExit):
     """Training was stopped by a signal after saving a resumable checkpoint (exit code 143 / 130)."""
 
 
-def pick_device(name: str) -> torch.device:
-    """The training device; under torchrun a bare 'cuda' (or 'auto') means this process's GPU, cuda:LOCAL_RANK."""
-    local_rank = dist.world()[1]
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use train.device=cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def configure_determinism(cfg: Config) -> None:
-    """`train.deterministic: true`: PyTorch's deterministic algorithms (an error names any op that has
-    none). CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, so call this before any CUDA work;
-    `experiment.run` calls it first thing and `fit` again. It stays on for the rest of the process,
-    so the final evaluation is deterministic too. On CPU, runs are reproducible without it."""
-    if not cfg.train.deterministic:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
 
 
 def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bool:
@@ -227,25 +199,18 @@ def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
     return 2 * one
 
 
-def fit(cfg: Config, run_dir: Path, splits: Splits, *, resume: bool = False) -> tuple[nn.Module, State]:
+def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
+        resume: bool = False) -> tuple[nn.Module, State]:
     """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`.
 
     With `resume`, continue exactly from checkpoints/last.pt (or from the start when the run was
     stopped before its first checkpoint): the rows of history.csv/steps.csv written after that
     checkpoint are dropped and written again, stale temporary files of a killed save are removed.
     """
-    t = cfg.train
-    configure_determinism(cfg)
-    device = pick_device(t.device)
-    distributed = dist.init(device)
+    t = cfg.train  # the process (threads, determinism, device, process group) is set up: cnnlab.process.setup
+    distributed = dist.active()
     rank, _, world = dist.world()
     main = dist.is_main()
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if device.type == "cuda" and not t.deterministic:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed)
 
     # data, model and the trainable state
