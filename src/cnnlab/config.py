@@ -296,8 +296,12 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+
 
 
 def load_yaml(text: str) -> Any:
-    """Plain YAML (no Python tags) with YAML 1.2 numbers (see _Loader)."""
-    return yaml.load(text, Loader=_Loader)
+    """Plain YAML (no Python tags: _Loader is a SafeLoader, only a resolver added) with YAML 1.2 numbers."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_value(text: str) -> Any:
