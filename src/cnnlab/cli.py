@@ -11,21 +11,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cnnlab import errors
-from cnnlab.data import cli as data_cli
-from cnnlab.deploy import cli as deploy_cli
-from cnnlab.models import cli as models_cli
-from cnnlab.models import explain
-from cnnlab.report import build as report_build
-from cnnlab.studies import study
-from cnnlab.training import cli as training_cli
+from cnnlab import threads
+
+threads.prefer_passive_wait()  # the `cnnlab` script's entry: before the imports below load torch (OpenMP)
+from cnnlab import errors  # noqa: E402
+from cnnlab.data import cli as data_cli  # noqa: E402
+from cnnlab.deploy import cli as deploy_cli  # noqa: E402
+from cnnlab.models import cli as models_cli  # noqa: E402
+from cnnlab.models import explain  # noqa: E402
+from cnnlab.report import build as report_build  # noqa: E402
+from cnnlab.studies import study  # noqa: E402
+from cnnlab.training import cli as training_cli  # noqa: E402
 
 # the order of `cnnlab --help`
 COMMANDS = (training_cli, deploy_cli, report_build, data_cli, models_cli, explain, study)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cnnlab import __version__
+
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, compare and explain image-classification CNNs.")
+    p.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)

@@ -252,18 +252,62 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (`optim.lr`, `train.early_stop.patience`, ...)."""
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        out += _all_keys(tp, key + ".") if dataclasses.is_dataclass(tp) else [key]
+    return out
+
+
+def _unknown_key(key: str, k: str, prefix: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+    if close:
+        hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
+    else:  # a key in the wrong section (`lr=0.1` for optim.lr): look for its name anywhere
+        leaf = str(key).split(".")[-1]
+        full = _all_keys()
+        same = [x for x in full if x.split(".")[-1] == leaf]
+        near = same or [x for x in full if difflib.get_close_matches(leaf, [x.split(".")[-1]], cutoff=0.8)]
+        hint = f" Did you mean {' or '.join(repr(x) for x in near[:3])}?" if near else ""
+    return f"unknown key {key!r}.{hint} Known keys here: {', '.join(names)}."
+
+
+def _build(cls: type, data: dict, prefix: str = "", problems: list | None = None) -> Any:
+    """`cls` from `data`, every problem found (not only the first): raised together as one ConfigError
+    whose `problems` lists (key, message) pairs."""
+    top = problems is None
+    problems = [] if top else problems
+    before = len(problems)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r}.{hint} Known keys here: {', '.join(names)}.")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
+            problems.append((key, _unknown_key(key, k, prefix, names)))
+            continue
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            kwargs[k] = _build(hints[k], v, key, problems)
+            continue
+        try:
+            kwargs[k] = _coerce(v, hints[k], key)
+        except ConfigError as e:
+            problems.append((key, str(e)))
+    if top and problems:
+        raise _many(problems)
+    return cls(**kwargs) if len(problems) == before else None
+
+
+def _many(problems: list[tuple[str, str]]) -> ConfigError:
+    text = problems[0][1] if len(problems) == 1 else \
+        f"{len(problems)} problems:\n  " + "\n  ".join(m for _, m in problems)
+    e = ConfigError(text)
+    e.problems = problems
+    return e
 
 
 def to_dict(cfg: Any) -> dict:
@@ -414,16 +458,28 @@ def check_size(tree: Any, where: str = "config") -> None:
     size(tree)
 
 
-def from_dict(tree: dict, *, where: str = "config") -> Config:
+_KEY = re.compile(r"^(?:unknown key )?'?([A-Za-z_][\w.]*)")
+
+
+def from_dict(tree: dict, *, where: str = "config", overridden: tuple[str, ...] = ()) -> Config:
+    """A validated Config; errors name `where` (the file), or the command line for the keys in
+    `overridden` (the dotted keys that overrides set)."""
     check_size(tree, where)
     try:
         cfg = _build(Config, tree)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    try:
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        problems = getattr(e, "problems", None) or [((_KEY.match(str(e)) or [None, ""])[1], str(e))]
+
+        def blamed(key: str) -> str:
+            if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden):
+                return "command line"
+            return where
+
+        places = {blamed(k) for k, _ in problems}
+        if len(places) == 1:
+            raise ConfigError(f"{places.pop()}: {e}") from None
+        raise ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(f"{blamed(k)}: {m}" for k, m in problems)) from None
     return cfg
 
 
@@ -443,7 +499,8 @@ def load(source: str | Path | dict | Config | None = None, overrides: list[str] 
     import copy
 
     tree = apply_overrides(copy.deepcopy(tree), overrides)
-    return from_dict(tree, where=where)
+    keys = tuple(overrides) if isinstance(overrides, dict) else tuple(o.split("=", 1)[0].strip() for o in overrides or ())
+    return from_dict(tree, where=where, overridden=keys if where != "config" else ())
 
 
 def replace(cfg: Config, overrides: dict | list[str]) -> Config:

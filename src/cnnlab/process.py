@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from cnnlab import dist
+from cnnlab import dist, threads
 from cnnlab.config import Config, ConfigError
 
 
@@ -21,8 +21,7 @@ def setup(cfg: Config) -> torch.device:
     """
     t = cfg.train
     configure_determinism(t.deterministic)  # first: CUBLAS_WORKSPACE_CONFIG must precede any CUDA work
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    threads.apply(t.threads)  # train.threads, else one per core not already busy (cnnlab/threads.py)
     device = pick_device(t.device)
     if device.type == "cuda" and not t.deterministic:
         torch.backends.cudnn.benchmark = True

@@ -19,9 +19,10 @@ class Registry:
     ... def lenet5(*, num_classes=10): ...
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, elsewhere: Callable[[str], list[str]] | None = None):
         self.kind = kind
         self._items: dict[str, Callable] = {}
+        self.elsewhere = elsewhere  # name -> the spellings that reach it outside the registry ('torchvision:x')
 
     def register(self, name: str | None = None) -> Callable[[Callable], Callable]:
         def deco(fn: Callable) -> Callable:
@@ -40,6 +41,7 @@ class Registry:
 
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), list(self._items), n=3, cutoff=0.5)
+        close = (self.elsewhere(str(name)) if self.elsewhere else []) + close
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._items))}."
 

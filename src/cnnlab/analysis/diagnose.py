@@ -252,7 +252,7 @@ def _underfitting(history: dict, num_classes: int) -> list[Finding]:
     if len(tl) >= 3 and drop < 0.1:
         out.append(Finding(
             "warning", "underfitting", "Training loss barely falls",
-            f"The training loss fell by only {_pct(drop)} over {len(tl)} epochs ({tl[0]:.3f} → {tl[-1]:.3f}; "
+            f"The training loss fell by only {_pct(drop)} over {len(tl)} epoch{'' if len(tl) == 1 else 's'} ({tl[0]:.3f} → {tl[-1]:.3f}; "
             f"chance level for {num_classes} classes is ln {num_classes} = {math.log(max(num_classes, 2)):.3f}). "
             "The model is not learning.",
             "Try a learning rate 3-10x larger (or smaller, if the loss jumps about), check that inputs are "

@@ -175,3 +175,22 @@ def summary(logits, targets, classes: list[str]) -> dict:
     ]
     out["confusion"] = cm.tolist()
     return out
+
+
+def worst_failures(targets: np.ndarray, pred: np.ndarray, losses: np.ndarray, *, overall: int = 64,
+                   pairs: int = 8, per_pair: int = 8) -> np.ndarray:
+    """Indices of the failures a report shows: the `overall` highest-loss ones, and the `per_pair` highest-loss
+    ones of each of the `pairs` most frequent (true, predicted) pairs, the pairs that the diagnostics name
+    and the failure gallery draws (report.plots.failure_gallery: at most 8 pairs, 8 images each)."""
+    wrong = np.flatnonzero(pred != targets)
+    by_loss = wrong[np.argsort(-losses[wrong], kind="stable")]
+    keep = [by_loss[:overall]]
+    k = int(max(targets.max(initial=0), pred.max(initial=0))) + 1
+    counts = np.bincount(targets[wrong] * k + pred[wrong], minlength=k * k)
+    for cell in np.argsort(-counts, kind="stable")[:pairs]:  # the order of diagnose.confused_pairs
+        if counts[cell] == 0:
+            break
+        t, p = divmod(int(cell), k)
+        keep.append(by_loss[(targets[by_loss] == t) & (pred[by_loss] == p)][:per_pair])
+    out = np.concatenate(keep)
+    return out[np.sort(np.unique(out, return_index=True)[1])]  # first occurrence order, no repeats

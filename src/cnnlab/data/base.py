@@ -110,9 +110,20 @@ def read_bytes(ref: str) -> bytes:
     return Path(ref).read_bytes()
 
 
+class NamedBytes(io.BytesIO):
+    """In-memory file bytes that Pillow's errors name by the file, not as `<_io.BytesIO object at 0x...>`."""
+
+    def __init__(self, data: bytes, ref: str):
+        super().__init__(data)
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return repr(self.ref)
+
+
 def open_image(ref: str) -> Image.Image:
     """Open an image file (or zip member) and load it; raises on unreadable or truncated data."""
-    img = Image.open(io.BytesIO(read_bytes(ref)))
+    img = Image.open(NamedBytes(read_bytes(ref), ref))
     img.load()
     return img
 

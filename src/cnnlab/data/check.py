@@ -7,7 +7,6 @@ ids). `fast_check` is the cheap part the trainer runs before step 0; `check` dec
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 import warnings
@@ -162,7 +161,7 @@ def _inspect(args: tuple[list[str], int, int]) -> list[tuple]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))  # reads the header only
+                img = Image.open(base.NamedBytes(data, ref))  # reads the header only
         except Image.DecompressionBombError as e:
             out.append((ref, "huge", f"{e}; not decoded", None, None))
             continue

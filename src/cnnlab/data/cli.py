@@ -26,7 +26,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", help="where a named data set's files are (or go when downloaded)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="a data-set option (repeatable)")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--split", default="train", choices=["train", "val", "test"],
+                   help="which split of the data set (default train)")
     p.add_argument("--jobs", type=int, default=None, help="decoding processes (default: every core)")
 
 
@@ -89,21 +90,21 @@ def add_parser(subparsers) -> None:
     _source_args(s)
     s.add_argument("--channels", type=int, choices=[1, 3], help="convert to 1 or 3 channels (default: the data's)")
     s.add_argument("--size", type=int, help="resize to SIZE x SIZE first, as data.image_size does")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
     s.set_defaults(func=_stats)
 
     c = sub.add_parser("check", help="unreadable/truncated/empty/huge files, modes, classes, labels, duplicates")
     _source_args(c)
     c.add_argument("--max-pixels", type=int, help="flag images over this many pixels (default: Pillow's limit)")
     c.add_argument("--all", action="store_true", help="list every finding, not the first 10 of each kind")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the findings as JSON")
     c.set_defaults(func=_check)
 
     m = sub.add_parser("build-mnist-m", help="blend MNIST digits over colour photo crops (Ganin & Lempitsky 2015)")
     m.add_argument("--mnist", required=True, help="folder with the MNIST IDX files")
     m.add_argument("--backgrounds", required=True, help="folder of colour photos (the paper used BSDS500)")
     m.add_argument("--out", required=True, help="new folder for the data set")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of the crops and backgrounds (default 0)")
     m.add_argument("--limit", type=int, help="only the first N images of each split")
     m.set_defaults(func=_build_mnist_m)
 
@@ -111,10 +112,10 @@ def add_parser(subparsers) -> None:
     k.add_argument("--annotations", required=True, help="instances_*.json")
     k.add_argument("--images", required=True, help="folder of the COCO images")
     k.add_argument("--classes", required=True, help="comma-separated category names, e.g. airplane,bus,cat")
-    k.add_argument("--per-class", type=int, required=True)
-    k.add_argument("--size", type=int, default=64)
-    k.add_argument("--out", required=True)
-    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--per-class", type=int, required=True, help="images of each class")
+    k.add_argument("--size", type=int, default=64, help="side of the square crops in pixels (default 64)")
+    k.add_argument("--out", required=True, help="new folder for the data set")
+    k.add_argument("--seed", type=int, default=0, help="seed of the image choice (default 0)")
     k.add_argument("--jobs", type=int, default=None, help="threads decoding and writing images")
     k.set_defaults(func=_coco_subset)
 

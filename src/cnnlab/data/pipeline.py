@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,36 @@ def _file_key(files: list[str], channels: int, size: int | None) -> str:
     return h.hexdigest()[:24]
 
 
+PROGRESS_FROM = 2000  # images: decoding fewer is quick enough to need no progress
+
+
+class _DecodeProgress:
+    """The first decode of a large data set takes a minute or more: say so on stderr, with a count
+    every few seconds, so a first run does not look hung. Later runs read the cache and print nothing."""
+
+    def __init__(self, total: int, every_s: float = 5.0):
+        self.total, self.n, self.every_s = total, 0, every_s
+        self.on = total >= PROGRESS_FROM
+        self.t0 = self.last = time.perf_counter()
+        if self.on:
+            print(f"decoding {total} images (the first time only: later runs read the decoded cache)",
+                  file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        self.n += 1
+        now = time.perf_counter()
+        if self.on and now - self.last >= self.every_s and self.n < self.total:
+            rate = self.n / (now - self.t0)
+            print(f"  decoded {self.n}/{self.total} images, about {int((self.total - self.n) / rate)}s to go",
+                  file=sys.stderr, flush=True)
+            self.last = now
+
+    def done(self, path: Path) -> None:
+        if self.on:
+            print(f"  decoded {self.n}/{self.total} images in {time.perf_counter() - self.t0:.0f}s; cached in {path}",
+                  file=sys.stderr, flush=True)
+
+
 def _checksum(images: torch.Tensor) -> int:
     import zlib
 
@@ -161,9 +193,11 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
                              f"{size_hw[1]}x{size_hw[0]}; set data.image_size to resize them all")
         out[i] = t
 
+    show = _DecodeProgress(len(files))
     with ThreadPoolExecutor(max_workers=threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         for _ in pool.map(work, range(len(files)), chunksize=256):
-            pass
+            show.update()
+    show.done(path)
     _write_cache(path, out)
     return out
 

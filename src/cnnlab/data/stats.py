@@ -47,13 +47,13 @@ class Stats:
         def fmt(v):
             return "(" + ", ".join(f"{x:.4f}" for x in v) + ")"
 
-        def top(counts):
-            more = f", ... ({len(counts)} in all)" if len(counts) > 8 else ""
-            return ", ".join(f"{k} {v}" for k, v in Counter(counts).most_common(8)) + more
+        def top(counts, limit=8):
+            more = f", ... ({len(counts)} in all)" if len(counts) > limit else ""
+            return ", ".join(f"{k} {v}" for k, v in Counter(counts).most_common(limit)) + more
 
         lines = [f"images   {self.n_images:,}  ({self.n_pixels:,} pixels per channel, {self.seconds:.1f} s)",
                  f"mean     {fmt(self.mean)}", f"std      {fmt(self.std)}",
-                 f"classes  {len(self.class_counts)}: {top(self.class_counts)}",
+                 f"classes  {len(self.class_counts)}: {top(self.class_counts, 20)}",
                  f"sizes    {top(self.sizes)}", f"modes    {top(self.modes)}"]
         if self.unreadable:
             lines.append(f"skipped  {len(self.unreadable)} unreadable files, e.g. {self.unreadable[0]} "

@@ -25,12 +25,13 @@ def add_parser(subparsers) -> None:
         "predict", help="classify new images with a trained run (files, folders, zips, globs)",
         description="Classify unlabelled images with a run's checkpoint and its own evaluation preprocessing. "
                     "Exit status: 0 all predicted, 3 some inputs skipped (listed on stderr), 2 bad usage.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/NAME)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), .zip files, globs")
     p.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
     p.add_argument("--out", metavar="FILE", help="write .csv, .json or .jsonl (atomically) instead of a table")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="the best epoch's weights (default) or the last epoch's")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image "
                                                       "(on by default when the run evaluated with train.tta_flip)")
     p.add_argument("--gradcam", action="store_true",
@@ -42,10 +43,12 @@ def add_parser(subparsers) -> None:
                               description="Export the run's checkpoint with its metadata (classes, input size, "
                                           "mean/std, version, run id), then check it against PyTorch on the "
                                           "run's images.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, type=str.lower)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/NAME)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, type=str.lower,
+                   help=f"the file format: {' or '.join(EXPORT_FORMATS)}")
     p.add_argument("--out", metavar="FILE", help="default RUN_DIR/model.onnx or RUN_DIR/model.pt")
     p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (TorchScript always is)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="the best epoch's weights (default) or the last epoch's")
     p.set_defaults(func=_export)

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from cnnlab.registry import Registry
 
-MODELS = Registry("model")
+def _library_names(name: str) -> list[str]:
+    """`resnet50` is not cnnlab's, but torchvision has it: suggest 'torchvision:resnet50'."""
+    try:
+        from torchvision import models as tvm
+
+        return [f"torchvision:{name.lower()}"] if name.lower() in tvm.list_models() else []
+    except Exception:  # an old torchvision without list_models: no suggestion
+        return []
+
+
+MODELS = Registry("model", elsewhere=_library_names)
 
 LIBRARIES = ("torchvision", "timm")  # model.name prefixes: <library>:<architecture>
 

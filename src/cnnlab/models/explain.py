@@ -269,9 +269,26 @@ def batchnorm_params(c: int) -> tuple[int, str]:
 def _explain_conv(args) -> int:
     name, kernel = kernel_from(args.kernel)
     x = parse_matrix(args.input, "--input")
-    print(conv2d(x, kernel, padding=_int_pair(args.padding, "--padding"), stride=_int_pair(args.stride, "--stride"),
+    stride = _int_pair(args.stride, "--stride")
+    print(conv2d(x, kernel, padding=_padding(args.padding, kernel, stride), stride=stride,
                  flip=args.flip, kernel_name=name).text())
     return 0
+
+
+def _padding(text: str, kernel, stride):
+    """--padding as a number, rows,columns, or PyTorch's words: valid (0) and same (output as large as the input)."""
+    word = str(text).strip().lower()
+    if word == "valid":
+        return 0
+    if word != "same":
+        return _int_pair(text, "--padding")
+    if stride not in (1, (1, 1)):
+        raise ExplainError(f"--padding same needs --stride 1 (as PyTorch's padding='same'), not {stride}")
+    kh, kw = len(kernel), len(kernel[0])
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ExplainError(f"--padding same with a {kh}x{kw} kernel needs uneven padding ({(kh - 1) // 2} before, "
+                           f"{kh // 2} after); this worked example pads evenly: give a number instead")
+    return ((kh - 1) // 2, (kw - 1) // 2)
 
 
 def _int_pair(text: str, what: str):
@@ -334,15 +351,17 @@ def add_parser(subparsers) -> None:
     c.add_argument("--input", required=True, help="a matrix, e.g. \"[[2,1,0],[0,3,1],[4,0,2]]\"")
     c.add_argument("--kernel", default="sobel-x",
                    help="sobel-x, sobel-y, laplacian, box, identity, sharpen, or a matrix (default sobel-x)")
-    c.add_argument("--padding", default="0", help="zero padding (or rows,columns); default 0")
+    c.add_argument("--padding", default="0",
+                   help="zero padding (or rows,columns), or same / valid as in PyTorch; default 0")
     c.add_argument("--stride", default="1", help="stride (or rows,columns); default 1")
     c.add_argument("--flip", action="store_true", help="flip the kernel: convolution in the textbook sense")
     c.set_defaults(func=_explain_conv)
 
     o = sub.add_parser("output-size", help="solve floor((W - K + 2P) / S) + 1 = out for the one value left out")
-    for key in ("input", "kernel", "padding", "stride", "output"):
-        o.add_argument(f"--{key}", type=int)
-    o.add_argument("--dilation", type=int, default=1)
+    for key, what in (("input", "input width W"), ("kernel", "kernel size K"), ("padding", "zero padding P per side"),
+                      ("stride", "stride S"), ("output", "output width out")):
+        o.add_argument(f"--{key}", type=int, help=f"the {what} (leave out the one to solve for)")
+    o.add_argument("--dilation", type=int, default=1, help="kernel dilation (default 1)")
     o.set_defaults(func=_explain_size)
 
     p = sub.add_parser("params", help="parameter counts with their formulas")

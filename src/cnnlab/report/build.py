@@ -213,7 +213,7 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
                 key = (r["target_name"], r["pred_name"])
                 totals[key] = totals.get(key, 0) + 1
         add("failures", P.failure_gallery(images, rows, totals), "Failures",
-            "The saved misclassified images with the highest loss, grouped by (true → predicted) pair.")
+            "The misclassified images with the highest loss of each of the most frequent (true → predicted) pairs.")
         add("predictions", P.prediction_grid(images, rows), "Sample predictions",
             "Predicted class and confidence; green frame right, red frame wrong.")
     model, why = load_model(run)

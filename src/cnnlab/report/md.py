@@ -22,7 +22,7 @@ def markdown(ctx: dict) -> str:
     out = [f"# {f['name']}", "",
            f"**{f['model'] or 'model'}** on **{f['data']}** ({f['classes']} classes, {f['input']}). "
            f"{f['split']} accuracy **{_pct(f['acc'])}**, best val accuracy {_pct(f['best_val_acc'])} "
-           f"(epoch {f['best_epoch']}), {f['epochs']} epochs in {_duration(f['seconds'])}.", "", "## Diagnostics", ""]
+           f"(epoch {f['best_epoch']}), {f['epochs']} epoch{'' if f['epochs'] == 1 else 's'} in {_duration(f['seconds'])}.", "", "## Diagnostics", ""]
     for x in ctx["findings"]:
         out.append(f"- **{SEV_LABEL.get(x.severity, x.severity)}: {x.title}.** {x.text}"
                    + (f" *Try next:* {x.next}" if x.next else ""))

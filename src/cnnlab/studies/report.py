@@ -163,7 +163,7 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
     classes = [c["name"] for c in bg.runs[0].metrics["test"]["per_class"]]
     c0 = firsts[base]
     setup = {"model.name": f"{c0.get('model.name')} on {c0.get('data.name')}", "optim.name": c0.get("optim.name"),
-             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epochs",
+             "optim.lr": f"lr {_setting(c0.get('optim.lr'))}", "train.epochs": f"{c0.get('train.epochs')} epoch{'' if c0.get('train.epochs') == 1 else 's'}",
              "train.batch_size": f"batch {c0.get('train.batch_size')}"}
     setup = [str(v) for k, v in setup.items() if k not in differ]
     out = {"baseline": base, "alpha": ALPHA, "setup": ", ".join(setup), "classes": classes,

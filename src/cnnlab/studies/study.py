@@ -257,7 +257,7 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
 
 def _lock(root: Path):
     """An exclusive lock on the study folder (the one run folders have): two processes never run one study."""
-    from cnnlab.training.experiment import folder_lock
+    from cnnlab.training.resume import folder_lock
 
     return folder_lock(root, "running the study in", StudyError)
 
@@ -358,6 +358,7 @@ def _ray_task(cfg_dict: dict, name: str, threads: int) -> bytes:  # runs on a Ra
     from cnnlab.training import experiment
 
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what cnnlab.threads.choose keeps when train.threads is unset
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.load(cfg_dict, {"output.dir": tmp, "output.name": name})
         run = experiment.run(cfg, device=process.setup(cfg), quiet=True)
@@ -372,6 +373,8 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
     unpack each returned run folder into place. Workers need cnnlab installed and the data at data.root."""
     import io
     import tarfile
+
+    from cnnlab.training.experiment import made_by_cnnlab
 
     try:
         import ray
@@ -408,6 +411,10 @@ def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_
             run_dir = incoming / p.id.replace("/", "__")
             (run_dir / "config.yaml").write_text(C.dump_yaml(p.cfg))  # the study's paths, not the worker's
             (root / p.id).parent.mkdir(parents=True, exist_ok=True)
+            if (root / p.id).exists() and not made_by_cnnlab(root / p.id):  # appeared while the run trained
+                failures[p.id] = f"{root / p.id} was made meanwhile, not by cnnlab; the run is kept in {incoming}"
+                say(f"  {p.id} failed: {failures[p.id]}")
+                continue
             shutil.rmtree(root / p.id, ignore_errors=True)
             os.replace(run_dir, root / p.id)  # appears whole, never half-unpacked
             shutil.rmtree(incoming)

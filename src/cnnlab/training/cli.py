@@ -12,7 +12,7 @@ def _train(args) -> int:
     from cnnlab import dist
 
     if args.resume:
-        from cnnlab.training.experiment import resume_config
+        from cnnlab.training.resume import resume_config
 
         overrides = list(args.overrides or [])
         if args.config and "=" in args.config and not Path(args.config).is_file():  # `--resume RUN key=value`
@@ -67,7 +67,8 @@ def add_parser(subparsers) -> None:
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run folder (runs/NAME)")
     e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=other.zip")
-    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                   help="the best epoch's weights (default) or the last epoch's")
     e.set_defaults(func=_eval)

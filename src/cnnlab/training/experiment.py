@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import config as C
 from cnnlab import dist
-from cnnlab.errors import InputError
 from cnnlab.data.loader import check_augment
+from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
+from cnnlab.training.resume import check_same_data, finished, folder_lock
 
 
 @dataclass
@@ -82,6 +83,7 @@ def environment(cfg: C.Config, device: str) -> dict:
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device,  # results depend on the thread count
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # cnnlab.threads: PASSIVE unless the user chose
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "world_size": dist.world()[2], "seed": cfg.train.seed, "git_commit": _git_commit(),
@@ -116,7 +118,7 @@ def data_summary(splits: Splits, cfg: C.Config) -> dict:
 
 def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, targets: torch.Tensor, seed: int) -> None:
     """predictions.csv (one row per sample), predictions.npz (logits, targets) and samples.npz (a seeded
-    pick of images plus the highest-loss failures, raw uint8) so every plot can be redrawn later."""
+    pick of images plus the failures a report shows (`metrics.worst_failures`), raw uint8) so every plot can be redrawn later."""
     import csv
 
     s = splits.eval_set
@@ -125,7 +127,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     conf, pred = probs.max(1)
     classes = splits.classes
     with open(run_dir / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["index", "id", "target", "target_name", "pred", "pred_name", "confidence", "loss"])
         for i in range(len(targets)):
             t, p = int(targets[i]), int(pred[i])
@@ -136,8 +138,7 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
         return
     rng = np.random.default_rng(seed)
     pick = rng.permutation(len(targets))[:48]
-    wrong = torch.nonzero(pred != targets).flatten()
-    worst = wrong[losses[wrong].argsort(descending=True)][:64].numpy()
+    worst = worst_failures(targets.numpy(), pred.numpy(), losses.numpy())
     index = np.concatenate([pick, worst[~np.isin(worst, pick)]]).astype(np.int64)  # the seeded pick first
     if s.images is not None:
         imgs = s.images[torch.from_numpy(index)].cpu()
@@ -159,6 +160,14 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
     check_names(cfg)  # before any work and before the run folder
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
     cfg = with_weight_defaults(cfg)
+    if resume_dir is not None:
+        done = finished(Path(resume_dir), cfg)
+        if done is not None:  # nothing to train: say so rather than silently evaluating again
+            say(f"{resume_dir} is already finished ({done['epochs_run']} of {cfg.train.epochs} epochs"
+                f"{', stopped early' if done.get('stopped_early') else ''}; {done.get('eval_split', 'test')} accuracy "
+                f"{done['test']['accuracy']:.4f}): nothing to resume. Train longer with `cnnlab train --resume "
+                f"{resume_dir} train.epochs=N`, evaluate again with `cnnlab eval {resume_dir}`.")
+            return Run(dir=Path(resume_dir), config=cfg, metrics=done)
     with contextlib.ExitStack() as stack:
         if resume_dir is not None and dist.is_main():  # before the data: a second resume is refused at once
             stack.enter_context(folder_lock(Path(resume_dir), "training", T.TrainingError))
@@ -184,128 +193,16 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             raise
 
 
-def folder_lock(folder: Path, doing: str, error: type[Exception]):
-    """An exclusive flock on <folder>/.lock, held while the context is open: two processes never train
-    one run (or run one study); the OS releases it when the process dies in any way."""
-    import fcntl
-
-    @contextlib.contextmanager
-    def held():
-        with open(Path(folder) / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise error(f"another cnnlab process is {doing} {folder}; wait for it to finish (or stop it) "
-                            "and run the command again") from None
-            yield
-
-    return held()
-
-
-def _remove_if_untrained(run_dir: Path) -> None:
-    """Remove a run folder this process has just made when nothing was trained in it (no checkpoint, no
-    logged step): what is left there (config.yaml, data.json, splits.npz) is rewritten by the next run."""
-    trained = [p for p in ("checkpoints/last.pt", "checkpoints/best.pt", "history.csv", "steps.csv")
-               if (run_dir / p).exists()]
-    if not trained and run_dir.is_dir():
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def check_same_data(run_dir: Path, splits: Splits, cfg: C.Config) -> None:
-    """Resume only on the data the run started with: the same sample ids in each split (splits.npz) and the
-    same pixel statistics (data.json); else refuse, saying what changed."""
-    changes = []
-    if (run_dir / "splits.npz").is_file():
-        with np.load(run_dir / "splits.npz") as z:
-            saved = {k[:-4]: [str(x) for x in z[k]] for k in z.files if k.endswith("_ids")}
-        for name in ("train", "val", "test"):
-            s = getattr(splits, name)
-            old, new = saved.get(name), [str(x) for x in s.ids] if s is not None else None
-            if old == new:
-                continue
-            if old is None or new is None:
-                changes.append(f"{name}: {'no' if new is None else len(new)} images now, "
-                               f"{'none' if old is None else len(old)} then")
-                continue
-            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-            what = [f"{len(gone)} no longer in it (e.g. {gone[0]})"] * bool(gone) + \
-                   [f"{len(added)} new (e.g. {added[0]})"] * bool(added) or ["the same images in another order"]
-            changes.append(f"{name}: {len(old)} -> {len(new)} images, {', '.join(what)}")
-    try:
-        old_data = json.loads((run_dir / "data.json").read_text())
-    except (OSError, ValueError):
-        old_data = None
-    if isinstance(old_data, dict) and not changes:
-        for key, now in (("classes", list(splits.classes)), ("mean", list(splits.mean)), ("std", list(splits.std))):
-            if key in old_data and old_data[key] != now:
-                changes.append(f"{key}: {old_data[key]} then, {now} now (the pixels changed)" if key != "classes"
-                               else f"classes: {old_data[key]} then, {now} now")
-    if changes:
-        raise DataChangedError(
-            f"--resume {run_dir}: the data ({cfg.data.name}, data.root={cfg.data.root!r}) is not what this run "
-            f"started with: {'; '.join(changes)}. Resuming would train and validate on a different split. Restore "
-            "the data, or train a new run on it.")
-
-
-SAFE_ON_RESUME = ("train.epochs", "train.progress", "train.threads", "data.num_workers", "output.report",
-                  "output.tensorboard")  # overrides that leave what has been trained valid
-
-
-def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
-    """The config to resume a run with: its config.yaml plus the overrides that are safe mid-run (more
-    epochs, progress, threads, workers, report, TensorBoard); any other override is refused by name."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise C.ConfigError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml in it)")
-    saved = C.load(run_dir / "config.yaml")
-    if not overrides:
-        return saved
-    cfg = C.load(saved, overrides)
-    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
-    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
-    if unsafe:
-        raise C.ConfigError(
-            f"--resume {run_dir}: {', '.join(f'{k}={after.get(k)!r}' for k in unsafe)} cannot change on resume: the "
-            f"epochs already trained used {', '.join(f'{k}={before.get(k)!r}' for k in unsafe)}. Overrides allowed on "
-            f"resume: {', '.join(SAFE_ON_RESUME)}. To train with the new setting, start a new run from "
-            f"{run_dir / 'config.yaml'}.")
-    if "train.epochs" in changed:
-        old, new = saved.train.epochs, cfg.train.epochs
-        if new < old:
-            raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: on resume the number of epochs can only "
-                                f"grow (this run was set to {old})")
-        fixed = [w for w, on in (("schedule.name=onecycle", cfg.schedule.name == "onecycle"),
-                                 ("train.lookahead", cfg.train.lookahead)) if on]
-        if fixed:
-            raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: {' and '.join(fixed)} are laid out over "
-                                f"the {old} epochs the run started with; more epochs cannot be added on resume")
-    return cfg
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-class DataChangedError(InputError, ValueError):
-    """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
-
-
 def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
                         say) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
-    t_start = time.perf_counter()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
+        env = start_env(run_dir, cfg, str(device))
+        write_json(run_dir / "env.json", env)  # "started" when the run starts; completed at the end
         write_json(run_dir / "data.json", data_summary(splits, cfg))
         if not (resume and (run_dir / "splits.npz").is_file()):  # (a resumed run's split was checked: the same)
             save_splits(splits, run_dir / "splits.npz")
@@ -317,8 +214,9 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             say(f"note: {note}")
     model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume)
     if main:
-        env = environment(cfg, str(device))
-        env["train_seconds"] = round(time.perf_counter() - t_start, 3)
+        env = {**environment(cfg, str(device)), **{k: env[k] for k in ("started", "resumed") if k in env}}
+        env["train_seconds"] = round(state.train_seconds, 3)  # every session of the run, resumes included
+        env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json(run_dir / "env.json", env)
         _write_model_json(run_dir, model, splits)
 
@@ -338,6 +236,28 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def start_env(run_dir: Path, cfg: C.Config, device: str) -> dict:
+    """env.json as a run (or a resumed session) starts: a resume keeps the first start and lists its own."""
+    env = environment(cfg, device)
+    try:
+        before = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError):
+        return env
+    if isinstance(before, dict) and before.get("started"):
+        env["resumed"] = [*before.get("resumed", []), env["started"]]
+        env["started"] = before["started"]
+    return env
+
+
+def _remove_if_untrained(run_dir: Path) -> None:
+    """Remove a run folder this process has just made when nothing was trained in it (no checkpoint, no
+    logged step): what is left there (config.yaml, data.json, splits.npz) is rewritten by the next run."""
+    trained = [p for p in ("checkpoints/last.pt", "checkpoints/best.pt", "history.csv", "steps.csv")
+               if (run_dir / p).exists()]
+    if not trained and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def check_names(cfg: C.Config) -> None:

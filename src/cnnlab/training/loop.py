@@ -114,6 +114,9 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         if bad:
             raise NonFiniteLossError(_nonfinite_message(None if finite else loss.item(), step, state.epoch + 1,
                                                         cfg, bad))
+        lr = ts.lr()  # the rate this step uses: an epoch's rates span a range under a schedule
+        state.epoch_lr = lr if state.epoch_lr is None else max(state.epoch_lr, lr)
+        state.epoch_lr_min = lr if state.epoch_lr_min is None else min(state.epoch_lr_min, lr)
         n = y.shape[0]
         # DDP averages gradients over ranks; weight each rank's mean by its share of the global batch,
         # so uneven slices (batch size not divisible by the world size) give the 1-process gradient.
@@ -242,6 +245,12 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
             _clean_interrupted_saves(run_dir, ckdir)
         if last.is_file():
             ts.load(last)
+            p = ts.progress
+            if main:
+                within = f", batch {p.batch_in_epoch} of epoch {p.epoch + 1}" if p.batch_in_epoch else ""
+                print(f"resuming {run_dir} after epoch {p.epoch}{within} (step {p.step}) of {t.epochs}", flush=True)
+        elif main:
+            print(f"resuming {run_dir} from the start: it was stopped before its first checkpoint", flush=True)
         runlog.truncate_after(run_dir, ts.progress)  # rows written after the checkpoint are written again
     net = model  # what the training steps run: DDP and torch.compile wrap the model, sharing its weights
     if distributed:
@@ -252,12 +261,14 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
     state = ts.progress
     bar = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
     tb = TBLogger(run_dir / "tensorboard") if main and cfg.output.tensorboard else None
-    bar.step(state.step, float("nan"))
+    bar.step(state.step, None)  # the bar from the resumed step; no loss yet
+    ts.start_clock()
     with dist.SignalGuard(distributed) as guard:
         try:
             while state.epoch < t.epochs and not state.stopped_early:
-                if state.batch_in_epoch == 0 or state.epoch_lr is None:
-                    state.epoch_lr, state.epoch_seconds = ts.lr(), 0.0
+                if state.batch_in_epoch == 0:
+                    state.epoch_lr = state.epoch_lr_min = None
+                    state.epoch_seconds = 0.0
                 started, seconds_before = time.perf_counter(), state.epoch_seconds  # (a resumed epoch's earlier part)
                 order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
                 for step, loss, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
@@ -282,8 +293,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                 state.epoch += 1
                 row = {"epoch": state.epoch, "train_loss": state.epoch_loss_sum / max(1, state.epoch_seen),
                        "train_acc": state.epoch_correct / max(1, state.epoch_seen), "val_loss": val_loss,
-                       "val_acc": val_acc, "lr": state.epoch_lr,
+                       "val_acc": val_acc, "lr": state.epoch_lr if state.epoch_lr is not None else ts.lr(),
                        "seconds": seconds_before + time.perf_counter() - started}
+                lr_low = state.epoch_lr_min if state.epoch_lr_min is not None else row["lr"]
                 state.batch_in_epoch, state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0, 0.0, 0, 0
                 state.epoch_seconds = 0.0
                 state.history.append({k: (round(v, 4) if k == "seconds" else v) for k, v in row.items()})
@@ -300,7 +312,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     if tb is not None:
                         tb.scalars({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, state.epoch)
                 ts.save_last(last)
-                bar.epoch(row)
+                bar.epoch(row, lr_low=lr_low)
                 code = dist.stop_code(guard)  # a signal during evaluation: stop now, not after another step
                 if code is not None:
                     raise Stopped(code)
@@ -314,9 +326,11 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
             bar.close()
             if tb is not None:
                 tb.close()
+    ts.tick()
     if state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
-              f"{t.early_stop.patience} epochs (best epoch {state.best_epoch})", flush=True)
+              f"{t.early_stop.patience} epoch{'' if t.early_stop.patience == 1 else 's'} (best epoch "
+              f"{state.best_epoch})", flush=True)
     return model, state
 
 

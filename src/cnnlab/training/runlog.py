@@ -14,7 +14,7 @@ from cnnlab import dist
 def append_row(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -40,24 +40,31 @@ class Progress:
         self.start: tuple[float, int] | None = None  # (time, step) of the first step seen (resume-aware ETA)
         self.last_line = time.perf_counter()
 
-    def step(self, n: int, loss: float) -> None:
+    def step(self, n: int, loss: float | None) -> None:
+        """Progress up to step `n`; `loss` None before the first step (nothing to show yet)."""
         if self.bar is not None:
             self.bar.update(n - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             return
         now = time.perf_counter()
         if self.start is None:
             self.start = (now, n)
-        if self.enabled and now - self.last_line >= self.every_s and n > self.start[1]:
+        if self.enabled and loss is not None and now - self.last_line >= self.every_s and n > self.start[1]:
             eta = (now - self.start[0]) / (n - self.start[1]) * (self.total - n)
             print(f"  step {n}/{self.total}  loss {loss:.4f}  ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             self.last_line = now
 
-    def epoch(self, row: dict) -> None:
+    def epoch(self, row: dict, lr_low: float | None = None) -> None:
+        """The epoch's line; its learning rate as the range of the rates its steps used (`lr_low` to
+        row['lr'], the peak), or one value when the rate did not change."""
         if not self.enabled:
             return
+        lr = f"{row['lr']:.3g}"
+        if lr_low is not None and f"{lr_low:.3g}" != lr:
+            lr = f"{lr_low:.3g}-{lr}"
         line = (f"epoch {row['epoch']:>3}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.3g}  {row['seconds']:.1f}s")
+                f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {lr}  {row['seconds']:.1f}s")
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -89,7 +96,7 @@ def truncate_after(run_dir: Path, state) -> None:
             continue
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
+            w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
             w.writeheader()  # even with no rows left: later rows are appended under it
             w.writerows(keep)
         os.replace(tmp, path)

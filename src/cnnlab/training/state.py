@@ -6,6 +6,7 @@ refuses non-finite weights with one of them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,8 +45,10 @@ class State:
     epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch
     epoch_correct: int = 0
     epoch_seen: int = 0
-    epoch_lr: float | None = None  # learning rate at the start of the current epoch (history.csv)
+    epoch_lr: float | None = None  # the highest learning rate of the current epoch's steps (history.csv)
+    epoch_lr_min: float | None = None  # and the lowest (the progress line shows the range)
     epoch_seconds: float = 0.0  # training seconds of the current epoch before the last checkpoint
+    train_seconds: float = 0.0  # seconds in `fit` over every session of the run (resumes add theirs)
     history: list = field(default_factory=list)
 
 
@@ -65,6 +68,7 @@ class TrainState:
         self.progress = progress if progress is not None else State()
         self.cfg, self.device, self.amp = cfg, device, amp
         self._last_saved_at: tuple[int, int] | None = None  # (epoch, step) of the last save_last
+        self._session: tuple[float, float] | None = None  # (perf_counter, train_seconds) when this session began
 
     @classmethod
     def build(cls, cfg: Config, model: nn.Module, *, steps_per_epoch: int, device: torch.device) -> "TrainState":
@@ -86,6 +90,15 @@ class TrainState:
     def eval_model(self) -> nn.Module:
         """What is evaluated and kept as best.pt: the EMA weights when there are some, else the model."""
         return self.ema.module if self.ema is not None else self.model
+
+    def start_clock(self) -> None:
+        """This session's training time starts now (after a resume's load): `tick` adds it to train_seconds."""
+        self._session = (time.perf_counter(), self.progress.train_seconds)
+
+    def tick(self) -> None:
+        """progress.train_seconds up to now (called before every save, and when `fit` returns)."""
+        if self._session is not None:
+            self.progress.train_seconds = self._session[1] + time.perf_counter() - self._session[0]
 
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
@@ -135,6 +148,7 @@ class TrainState:
 
     def save(self, path: Path, *, best: bool = False) -> None:
         """Write `state_dict` atomically; only rank 0 writes, and never a model with non-finite weights."""
+        self.tick()
         if not dist.is_main():
             return
         sd = self.state_dict(best=best)

@@ -1,0 +1,137 @@
+"""Resuming a run safely: one process per run folder (`folder_lock`, shared with studies), the data checked
+against the split the run recorded (`check_same_data`), and the overrides that may change mid-run
+(`resume_config`: more epochs yes, another learning rate no), and whether there is anything left to
+resume (`finished`)."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnlab import config as C
+from cnnlab.errors import InputError
+
+if TYPE_CHECKING:
+    from cnnlab.data.pipeline import Splits
+
+
+def folder_lock(folder: Path, doing: str, error: type[Exception]):
+    """An exclusive flock on <folder>/.lock, held while the context is open: two processes never train
+    one run (or run one study); the OS releases it when the process dies in any way."""
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        with open(Path(folder) / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise error(f"another cnnlab process is {doing} {folder}; wait for it to finish (or stop it) "
+                            "and run the command again") from None
+            yield
+
+    return held()
+
+
+def check_same_data(run_dir: Path, splits: Splits, cfg: C.Config) -> None:
+    """Resume only on the data the run started with: the same sample ids in each split (splits.npz) and the
+    same pixel statistics (data.json); else refuse, saying what changed."""
+    changes = []
+    if (run_dir / "splits.npz").is_file():
+        with np.load(run_dir / "splits.npz") as z:
+            saved = {k[:-4]: [str(x) for x in z[k]] for k in z.files if k.endswith("_ids")}
+        for name in ("train", "val", "test"):
+            s = getattr(splits, name)
+            old, new = saved.get(name), [str(x) for x in s.ids] if s is not None else None
+            if old == new:
+                continue
+            if old is None or new is None:
+                changes.append(f"{name}: {'no' if new is None else len(new)} images now, "
+                               f"{'none' if old is None else len(old)} then")
+                continue
+            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            what = [f"{len(gone)} no longer in it (e.g. {gone[0]})"] * bool(gone) + \
+                   [f"{len(added)} new (e.g. {added[0]})"] * bool(added) or ["the same images in another order"]
+            changes.append(f"{name}: {len(old)} -> {len(new)} images, {', '.join(what)}")
+    try:
+        old_data = json.loads((run_dir / "data.json").read_text())
+    except (OSError, ValueError):
+        old_data = None
+    if isinstance(old_data, dict) and not changes:
+        for key, now in (("classes", list(splits.classes)), ("mean", list(splits.mean)), ("std", list(splits.std))):
+            if key in old_data and old_data[key] != now:
+                changes.append(f"{key}: {old_data[key]} then, {now} now (the pixels changed)" if key != "classes"
+                               else f"classes: {old_data[key]} then, {now} now")
+    if changes:
+        raise DataChangedError(
+            f"--resume {run_dir}: the data ({cfg.data.name}, data.root={cfg.data.root!r}) is not what this run "
+            f"started with: {'; '.join(changes)}. Resuming would train and validate on a different split. Restore "
+            "the data, or train a new run on it.")
+
+
+SAFE_ON_RESUME = ("train.epochs", "train.progress", "train.threads", "data.num_workers", "output.report",
+                  "output.tensorboard")  # overrides that leave what has been trained valid
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
+    """The config to resume a run with: its config.yaml plus the overrides that are safe mid-run (more
+    epochs, progress, threads, workers, report, TensorBoard); any other override is refused by name."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise C.ConfigError(f"--resume {str(run_dir)!r}: not a run folder (no config.yaml in it)")
+    saved = C.load(run_dir / "config.yaml")
+    if not overrides:
+        return saved
+    cfg = C.load(saved, overrides)
+    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+    if unsafe:
+        raise C.ConfigError(
+            f"--resume {run_dir}: {', '.join(f'{k}={after.get(k)!r}' for k in unsafe)} cannot change on resume: the "
+            f"epochs already trained used {', '.join(f'{k}={before.get(k)!r}' for k in unsafe)}. Overrides allowed on "
+            f"resume: {', '.join(SAFE_ON_RESUME)}. To train with the new setting, start a new run from "
+            f"{run_dir / 'config.yaml'}.")
+    if "train.epochs" in changed:
+        old, new = saved.train.epochs, cfg.train.epochs
+        if new < old:
+            raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: on resume the number of epochs can only "
+                                f"grow (this run was set to {old})")
+        fixed = [w for w, on in (("schedule.name=onecycle", cfg.schedule.name == "onecycle"),
+                                 ("train.lookahead", cfg.train.lookahead)) if on]
+        if fixed:
+            raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: {' and '.join(fixed)} are laid out over "
+                                f"the {old} epochs the run started with; more epochs cannot be added on resume")
+    return cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class DataChangedError(InputError, ValueError):
+    """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
+
+
+def finished(run_dir: Path, cfg: C.Config) -> dict | None:
+    """metrics.json of a run whose training ended (all `train.epochs`, or stopped early) and was
+    evaluated; None when there is something left to do."""
+    from cnnlab.training import checkpoint as ckpt
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        state = ckpt.load(run_dir / "checkpoints" / "last.pt")["state"]
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if not isinstance(metrics, dict) or "test" not in metrics:
+        return None
+    return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None
