@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -27,6 +29,38 @@ class ConfigError(InputError, ValueError):
     """A config that cannot be run: the message says which key, which value, and what to do."""
 
     label = "config error"
+
+
+# The largest square side an image is resized to (data.image_size) or probed at (`cnnlab summary
+# --input`): 8192 x 8192 = 67 M pixels, under Pillow's decompression-bomb limit of 89 M.
+MAX_IMAGE_SIDE = 8192
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
+                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique(text: str) -> Any:
+    """What yaml.safe_load(text) returns (the same SafeLoader, no Python tags), refusing duplicate keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 # the choices of each key that takes one of a few words (did-you-mean on a typo)
@@ -184,6 +218,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # .inf / .nan: every number here is finite
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None:
@@ -335,8 +371,9 @@ class _Loader(yaml.SafeLoader):
     study grids alike; YAML 1.2 (and everyone) reads a number. Every config value is read through it."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                              list("-+0123456789."))
+for _cls in (_Loader, _UniqueKeyLoader):  # overrides and config files alike
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                               list("-+0123456789."))
 
 
 def load_yaml(text: str) -> Any:
@@ -415,10 +452,15 @@ def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = load_yaml(path.read_text(encoding="utf-8"))
+        tree = _load_unique(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML (only plain YAML is read, no Python tags): {e}") from None
     if tree is None:
@@ -500,7 +542,17 @@ def load(source: str | Path | dict | Config | None = None, overrides: list[str] 
 
     tree = apply_overrides(copy.deepcopy(tree), overrides)
     keys = tuple(overrides) if isinstance(overrides, dict) else tuple(o.split("=", 1)[0].strip() for o in overrides or ())
-    return from_dict(tree, where=where, overridden=keys if where != "config" else ())
+    return expand_user(from_dict(tree, where=where, overridden=keys if where != "config" else ()))
+
+
+def expand_user(cfg: Config) -> Config:
+    """`~` and `~user` in output.dir and data.root mean a home folder, as in a shell (never a folder named '~')."""
+    root = os.path.expanduser(cfg.data.root) if cfg.data.root else cfg.data.root
+    out = os.path.expanduser(cfg.output.dir)
+    if root == cfg.data.root and out == cfg.output.dir:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root),
+                               output=dataclasses.replace(cfg.output, dir=out))
 
 
 def replace(cfg: Config, overrides: dict | list[str]) -> Config:
@@ -526,6 +578,8 @@ def validate(cfg: Config) -> None:
                 _check(val < 1, key, val, "a fraction must be below 1 (or give a whole count)")
     _check(d.limit_train is None or d.limit_train > 0, "data.limit_train", d.limit_train, "must be > 0")
     _check(d.image_size is None or d.image_size > 0, "data.image_size", d.image_size, "must be > 0")
+    _check(d.image_size is None or d.image_size <= MAX_IMAGE_SIDE, "data.image_size", d.image_size,
+           f"at most {MAX_IMAGE_SIDE} (a {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 67 M pixels per image)")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")

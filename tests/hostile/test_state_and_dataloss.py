@@ -5,6 +5,7 @@ key or member named) and that nothing already on disk is lost. Classes of hostil
 
 - study variation names that are not plain folder names (`..`, `.`, `a/b`): would delete output.dir
 - study run paths that land on folders cnnlab did not make: would be replaced by run folders
+- a study folder that is not one (a folder of the user's at output.dir/output.name): would be written into
 - `cnnlab report` pointed at a folder that is not a run folder: would delete its plots, overwrite report.*
 - a data set changed behind the decoded cache (one file replaced): would train on stale pixels
 - a corrupted decoded-cache entry (noise, all-0xFF bytes, wrong shape, wrong type): would train on garbage
@@ -106,6 +107,7 @@ def test_study_variation_names_must_be_plain_folder_names(tmp_path, bad, capsys)
 
 def test_study_refuses_run_paths_on_folders_it_did_not_make(tmp_path, capsys):
     out = tmp_path / "out" / "st"
+    assert cli.main(["train", str(study_config(tmp_path, {"main": {}}))]) == 0
     user = image_tree(out / "cats", n_per_class=2, classes=("tabby",))  # the user's images, where a run goes
     cfg = study_config(tmp_path, {"main": {}, "cats": {"optim.lr": 0.02}})
     assert cli.main(["train", str(cfg)]) == 2
@@ -119,6 +121,17 @@ def test_study_refuses_run_paths_on_folders_it_did_not_make(tmp_path, capsys):
     (out / "main" / "checkpoints" / "last.pt").unlink()
     assert cli.main(["train", str(cfg)]) == 0
     assert (out / "main" / "metrics.json").is_file()
+
+
+def test_study_refuses_a_study_folder_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "out" / "st"
+    mine.mkdir(parents=True)
+    (mine / "study.html").write_text("my own page")
+    cfg = study_config(tmp_path, {"main": {}, "fast": {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "not a study folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["study.html"]
+    assert (mine / "study.html").read_text() == "my own page"
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

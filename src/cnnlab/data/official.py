@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,10 +99,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file (gzipped or not) as an array, after checking its header against its size."""
     data = Path(path).read_bytes()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:  # a cut download, a damaged .gz
+            raise ValueError(f"{path}: not a complete gzip file ({type(e).__name__}: {e}); delete it to "
+                             "download it again, or replace it") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4].hex()})")
     nd = data[3]
+    if len(data) < 4 + 4 * nd:
+        raise ValueError(f"{path}: the IDX header announces {nd} dimensions but the file ends after "
+                         f"{len(data)} bytes; it is truncated or damaged")
     dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
     dtype = np.dtype(_IDX_TYPES[data[2]])
     body = memoryview(data)[4 + 4 * nd:]

@@ -9,6 +9,7 @@ mean/std are data/stats.py's definitions; the cache folder is base.cache_dir(), 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from cnnlab.config import DataConfig
+from cnnlab.config import ConfigError, DataConfig
 from cnnlab.data.catalog import DATASETS
 from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, open_image
 from cnnlab.data.stats import split_channels, training_stats
@@ -67,6 +68,9 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     if not amount:
         return idx, idx[:0]
     k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k == 0:
+        raise ConfigError(f"data.{what}={amount!r} is {amount * n:.2g} of the {n} training images, which rounds "
+                          f"to none; hold out at least one image (or set it to 0 for none)")
     if k >= n:
         raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
     counts = np.bincount(labels)
@@ -80,12 +84,12 @@ def _file_key(files: list[str], channels: int, size: int | None) -> str:
     """The cache key of decoded files: the preprocessing, and every file's path and identity: a file's size,
     mtime and ctime in nanoseconds, a zip member's size and CRC-32 from the archive's index (a content hash
     for free). Any replaced, edited or touched file changes the key."""
-    from cnnlab.data.base import ZIP_SEP, _open_zip
+    from cnnlab.data.base import _open_zip, split_ref
 
     h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}".encode())
     for f in files:
-        if ZIP_SEP in f:
-            archive, member = f.split(ZIP_SEP, 1)
+        if (parts := split_ref(f)) is not None:  # a zip member (a plain file may have '::' in its name)
+            archive, member = parts
             try:
                 info = _open_zip(archive).getinfo(member)
                 stamp = f"{info.file_size}|{info.CRC}"
@@ -165,10 +169,21 @@ def _read_cache(path: Path, n: int, channels: int, size: int | None) -> torch.Te
 
 
 def _write_cache(path: Path, images: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a decoded cache entry atomically. A full or unwritable disk costs only the cache: the
+    temporary file is removed and training goes on without it, with a warning."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(f"cnnlab: warning: cannot write the decoded-image cache {path} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); going on without it (set CNNLAB_CACHE to a folder "
+              "with free space to cache decoded images)", file=sys.stderr, flush=True)
 
 
 def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None) -> torch.Tensor:
@@ -221,6 +236,13 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
 
 
+def _image_hw(s: ImageSet) -> tuple[int, int]:
+    if s.images is not None:
+        return int(s.images.shape[-2]), int(s.images.shape[-1])
+    w, h = open_image(s.files[0]).size
+    return h, w
+
+
 def open_source(name: str, *, root: str | None = None, download: bool = True, options: dict | None = None,
                 paths: bool = False) -> DataSource:
     """The registered data set `name`, opened from `root` (downloading when allowed) with its options.
@@ -235,6 +257,13 @@ def open_source(name: str, *, root: str | None = None, download: bool = True, op
         if not paths:
             raise
         raise UnknownNameError(f"{name!r} is neither a path that exists nor a data set name: {e}") from None
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # those with **options check their own
+        takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "download"]
+        for key in options or {}:
+            if key not in takes:
+                raise ConfigError(f"data.options.{key}: data set {name!r} takes no option {key!r} "
+                                  f"(it takes: {', '.join(takes) or 'none'})")
     return fn(root, download=download, **(options or {}))
 
 
@@ -272,6 +301,12 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         notes.append("this data set has no test split: the final evaluation uses the validation split")
 
     channels = d.channels or split_channels(src.train)
+    if not d.image_size:  # the models take square images; a mid-run shape error would be the alternative
+        h, w = _image_hw(src.train)
+        if h != w:
+            first = f" ({src.train.files[0]})" if src.train.files else ""
+            raise ConfigError(f"data.image_size is not set and the images are {w}x{h} (width x height){first}, "
+                              "not square; set data.image_size to resize them all to a square")
     sets = {"train": train, "val": val, "test": test}
     pixels = sum(len(s) for s in sets.values() if s is not None) * channels * (d.image_size or 64) ** 2
     memory = want_memory if want_memory is not None else (

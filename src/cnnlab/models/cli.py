@@ -25,6 +25,11 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         parts = [parts[0], parts[1], parts[1]]
     if len(parts) != 3 or min(parts) < 1:
         raise InputError(f"--input={text!r}: expected CxHxW such as 3x32x32 (or a side such as 32)")
+    from cnnlab.config import MAX_IMAGE_SIDE
+
+    if max(parts[1:]) > MAX_IMAGE_SIDE or parts[0] > 4096:
+        raise InputError(f"--input={text!r}: at most {MAX_IMAGE_SIDE} pixels a side (and 4096 channels), as "
+                         "data.image_size")
     return tuple(parts)
 
 
@@ -46,11 +51,13 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
     from cnnlab import config as C
     from cnnlab.models import build_model, transfer
     from cnnlab.models._registry import library_of
+    from cnnlab.models.build import check_name
     from cnnlab.models.zoo import default_input
 
     notes = []
     is_file = target.endswith((".yaml", ".yml")) or Path(target).is_file()
     cfg = C.load(target if is_file else {"model": {"name": target}}, overrides)
+    check_name(cfg.model.name)  # model.name='nett1': ... Did you mean 'net1'?
     c, h, w = default_input(cfg.model.name)
     n_classes = classes
     if is_file:

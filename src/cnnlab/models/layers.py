@@ -107,6 +107,10 @@ def build_layers(specs: list, *, num_classes: int, in_channels: int, input_size:
                 mod = nn.Linear(x.shape[1], out, bias=kw.pop("bias", True))
         except KeyError as e:
             raise LayerSpecError(f"{where}: missing argument {e.args[0]!r}") from None
+        except (TypeError, ValueError, RuntimeError) as e:  # conv: [1, 2], out: -5, k: x
+            raise LayerSpecError(f"{where}: bad value in {spec!r}: {e}") from None
+        if kind in ("conv", "linear") and mod.weight.shape[0] < 1:
+            raise LayerSpecError(f"{where}: {spec!r} has no outputs; 'out' must be >= 1")
         if kw:
             raise LayerSpecError(f"{where}: unknown argument(s) {', '.join(map(repr, kw))}")
         try:

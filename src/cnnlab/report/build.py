@@ -27,26 +27,53 @@ TEXT_COLS = {"id", "target_name", "pred_name"}
 # Reading a run folder (every file optional except what the caller needs)
 
 
+class RunFileError(InputError, ValueError):
+    """A file of a run folder that exists but cannot be read back (damaged, cut, edited by hand)."""
+
+
 def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing."""
+    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing.
+    A damaged file (not UTF-8, a number column holding text) raises RunFileError naming it."""
     if not path.is_file():
         return []
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            out = {}
-            for k, v in r.items():
-                if k in TEXT_COLS or v is None:
-                    out[k] = v
-                elif k in INT_COLS:
-                    out[k] = int(float(v)) if v not in ("", None) else None
-                else:
-                    try:
-                        out[k] = float(v) if v != "" else float("nan")
-                    except ValueError:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                out = {}
+                for k, v in r.items():
+                    if k is None:  # more cells than the header has columns
+                        raise ValueError(f"row {len(rows) + 2} has more cells than the header")
+                    if k in TEXT_COLS:
                         out[k] = v
-            rows.append(out)
+                    elif v is None or v == "":  # a short (cut) row
+                        out[k] = None if k in INT_COLS else float("nan")
+                    elif k in INT_COLS:
+                        out[k] = int(float(v))
+                    else:
+                        try:
+                            out[k] = float(v)
+                        except ValueError:
+                            out[k] = v
+                rows.append(out)
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise RunFileError(f"{path}: damaged, cannot be read back ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
     return rows
+
+
+def read_json(path: Path) -> dict | None:
+    """A run folder's JSON file as a dict; None when missing; RunFileError naming it when damaged."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFileError(f"{path}: damaged, not readable JSON ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path}: damaged, expected a JSON object ({{...}}), found a {type(obj).__name__}")
+    return obj
 
 
 def columns(rows: list[dict]) -> dict:
@@ -54,11 +81,7 @@ def columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
+_json = read_json
 
 
 def load_run(run_dir: str | Path) -> dict:

@@ -174,6 +174,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
 
         process.setup(cfg)  # the process group, before rank 0 plans and broadcasts
     if main:
+        _check_study_folder(root)
         root.mkdir(parents=True, exist_ok=True)
     with _lock(root) if main else contextlib.nullcontext():
         todo, status = _plan_todo(root, cfg, planned, base, executor, config_path, overrides, say) if main else ([], {})
@@ -200,6 +201,18 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         raise StudyError(f"{len(failures)} of {len(planned)} runs of {root} failed:\n{lines}\n"
                          "Fix the cause and run the same command again: finished runs are kept.")
     return out
+
+
+def _check_study_folder(root: Path) -> None:
+    """A study writes study.*, configs/, logs/ and a folder per run into its folder: refuse an existing folder
+    that holds other things and is not a study's (no study.yaml / study.json), before anything is written."""
+    if not root.is_dir() or (root / "study.yaml").is_file() or (root / "study.json").is_file():
+        return
+    other = sorted(p.name for p in root.iterdir() if p.name not in (".lock", ".cnnlab-run"))
+    if other:
+        raise C.ConfigError(f"{root}: not a study folder (no study.yaml or study.json; it holds "
+                            f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); a study writes its files and "
+                            "one folder per run there. Choose another output.dir or output.name; nothing was changed.")
 
 
 def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:

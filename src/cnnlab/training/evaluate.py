@@ -56,17 +56,21 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     data_classes = splits.classes
     splits = map_classes(splits, saved["classes"])
-    c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    c = ckpt.load(path)
     device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
-    logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
+    # foreign, damaged or NaN weights are refused here, before evals/<n>/ exists
+    logits, targets = training.evaluate_weights(cfg, splits, c.get("model"), device, source=path)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)
     n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])
     dest = out / str(n)
     dest.mkdir()
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
+    state = c.get("state")
     result = {"checkpoint": which,
-              **({"data_classes": data_classes} if data_classes != splits.classes else {}), "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
+              **({"data_classes": data_classes} if data_classes != splits.classes else {}),
+              "epoch": state.get("epoch") if isinstance(state, dict) else None, "data": C.to_dict(cfg.data),
               "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
     experiment.write_json(dest / "metrics.json", result)
     return {"dir": str(dest), **result}

@@ -157,11 +157,12 @@ def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: boo
     return dist.gather_rows(logits).cpu(), dist.gather_rows(targets).cpu()
 
 
-def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.device, *,
+                     source: str | Path = "the weights") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of `splits.eval_set` for a state dict, in the layout and precision it trained in
-    (the final evaluation of a run and `cnnlab eval` alike)."""
+    (the final evaluation of a run and `cnnlab eval` alike). Weights that do not fit are refused naming `source`."""
     model = build_for(cfg, splits)
-    model.load_state_dict(weights)
+    ckpt.load_weights(model, weights, source)
     model.to(device)
     channels_last = use_channels_last(cfg, model, device)
     if channels_last:

@@ -132,9 +132,10 @@ class TrainState:
                 "lookahead": self.lookahead.state_dict() if self.lookahead is not None and not best else None,
                 "state": asdict(self.progress), "rng": ckpt.rng_state(), "format": CHECKPOINT_FORMAT}
 
-    def load_state_dict(self, c: dict) -> None:
-        """Restore everything `state_dict` saved, the RNG states included (a resumed run continues exactly)."""
-        self.model.load_state_dict(c["model"])
+    def load_state_dict(self, c: dict, *, source: str | Path = "the checkpoint") -> None:
+        """Restore everything `state_dict` saved, the RNG states included (a resumed run continues exactly);
+        weights that are not finite or do not fit the model are refused naming `source`."""
+        ckpt.load_weights(self.model, c.get("model"), source)
         self.opt.load_state_dict(c["optimizer"])
         self.sched.load_state_dict(c["scheduler"])
         if self.scaler is not None and c.get("scaler"):
@@ -177,7 +178,13 @@ class TrainState:
             why = f"it has no {', '.join(map(repr, missing))}" if missing else f"format {c.get('format')!r}"
             raise ckpt.CheckpointError(f"{path}: not a cnnlab training checkpoint of format {CHECKPOINT_FORMAT} "
                                        f"({why}); cannot resume from it")
-        self.load_state_dict(c)
+        try:
+            self.load_state_dict(c, source=path)
+        except ckpt.CheckpointError:
+            raise
+        except Exception as e:  # a damaged or foreign last.pt: refused before anything is truncated or trained
+            raise ckpt.CheckpointError(f"{path}: refused, cannot resume from it ({type(e).__name__}: {e}); "
+                                       "history.csv and the checkpoints are left as they were") from None
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
