@@ -80,7 +80,7 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
     ts = T.TrainState(model, opt, sched, cfg=cfg, device=dev)
     marks = {}
     with dist.SignalGuard() as guard:
-        for step, _, _ in T.train_one_epoch(ts, model, b, epoch_order(len(splits.train), 0, 0), normalize=norm,
+        for step, *_ in T.train_one_epoch(ts, model, b, epoch_order(len(splits.train), 0, 0), normalize=norm,
                                             cfg=cfg, guard=guard):
             if step in (3, batches + 3):
                 marks[step] = time.perf_counter()

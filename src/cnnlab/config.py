@@ -66,6 +66,7 @@ def _load_unique(text: str) -> Any:
 # the choices of each key that takes one of a few words (did-you-mean on a typo)
 PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's padding_mode
 LoaderKind = Literal["auto", "memory", "stream"]
+ValFrom = Literal["random", "last"]  # validation: stratified random, or the last N images in order
 InitScheme = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"]
 OptimName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "step", "cosine", "onecycle"]
@@ -89,6 +90,7 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None  # folder / zip / where downloads go (default ~/.cache/cnnlab/<name>)
     val_split: float | int = 0.1  # fraction (< 1) or count of the training split held out
+    val_from: ValFrom = "random"  # random (stratified) | last: the last N training images, in the data set's order
     test_split: float | int | None = None  # carve a test split from train when the set has none
     split_seed: int = 0  # seed of the val/test carving: fixed apart from train.seed, so repeats share splits
     limit_train: int | None = None  # use only this many (stratified) training images
@@ -124,6 +126,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    # weight decay on biases and norm parameters too (as torch.optim's weight_decay on model.parameters()
+    # does, e.g. experiment 4's L2); off = conv/linear weights only, as is standard
+    decay_bias_and_norm: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     # learning-rate multiplier for batch-norm parameters (airbench trains BN biases 64x faster: 94% in
     # 18 instead of 22 epochs); like every 1-D parameter they are not weight-decayed

@@ -35,7 +35,12 @@ def _source(args):
     """The data set the command names: a registered name or a folder / .zip path (pipeline.open_source)."""
     from cnnlab.data.pipeline import open_source
 
-    return open_source(args.data, root=args.root, download=args.download, options=_options(args.option), paths=True)
+    try:
+        return open_source(args.data, root=args.root, download=args.download, options=_options(args.option),
+                           paths=True)
+    except FileNotFoundError as e:  # the loaders name config keys; this command's flags stand for them here
+        text = str(e).replace("set data.download: true", "drop --no-download").replace("data.root", "--root")
+        raise FileNotFoundError(text) from None
 
 
 def _stats(args) -> int:

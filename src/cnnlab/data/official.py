@@ -63,11 +63,11 @@ def _missing(name: str, places: list[Path], files: list[str], get: str) -> FileN
     where = ", ".join(str(p) for p in places)
     return FileNotFoundError(
         f"data set {name!r}: {', '.join(files)} not found (looked in {where}) and download is off. "
-        f"To get it: {get}; or put the files in data.root (--root).")
+        f"To get it: {get}; or put the files in data.root.")
 
 
 def _fetch_hint(url: str) -> str:
-    return f"set data.download: true (drop --no-download) to fetch {url}, checksum-verified"
+    return f"set data.download: true to fetch {url}, checksum-verified"
 
 
 def _options(name: str, options: dict, **defaults):

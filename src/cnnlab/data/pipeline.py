@@ -80,6 +80,16 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     return np.sort(keep), np.sort(held)
 
 
+def carve_last(labels: np.ndarray, amount: float | int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The last `amount` (a fraction or a count) of range(len(labels)) held out, in the data set's order,
+    as the classic CIFAR-10 split (the first 49,000 images train, the last 1,000 validate)."""
+    n = len(labels)
+    k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k >= n:
+        raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
+    return np.arange(n - k), np.arange(n - k, n)
+
+
 def _file_key(files: list[str], channels: int, size: int | None) -> str:
     """The cache key of decoded files: the preprocessing, and every file's path and identity: a file's size,
     mtime and ctime in nanoseconds, a zip member's size and CRC-32 from the archive's index (a content hash
@@ -289,7 +299,16 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         if not d.val_split:
             raise ValueError("data.val_split is 0 and the data set has no val split: a validation split is needed "
                              "to choose the best epoch")
-        keep, held = carve(train.labels, d.val_split, split_seed + 1, "val_split")
+        if d.val_from == "last":
+            keep, held = carve_last(train.labels, d.val_split, "val_split")
+            missing = sorted(set(range(len(src.classes))) - set(train.labels[held].tolist()))
+            if missing:
+                notes.append(f"data.val_from=last: the last {len(held)} images hold no image of "
+                             f"{len(missing)} classes ({', '.join(src.classes[i] for i in missing[:5])}"
+                             f"{', ...' if len(missing) > 5 else ''}); the files are in class order, so "
+                             "data.val_from=random (stratified) would suit this data set better")
+        else:
+            keep, held = carve(train.labels, d.val_split, split_seed + 1, "val_split")
         indices["val"] = base_index[held]
         val, train, base_index = train.subset(held), train.subset(keep), base_index[keep]
     if d.limit_train and d.limit_train < len(train):

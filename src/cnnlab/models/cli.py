@@ -75,6 +75,9 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
                      "(set data.image_size to override)")
     if input_text:
         c, h, w = parse_shape(input_text)
+    if n_classes is None:
+        notes.append("assumed 10 classes" + (" (the data set could not be read)" if is_file else
+                                             " (a model name gives none)") + "; --classes N to change")
     n_classes = n_classes or 10
     mcfg = cfg.model
     if mcfg.pretrained and library_of(mcfg.name)[0] != "timm":  # shapes and counts do not depend on the values

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.analysis.gradients import GRADS_FILE, layer_grad_norms
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import runlog
@@ -78,9 +79,9 @@ def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, r
 
 
 def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, normalize, cfg: Config,
-                    guard: dist.SignalGuard) -> Iterator[tuple[int, float, int | None]]:
+                    guard: dist.SignalGuard) -> Iterator[tuple[int, float, float, int | None]]:
     """One pass over the training split from `ts.progress.batch_in_epoch`, updating `ts` as it goes;
-    `net` is `ts.model` as the steps run it (DDP, torch.compile). Yields (step, mean loss, stop code)
+    `net` is `ts.model` as the steps run it (DDP, torch.compile). Yields (step, mean loss, accuracy, stop code)
     after each optimizer step; the stop code (143 / 130) says a signal reached some rank.
 
     A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
@@ -131,7 +132,8 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         state.step = step
         state.batch_in_epoch += 1
         stop = 143 if stats[3] > 0 else 130 if stats[4] > 0 else None
-        yield step, stats[0].item() / max(1.0, stats[2].item()), stop
+        seen = max(1.0, stats[2].item())
+        yield step, stats[0].item() / seen, stats[1].item() / seen, stop
 
 
 @torch.no_grad()
@@ -272,13 +274,19 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     state.epoch_seconds = 0.0
                 started, seconds_before = time.perf_counter(), state.epoch_seconds  # (a resumed epoch's earlier part)
                 order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
-                for step, loss, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
+                for step, loss, acc, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
                                                         guard=guard):
                     state.epoch_seconds = seconds_before + time.perf_counter() - started  # saved with a checkpoint
                     bar.step(step, loss)
                     if main and step % t.log_every == 0:
                         runlog.append_row(run_dir / "steps.csv", {"step": step, "epoch": state.epoch + 1,
-                                                                  "loss": runlog.fmt(loss), "lr": runlog.fmt(ts.lr())})
+                                                                  "loss": runlog.fmt(loss), "acc": runlog.fmt(acc),
+                                                                  "lr": runlog.fmt(ts.lr())})
+                        # this step's gradients (unscaled by the optimizer step; averaged over ranks under DDP)
+                        norms = layer_grad_norms(model)
+                        if norms:
+                            runlog.append_row(run_dir / GRADS_FILE, {"step": step, "epoch": state.epoch + 1,
+                                                                     **{k: runlog.fmt(v) for k, v in norms.items()}})
                         if tb is not None:
                             tb.scalars({"step/loss": loss, "step/lr": ts.lr()}, step)
                     if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
@@ -345,7 +353,7 @@ def _init_sample(splits: Splits, train_b: Batches) -> torch.Tensor:
 def _clean_interrupted_saves(run_dir: Path, ckdir: Path) -> None:
     """Remove what a kill during a save left: temporary checkpoint files and log files being rewritten."""
     stale = ckpt.clean_stale_tmp(ckdir)
-    for name in (".history.csv.tmp", ".steps.csv.tmp"):  # a kill during runlog.truncate_after
+    for name in (".history.csv.tmp", ".steps.csv.tmp", f".{GRADS_FILE}.tmp"):  # a kill during runlog.truncate_after
         (run_dir / name).unlink(missing_ok=True)
     if stale:
         print(f"removed {len(stale)} temporary file(s) of an interrupted save in {ckdir}: {', '.join(stale)}",
