@@ -8,7 +8,7 @@ from torch import nn
 
 from cnnlab.config import ModelConfig
 from cnnlab.models import MODELS, ModelConfigError, build_model, count_params
-from cnnlab.models import transfer
+from cnnlab.models import hooks, transfer
 from cnnlab.models.summary import summarize
 from cnnlab.models.zoo import default_input
 
@@ -45,6 +45,55 @@ def test_classic_parameter_counts(name, expected):
     assert count_params(model) == expected
 
 
+@pytest.mark.parametrize("name, kw, expected", [
+    ("cifar_5x5", {"batchnorm": True}, 391_006),                       # experiment 2, Network 1
+    ("cifar_5x5", {"dropout": 0.05}, 390_410),                         # Network 2: dropout adds no parameters
+    ("lenet5", {}, 62_006),                                            # experiment 4, LeNet main on 3x32x32
+    ("lenet5", {"batchnorm": True}, 62_458),                           # LeNet batch norm
+    ("cifar_5x5", {"batchnorm": True, "options": {"batchnorm_fc": "hidden"}}, 391_006 - 20),
+    ("cifar_5x5", {"batchnorm": True, "options": {"batchnorm_fc": "none"}}, 390_410 + 448),
+])
+def test_classic_switch_parameter_counts(name, kw, expected):
+    model = build_model(ModelConfig(name=name, **kw), num_classes=10, in_channels=3, input_size=32)
+    assert count_params(model) == expected
+
+
+def test_lenet_batchnorm_and_convnet_dropout_placements():
+    lenet = build_model(ModelConfig(name="lenet5", batchnorm=True), num_classes=10, in_channels=3, input_size=32)
+    assert [type(m).__name__ for m in lenet] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2 + \
+        ["Flatten"] + ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+    # experiment 3's improved model: dropout after each pool and one more after the first fc's ReLU
+    net = build_model(ModelConfig(name="cifar_convnet", dropout=0.5, options={"dropout_fc": 0.5}), num_classes=10,
+                      in_channels=3, input_size=32)
+    kinds = [type(m).__name__ for m in net]
+    assert kinds[kinds.index("Flatten"):] == ["Flatten", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [i for i, k in enumerate(kinds) if k == "Dropout"] == [i + 1 for i, k in enumerate(kinds) if k == "MaxPool2d"] \
+        + [len(kinds) - 2]
+    with pytest.raises(ValueError, match="model.options.batchnorm_fc='last'"):
+        build_model(ModelConfig(name="cifar_5x5", options={"batchnorm_fc": "last"}), num_classes=10, in_channels=3,
+                    input_size=32)
+
+
+def test_layer_lists_take_any_torch_activation_and_residual_blocks():
+    from cnnlab.models.layers import LayerSpecError, build_layers
+
+    m = build_layers([{"conv": 8}, {"elu": {"alpha": 0.5}}, "silu", "mish", {"leaky_relu": 0.1}, "selu", "prelu",
+                      {"basic_block": {"out": 16, "stride": 2}}, {"basic_block": 16}, "global_avgpool",
+                      {"linear": 12}, "batchnorm", "gelu", {"linear": "classes"}],
+                     num_classes=5, in_channels=3, input_size=16)
+    names = [type(x).__name__ for x in m]
+    assert names[1:7] == ["ELU", "SiLU", "Mish", "LeakyReLU", "SELU", "PReLU"] and m[1].alpha == 0.5
+    assert m[4].negative_slope == 0.1
+    assert names[7:9] == ["BasicBlock", "BasicBlock"] and m[7].downsample is not None and m[8].downsample is None
+    assert isinstance(m[-3], nn.BatchNorm1d) and m[-3].num_features == 12
+    assert m(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
+    with pytest.raises(LayerSpecError, match="Did you mean 'silu'"):
+        build_layers(["sulu", {"linear": "classes"}], num_classes=2, in_channels=1, input_size=4)
+    with pytest.raises(LayerSpecError, match="upto='layer5'.*layer4"):
+        build_layers([{"torchvision": {"model": "resnet18", "upto": "layer5"}}, {"linear": "classes"}],
+                     num_classes=2, in_channels=3, input_size=32)
+
+
 def test_options_change_the_nets():
     n1 = build_model(ModelConfig(name="net1"), num_classes=5, in_channels=3, input_size=64)
     n1p = build_model(ModelConfig(name="net1", padding=1), num_classes=5, in_channels=3, input_size=64)
@@ -56,7 +105,12 @@ def test_options_change_the_nets():
     bn = build_model(ModelConfig(name="cifar_5x5", batchnorm=True, dropout=0.3), num_classes=10, in_channels=3,
                      input_size=32)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 3
-    assert [m.p for m in bn.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.3]
+    # experiment 2's Network 1 / 2 placements: BN2d after each conv before its ReLU, BN1d after both linear
+    # layers; dropout right after each of the three pools, none in the classifier
+    kinds = [type(m).__name__ for m in bn]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout"] * 3 + \
+        ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert [m.p for m in bn.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.3, 0.3]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in
                build_model(ModelConfig(name="lenet5", batchnorm=True), num_classes=10, in_channels=1,
                            input_size=32).modules()) == 2
@@ -130,7 +184,7 @@ def test_frozen_backbone_only_head_trains_and_backbone_stays_bit_identical(r18_f
     torch.manual_seed(0)
     for _ in range(3):
         model.train()
-        assert transfer.keep_frozen_bn_eval(model) == 20  # every BN of ResNet-18 stays in eval mode
+        assert hooks.keep_frozen_bn_eval(model) == 20  # every BN of ResNet-18 stays in eval mode
         loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.randint(0, 5, (4,)))
         opt.zero_grad()
         loss.backward()
@@ -185,7 +239,7 @@ def test_trainer_hook_keeps_frozen_bn_eval_also_in_copies(r18_file):
     model = _frozen_r18(r18_file[0], freeze="2")
     for m in (model, copy.deepcopy(model)):  # EMA copies the model
         m.train()
-        m._cnnlab_after_train()  # what the trainer calls after model.train()
+        hooks.after_train_mode(m)  # what the loop calls after model.train()
         assert not m.bn1.training and not m.layer1[0].bn1.training and m.layer2[0].bn1.training
 
 

@@ -94,3 +94,23 @@ def test_onecycle_start_end_and_linear_ramps():
     ramp = [b - a for a, b in zip(got[5:], got[6:])]
     assert all(d == pytest.approx(ramp[0]) for d in ramp)  # linear down to lr/5/2 = 0.1 at the last step
     assert got[-1] == pytest.approx(0.1)
+
+
+def test_decay_bias_and_norm_decays_every_parameter():
+    """Experiment 4's L2 (Adam weight_decay on model.parameters()) decays biases and batch-norm parameters
+    too; by default only conv/linear weights are decayed."""
+    from torch import nn as _nn
+
+    from cnnlab.config import OptimConfig
+    from cnnlab.training.optim import build_optimizer
+
+    model = _nn.Sequential(_nn.Conv2d(1, 4, 3), _nn.BatchNorm2d(4), _nn.Flatten(), _nn.Linear(4, 2))
+    n_all = len(list(model.parameters()))
+    for scale in (1.0, 4.0):
+        plain = build_optimizer(model, OptimConfig(name="adam", weight_decay=1e-5, norm_lr_scale=scale))
+        decayed = [p for g in plain.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+        assert len(decayed) == 2  # the conv and linear weights
+        every = build_optimizer(model, OptimConfig(name="adam", weight_decay=1e-5, decay_bias_and_norm=True,
+                                                   norm_lr_scale=scale))
+        assert all(g["weight_decay"] == 1e-5 for g in every.param_groups)
+        assert sum(len(g["params"]) for g in every.param_groups) == n_all

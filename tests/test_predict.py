@@ -230,3 +230,11 @@ def test_eval_maps_classes_by_name(runs, tmp_path):
     shutil.copytree(runs["data"] / "cat", sub / "horse")
     r = cli("eval", runs["memory"], f"data.root={sub}")
     assert r.returncode == 2 and "['horse']" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_evaluate_and_compare_from_python(runs, tmp_path):
+    r = cnnlab.evaluate(runs["stream"], root=str(runs["data"]))
+    m = json.loads((runs["stream"] / "metrics.json").read_text())
+    assert r["test"]["accuracy"] == pytest.approx(m["test"]["accuracy"])  # same data, same checkpoint
+    page = cnnlab.compare([runs["memory"], runs["stream"]], out=tmp_path / "cmp")
+    assert page.is_file() and (tmp_path / "cmp" / "comparison.json").is_file()

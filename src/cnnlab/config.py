@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -29,9 +31,42 @@ class ConfigError(InputError, ValueError):
     label = "config error"
 
 
+# The largest square side an image is resized to (data.image_size) or probed at (`cnnlab summary
+# --input`): 8192 x 8192 = 67 M pixels, under Pillow's decompression-bomb limit of 89 M.
+MAX_IMAGE_SIDE = 8192
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
+                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_unique(text: str) -> Any:
+    """What yaml.safe_load(text) returns (the same SafeLoader, no Python tags), refusing duplicate keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 # the choices of each key that takes one of a few words (did-you-mean on a typo)
 PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's padding_mode
 LoaderKind = Literal["auto", "memory", "stream"]
+ValFrom = Literal["random", "last"]  # validation: stratified random, or the last N images in order
 InitScheme = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"]
 OptimName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "step", "cosine", "onecycle"]
@@ -55,6 +90,7 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None  # folder / zip / where downloads go (default ~/.cache/cnnlab/<name>)
     val_split: float | int = 0.1  # fraction (< 1) or count of the training split held out
+    val_from: ValFrom = "random"  # random (stratified) | last: the last N training images, in the data set's order
     test_split: float | int | None = None  # carve a test split from train when the set has none
     split_seed: int = 0  # seed of the val/test carving: fixed apart from train.seed, so repeats share splits
     limit_train: int | None = None  # use only this many (stratified) training images
@@ -90,6 +126,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
+    # weight decay on biases and norm parameters too (as torch.optim's weight_decay on model.parameters()
+    # does, e.g. experiment 4's L2); off = conv/linear weights only, as is standard
+    decay_bias_and_norm: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     # learning-rate multiplier for batch-norm parameters (airbench trains BN biases 64x faster: 94% in
     # 18 instead of 22 epochs); like every 1-D parameter they are not weight-decayed
@@ -184,6 +223,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # .inf / .nan: every number here is finite
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None:
@@ -238,7 +279,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-5 (no dot) as text
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # a number given as text: "0.5", "1e-5"
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -326,18 +367,39 @@ def to_dict(cfg: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Overrides
+# Values as people write them, and dotted keys (the one definition of each)
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load` that reads `1e-5` as a number. PyYAML follows YAML 1.1, whose floats need a dot
+    (`1.0e-5`), so the value people write would arrive as the text "1e-5", in typed fields, options and
+    study grids alike; YAML 1.2 (and everyone) reads a number. Every config value is read through it."""
+
+
+for _cls in (_Loader, _UniqueKeyLoader):  # overrides and config files alike
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                               list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Plain YAML (no Python tags: _Loader is a SafeLoader, only a resolver added) with YAML 1.2 numbers."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_value(text: str) -> Any:
-    """`key=value` on the command line: the value is read as YAML (`0.1`, `true`, `[1, 2]`, `null`)."""
+    """`key=value` on the command line: the value is read as YAML (`0.1`, `1e-5`, `true`, `[1, 2]`, `null`)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree["a"]["b"] = value for "a.b", making the mappings on the way."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -345,6 +407,29 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node[k] = {}
         node = node[k]
     node[keys[-1]] = value
+
+
+def section(dotted: str) -> type | None:
+    """The config dataclass a dotted key names (`train.early_stop` -> EarlyStopConfig), else None."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+        if not dataclasses.is_dataclass(tp):
+            return None
+    return tp
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested config dict or nested overrides (the inverse of `set_dotted`):
+    config sections are opened, a setting whose value is a mapping (model.options, grid) stays whole."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and section(key) is not None:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
@@ -372,10 +457,15 @@ def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = _load_unique(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML (only plain YAML is read, no Python tags): {e}") from None
     if tree is None:
@@ -457,7 +547,17 @@ def load(source: str | Path | dict | Config | None = None, overrides: list[str] 
 
     tree = apply_overrides(copy.deepcopy(tree), overrides)
     keys = tuple(overrides) if isinstance(overrides, dict) else tuple(o.split("=", 1)[0].strip() for o in overrides or ())
-    return from_dict(tree, where=where, overridden=keys if where != "config" else ())
+    return expand_user(from_dict(tree, where=where, overridden=keys if where != "config" else ()))
+
+
+def expand_user(cfg: Config) -> Config:
+    """`~` and `~user` in output.dir and data.root mean a home folder, as in a shell (never a folder named '~')."""
+    root = os.path.expanduser(cfg.data.root) if cfg.data.root else cfg.data.root
+    out = os.path.expanduser(cfg.output.dir)
+    if root == cfg.data.root and out == cfg.output.dir:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root),
+                               output=dataclasses.replace(cfg.output, dir=out))
 
 
 def replace(cfg: Config, overrides: dict | list[str]) -> Config:
@@ -483,6 +583,8 @@ def validate(cfg: Config) -> None:
                 _check(val < 1, key, val, "a fraction must be below 1 (or give a whole count)")
     _check(d.limit_train is None or d.limit_train > 0, "data.limit_train", d.limit_train, "must be > 0")
     _check(d.image_size is None or d.image_size > 0, "data.image_size", d.image_size, "must be > 0")
+    _check(d.image_size is None or d.image_size <= MAX_IMAGE_SIDE, "data.image_size", d.image_size,
+           f"at most {MAX_IMAGE_SIDE} (a {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 67 M pixels per image)")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")

@@ -5,6 +5,7 @@ key or member named) and that nothing already on disk is lost. Classes of hostil
 
 - study variation names that are not plain folder names (`..`, `.`, `a/b`): would delete output.dir
 - study run paths that land on folders cnnlab did not make: would be replaced by run folders
+- a study folder that is not one (a folder of the user's at output.dir/output.name): would be written into
 - `cnnlab report` pointed at a folder that is not a run folder: would delete its plots, overwrite report.*
 - a data set changed behind the decoded cache (one file replaced): would train on stale pixels
 - a corrupted decoded-cache entry (noise, all-0xFF bytes, wrong shape, wrong type): would train on garbage
@@ -106,6 +107,7 @@ def test_study_variation_names_must_be_plain_folder_names(tmp_path, bad, capsys)
 
 def test_study_refuses_run_paths_on_folders_it_did_not_make(tmp_path, capsys):
     out = tmp_path / "out" / "st"
+    assert cli.main(["train", str(study_config(tmp_path, {"main": {}}))]) == 0
     user = image_tree(out / "cats", n_per_class=2, classes=("tabby",))  # the user's images, where a run goes
     cfg = study_config(tmp_path, {"main": {}, "cats": {"optim.lr": 0.02}})
     assert cli.main(["train", str(cfg)]) == 2
@@ -119,6 +121,17 @@ def test_study_refuses_run_paths_on_folders_it_did_not_make(tmp_path, capsys):
     (out / "main" / "checkpoints" / "last.pt").unlink()
     assert cli.main(["train", str(cfg)]) == 0
     assert (out / "main" / "metrics.json").is_file()
+
+
+def test_study_refuses_a_study_folder_it_did_not_make(tmp_path, capsys):
+    mine = tmp_path / "out" / "st"
+    mine.mkdir(parents=True)
+    (mine / "study.html").write_text("my own page")
+    cfg = study_config(tmp_path, {"main": {}, "fast": {"optim.lr": 0.02}})
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "not a study folder" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["study.html"]
+    assert (mine / "study.html").read_text() == "my own page"
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
@@ -268,14 +281,15 @@ def test_resume_refuses_a_changed_data_set(tmp_path, monkeypatch, capsys):
     for i in range(35, 45):  # ...and 10 added
         Image.fromarray(np.full((8, 8), i, np.uint8), "L").save(tmp_path / "imgs" / "a" / f"{i:03d}.png")
     capsys.readouterr()
-    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert cli.main(["train", "--resume", str(run), "train.epochs=2"]) == 2  # (1 epoch more: not finished)
     err = capsys.readouterr().err
     assert "not what this run started with" in err and "new (e.g." in err and "val: 14 -> " in err, err
     assert (run / "splits.npz").read_bytes() == splits_before
     for i in range(35, 45):  # the same file names again, other pixels: the statistics say so
         (tmp_path / "imgs" / "a" / f"{i:03d}.png").unlink()
-    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert cli.main(["train", "--resume", str(run), "train.epochs=2"]) == 2
     assert "mean" in capsys.readouterr().err
+    assert epochs_of(run) == [1]
 
 
 def test_resume_applies_more_epochs_and_refuses_other_overrides(tmp_path, capsys):
@@ -299,7 +313,7 @@ def test_resume_applies_more_epochs_and_refuses_other_overrides(tmp_path, capsys
     assert (run / "history.csv").read_bytes() == history
 
 
-def test_two_resumes_of_one_run_at_once(tmp_path, capsys):
+def test_two_resumes_of_one_run_at_once(tmp_path):
     cfg = write_config(tmp_path, train={**TINY["train"], "epochs": 100_000})
     run = tmp_path / "runs" / "tiny"
     first = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", str(cfg)], stdout=subprocess.PIPE,
@@ -309,14 +323,13 @@ def test_two_resumes_of_one_run_at_once(tmp_path, capsys):
         while not (run / "history.csv").is_file():
             assert first.poll() is None and time.time() < deadline, first.stdout.read()
             time.sleep(0.2)
-        second = cli.main(["train", "--resume", str(run)])  # (in this process: saves an import of torch)
+        second = cnnlab("train", "--resume", run)  # (a process with a timeout: without the lock it trains on)
         assert first.poll() is None  # the first one was still training all along
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
-    err = capsys.readouterr().err
-    assert second == 1, err
-    assert "another cnnlab process is training" in err and str(run) in err
+    assert second.returncode == 1, second.stderr
+    assert "another cnnlab process is training" in second.stderr and str(run) in second.stderr
     epochs = epochs_of(run)
     assert epochs == list(range(1, len(epochs) + 1))  # every epoch once
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from cnnlab.analysis import failures
+
 MARGIN = 3.0
 SEVERITIES = ("error", "warning", "ok", "info")  # the order findings are shown in
 
@@ -155,6 +157,9 @@ def _dead_classes(summary: dict) -> list[Finding]:
         went = (f"its {support[i]} images went to other classes, most often '{names[j]}' ({cm[i, j]})"
                 if cm[i, j] > 0 else f"it has {support[i]} images")
         if predicted[i] == 0:
+            others = [cm[j, j] / support[j] for j in range(len(names)) if j != i and support[j]]
+            went += (f"; the other classes are learnt ({_pct(float(np.mean(others)))} of their images right on "
+                     "average)" if others else "")
             out.append(Finding(
                 "error", "dead_class", f"Class '{name}' is never predicted",
                 f"No image of the evaluated split is labelled '{name}' by the model; {went}. A class that is "
@@ -360,17 +365,23 @@ def _calibration(summary: dict) -> list[Finding]:
 
 
 def diagnose(history: dict | None, summary: dict | None, *, steps: dict | None = None,
-             data_info: dict | None = None, best_epoch: int | None = None) -> list[Finding]:
+             data_info: dict | None = None, best_epoch: int | None = None, grads: dict | None = None) -> list[Finding]:
     """All findings for a run, most severe first.
 
-    history / steps: columns of history.csv / steps.csv as {name: sequence}; summary: metrics.summary(...).
+    history / steps / grads: columns of history.csv / steps.csv / grads.csv as {name: sequence};
+    summary: metrics.summary(...).
     """
     out: list[Finding] = []
     out += _divergence(steps, history)
     if history:
         out += _overfitting(history, best_epoch)
         out += _underfitting(history, len(summary["per_class"]) if summary else 2)
-    if summary:
+    out += failures.gradient_findings(grads)
+    collapsed = failures.collapse(summary, history) if summary else None
+    if collapsed:  # per-class findings would blame the labels for a training failure
+        out.append(failures.collapse_finding(collapsed, grads))
+        out += _calibration(summary)
+    elif summary:
         dead = _dead_classes(summary)
         out += dead
         out += _weak_classes(summary, {f.data["index"] for f in dead})

@@ -111,7 +111,8 @@ def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     z = float(_st.norm.ppf(0.5 + level / 2))
     p, z2 = k / n, z * z / n
     centre, half = (p + z2 / 2) / (1 + z2), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n)) / (1 + z2)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds k/n exactly (in floating point too: at k = 0 the lower end rounded to +3e-17)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def describe(values, level: float = 0.95) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -14,6 +15,23 @@ from PIL import Image
 from cnnlab.errors import InputError
 
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
+
+
+def cache_dir() -> Path:
+    """Where cnnlab keeps what it downloads and decodes: $CNNLAB_CACHE, else ~/.cache/cnnlab. Read at
+    each call, so setting the variable takes effect at any time."""
+    return Path(os.environ.get("CNNLAB_CACHE") or "~/.cache/cnnlab").expanduser()
+
+
+class DataFileError(InputError, ValueError):
+    """A data file (or zip member) that cannot be read or decoded; the message starts with its name."""
+
+
+def split_ref(ref: str) -> tuple[str, str] | None:
+    """'archive.zip::member' -> ('archive.zip', 'member'); None for a plain path. Only a '::' right after
+    '.zip' separates, so a file named 'shot::1.png' (legal on Linux and macOS) is a plain path."""
+    i = ref.lower().find(".zip" + ZIP_SEP)
+    return None if i < 0 else (ref[:i + 4], ref[i + 4 + len(ZIP_SEP):])
 
 
 @dataclass
@@ -72,7 +90,11 @@ class DataSource:
 
 @lru_cache(maxsize=16)
 def _open_zip(path: str) -> zipfile.ZipFile:
-    return zipfile.ZipFile(path)
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:  # not a zip, empty, truncated
+        raise DataFileError(f"{path}: not a readable zip archive ({e}); is it complete? "
+                            "(`unzip -t` tests it)") from None
 
 
 MAX_MEMBER_BYTES = 1 << 30  # no image file needs more (Pillow's pixel limit is ~270 MB of RGB)
@@ -94,13 +116,20 @@ def check_member(info: zipfile.ZipInfo, archive: str) -> None:
 
 
 def read_bytes(ref: str) -> bytes:
-    if ZIP_SEP in ref:
-        archive, member = ref.split(ZIP_SEP, 1)
-        zf = _open_zip(archive)
-        info = zf.getinfo(member)
-        check_member(info, archive)
+    """The bytes of a file or zip member. A member whose size no image has is refused before it is read
+    (ZipBombError); a damaged one (bad CRC, encrypted, unknown compression) raises DataFileError naming it;
+    a missing member KeyError, a missing file OSError."""
+    parts = split_ref(ref)
+    if parts is None:
+        return Path(ref).read_bytes()
+    archive, member = parts
+    zf = _open_zip(archive)
+    info = zf.getinfo(member)
+    check_member(info, archive)
+    try:
         return zf.read(info)
-    return Path(ref).read_bytes()
+    except Exception as e:  # BadZipFile (CRC), RuntimeError (encrypted), NotImplementedError, zlib.error, EOFError
+        raise DataFileError(f"{ref}: cannot read this zip member ({type(e).__name__}: {e})") from None
 
 
 class NamedBytes(io.BytesIO):
@@ -115,9 +144,17 @@ class NamedBytes(io.BytesIO):
 
 
 def open_image(ref: str) -> Image.Image:
-    """Open an image file (or zip member) and load it; raises on unreadable or truncated data."""
-    img = Image.open(NamedBytes(read_bytes(ref), ref))
-    img.load()
+    """Open an image file (or zip member) and load it; DataFileError naming the file on unreadable,
+    truncated or oversized (decompression bomb) data."""
+    data = read_bytes(ref)
+    try:
+        img = Image.open(NamedBytes(data, ref))
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise DataFileError(f"{ref}: {e}; not decoded (`cnnlab data check` lists every such file)") from None
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, struct.error, ...
+        raise DataFileError(f"{ref}: not an image Pillow can read ({len(data)} bytes; {type(e).__name__}: {e}); "
+                            "`cnnlab data check` lists every unreadable file") from None
     return img
 
 
@@ -141,7 +178,12 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
 
 def decode(ref: str, channels: int, size: int | None) -> torch.Tensor:
     """A file as a (C, H, W) uint8 tensor, converted to `channels` and resized to `size` x `size`."""
-    return decode_image(open_image(ref), channels, size)
+    img = open_image(ref)
+    try:
+        return decode_image(img, channels, size)
+    except Exception as e:  # a mode Pillow cannot convert, a failed resize
+        raise DataFileError(f"{ref}: cannot convert this {img.mode} {img.size[0]}x{img.size[1]} image "
+                            f"({type(e).__name__}: {e})") from None
 
 
 def decode_image(img: Image.Image, channels: int, size: int | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnlab.data import base
-from cnnlab.data.base import ZIP_SEP, DataSource, ImageSet
+from cnnlab.data.base import DataSource, ImageSet
 from cnnlab.data.stats import channels_of, chunked, pool_map
 from cnnlab.errors import InputError
 
@@ -32,7 +32,7 @@ DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 class Finding:
     severity: str  # error | warning | info
     # kinds: unreadable, truncated, corrupt, zero_byte, missing, huge, converted, label_range,
-    # empty_class, class_mismatch, duplicate_id, duplicate, duplicate_across_splits
+    # empty_class, one_class, class_mismatch, duplicate_id, duplicate, duplicate_across_splits
     kind: str
     path: str  # the file, folder or sample id it is about
     message: str
@@ -63,9 +63,8 @@ def _class_dir(split: str, s: ImageSet, c: str) -> str:
 
 def _size(ref: str) -> int | None:
     try:
-        if ZIP_SEP in ref:
-            archive, member = ref.split(ZIP_SEP, 1)
-            return base._open_zip(archive).getinfo(member).file_size
+        if (parts := base.split_ref(ref)) is not None:
+            return base._open_zip(parts[0]).getinfo(parts[1]).file_size
         return os.stat(ref).st_size
     except (OSError, KeyError):
         return None
@@ -103,6 +102,10 @@ def fast_check(source: DataSource) -> list[Finding]:
         for i in set(s.ids) & seen:
             out.append(Finding("error", "duplicate_id", i, f"is in {name} and in an earlier split"))
         seen |= set(s.ids)
+    if len(source.classes) == 1:  # trains to 100% and finds no problem: a classifier needs two classes
+        out.append(Finding("error", "one_class", _class_dir("train", source.train, source.classes[0]),
+                           f"the data set has only 1 class ({source.classes[0]!r}); a classifier needs at least "
+                           "2 (one folder per class)"))
     train = counts["train"]
     for ci, c in enumerate(source.classes):
         if train[ci]:
@@ -153,7 +156,7 @@ def _inspect(args: tuple[list[str], int, int]) -> list[tuple]:
     for ref in refs:
         try:
             data = base.read_bytes(ref)
-        except (OSError, KeyError) as e:
+        except (OSError, KeyError, ValueError) as e:  # ValueError: a damaged zip member (base.DataFileError)
             out.append((ref, "unreadable", f"cannot read the file: {e}", None, None))
             continue
         if not data:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cnnlab.config import AugmentConfig, ConfigError
-from cnnlab.data.base import ImageSet, decode
+from cnnlab.data.base import DataFileError, ImageSet, decode
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -95,7 +95,19 @@ class _FileDataset(Dataset):
         return len(self.s)
 
     def __getitem__(self, i: int):
-        return decode(self.s.files[i], self.channels, self.size), int(self.s.labels[i]), i
+        try:
+            return decode(self.s.files[i], self.channels, self.size), int(self.s.labels[i]), i
+        except Exception as e:  # sent back as a value: raised in a worker, it would arrive as the worker's traceback
+            return _Failed(str(e) if self.s.files[i] in str(e) else f"{self.s.files[i]}: {e}")
+
+
+class _Failed(str):
+    """A file a DataLoader worker could not decode: the message, naming the file."""
+
+
+def _collate(items: list):
+    failed = next((x for x in items if isinstance(x, _Failed)), None)
+    return failed if failed is not None else default_collate(items)
 
 
 class Batches:
@@ -154,8 +166,11 @@ class Batches:
         # stream path: decode in DataLoader workers, batches in exactly the same order
         ds = _FileDataset(self.s, self.channels, self.size)
         dl = DataLoader(ds, batch_sampler=[b.tolist() for b in local], num_workers=self.num_workers,
-                        persistent_workers=False, pin_memory=self.device.type == "cuda")
-        for x, y, idx in dl:
+                        persistent_workers=False, pin_memory=self.device.type == "cuda", collate_fn=_collate)
+        for batch in dl:
+            if isinstance(batch, _Failed):
+                raise DataFileError(str(batch))
+            x, y, idx = batch
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
 
 

@@ -1,13 +1,15 @@
 """Official releases as registered data sets: MNIST, Fashion-MNIST, CIFAR-10/100, STL-10, SVHN, MNIST-M.
 
 Files are looked for in `root`, then in /usr/share/datasets/<name>/ (system packages), then in
-~/.cache/cnnlab/<name>; missing ones are downloaded from the official URL and verified first.
+<cache>/<name> (`base.cache_dir()`: $CNNLAB_CACHE or ~/.cache/cnnlab); missing ones are downloaded
+from the official URL and verified first.
 """
 from __future__ import annotations
 
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +17,10 @@ import numpy as np
 import torch
 
 from cnnlab.data._registry import DATASETS
-from cnnlab.data.base import DataSource, ImageSet
+from cnnlab.data.base import DataSource, ImageSet, cache_dir
 from cnnlab.data.download import download as fetch, file_hash, restricted_load, safe_extract, verify
 
 SYSTEM_DIR = Path("/usr/share/datasets")  # where `apt-get install dataset-<name>` puts files
-CACHE_DIR = Path(os.environ.get("CNNLAB_CACHE", "~/.cache/cnnlab"))  # as the training pipeline
 DIGITS = [str(i) for i in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -39,13 +40,13 @@ def _places(name: str, root: str | None) -> list[Path]:
     places = [Path(root).expanduser()] if root else []
     places.append(SYSTEM_DIR / name)
     if not root:
-        places.append(CACHE_DIR.expanduser() / name)
+        places.append(cache_dir() / name)
     return places
 
 
 def _target(name: str, root: str | None) -> Path:
     """Where downloads and extractions go."""
-    return Path(root).expanduser() if root else CACHE_DIR.expanduser() / name
+    return Path(root).expanduser() if root else cache_dir() / name
 
 
 def _find(places: list[Path], files: list[str], subdirs: tuple[str, ...] = ("",),
@@ -62,11 +63,11 @@ def _missing(name: str, places: list[Path], files: list[str], get: str) -> FileN
     where = ", ".join(str(p) for p in places)
     return FileNotFoundError(
         f"data set {name!r}: {', '.join(files)} not found (looked in {where}) and download is off. "
-        f"To get it: {get}; or put the files in data.root (--root).")
+        f"To get it: {get}; or put the files in data.root.")
 
 
 def _fetch_hint(url: str) -> str:
-    return f"set data.download: true (drop --no-download) to fetch {url}, checksum-verified"
+    return f"set data.download: true to fetch {url}, checksum-verified"
 
 
 def _options(name: str, options: dict, **defaults):
@@ -98,10 +99,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file (gzipped or not) as an array, after checking its header against its size."""
     data = Path(path).read_bytes()
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:  # a cut download, a damaged .gz
+            raise ValueError(f"{path}: not a complete gzip file ({type(e).__name__}: {e}); delete it to "
+                             "download it again, or replace it") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4].hex()})")
     nd = data[3]
+    if len(data) < 4 + 4 * nd:
+        raise ValueError(f"{path}: the IDX header announces {nd} dimensions but the file ends after "
+                         f"{len(data)} bytes; it is truncated or damaged")
     dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
     dtype = np.dtype(_IDX_TYPES[data[2]])
     body = memoryview(data)[4 + 4 * nd:]

@@ -1,11 +1,15 @@
-"""From a DataConfig to ready splits: load, carve val/test (seeded, stratified, disjoint), decode, stats.
+"""From a DataConfig to ready splits: open the data set by name, carve val/test (seeded, stratified,
+disjoint), decode, normalisation statistics.
 
-The result, `Splits`, holds every split as decoded uint8 (N, C, H, W) in memory when it fits (the
-fast path), else as files that `loader.py` streams through a DataLoader.
+`open_source` is the one way a data set is opened by name (training, `cnnlab data`, `cnnlab explain`).
+The result of `prepare`, `Splits`, holds every split as decoded uint8 (N, C, H, W) in memory when it
+fits (the fast path), else as files that `loader.py` streams through a DataLoader. Channels and
+mean/std are data/stats.py's definitions; the cache folder is base.cache_dir(), read at call time.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -18,15 +22,13 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from cnnlab.config import DataConfig
+from cnnlab.config import ConfigError, DataConfig
 from cnnlab.data.catalog import DATASETS
-from cnnlab.data.base import DataSource, ImageSet, decode, open_image
+from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, open_image
+from cnnlab.data.stats import split_channels, training_stats
+from cnnlab.registry import UnknownNameError
 
 MEMORY_BUDGET = int(os.environ.get("CNNLAB_MEMORY_BUDGET", 6 * 2**30))  # bytes of uint8 pixels kept resident
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
 
 
 @dataclass
@@ -66,6 +68,9 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     if not amount:
         return idx, idx[:0]
     k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k == 0:
+        raise ConfigError(f"data.{what}={amount!r} is {amount * n:.2g} of the {n} training images, which rounds "
+                          f"to none; hold out at least one image (or set it to 0 for none)")
     if k >= n:
         raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
     counts = np.bincount(labels)
@@ -75,16 +80,26 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     return np.sort(keep), np.sort(held)
 
 
+def carve_last(labels: np.ndarray, amount: float | int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The last `amount` (a fraction or a count) of range(len(labels)) held out, in the data set's order,
+    as the classic CIFAR-10 split (the first 49,000 images train, the last 1,000 validate)."""
+    n = len(labels)
+    k = int(round(amount * n)) if isinstance(amount, float) else int(amount)
+    if k >= n:
+        raise ValueError(f"data.{what}={amount!r} asks for {k} of only {n} training images")
+    return np.arange(n - k), np.arange(n - k, n)
+
+
 def _file_key(files: list[str], channels: int, size: int | None) -> str:
     """The cache key of decoded files: the preprocessing, and every file's path and identity: a file's size,
     mtime and ctime in nanoseconds, a zip member's size and CRC-32 from the archive's index (a content hash
     for free). Any replaced, edited or touched file changes the key."""
-    from cnnlab.data.base import ZIP_SEP, _open_zip
+    from cnnlab.data.base import _open_zip, split_ref
 
     h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}".encode())
     for f in files:
-        if ZIP_SEP in f:
-            archive, member = f.split(ZIP_SEP, 1)
+        if (parts := split_ref(f)) is not None:  # a zip member (a plain file may have '::' in its name)
+            archive, member = parts
             try:
                 info = _open_zip(archive).getinfo(member)
                 stamp = f"{info.file_size}|{info.CRC}"
@@ -164,10 +179,21 @@ def _read_cache(path: Path, n: int, channels: int, size: int | None) -> torch.Te
 
 
 def _write_cache(path: Path, images: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a decoded cache entry atomically. A full or unwritable disk costs only the cache: the
+    temporary file is removed and training goes on without it, with a warning."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "crc32": _checksum(images), "format": 2}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(f"cnnlab: warning: cannot write the decoded-image cache {path} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); going on without it (set CNNLAB_CACHE to a folder "
+              "with free space to cache decoded images)", file=sys.stderr, flush=True)
 
 
 def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None) -> torch.Tensor:
@@ -220,53 +246,40 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std over every pixel, in one streaming pass with float64 sums."""
-    c = images.shape[1]
-    s = torch.zeros(c, dtype=torch.float64)
-    ss = torch.zeros(c, dtype=torch.float64)
-    n = 0
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].to(torch.float64).div_(255.0)
-        s += x.sum(dim=(0, 2, 3))
-        ss += (x * x).sum(dim=(0, 2, 3))
-        n += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / n
-    std = (ss / n - mean * mean).clamp_min(0).sqrt()
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
-
-
-def stream_stats(files: list[str], channels: int, size: int | None, chunk: int = 2048):
-    """channel_stats for data that does not fit in memory: decode chunk by chunk, sum in float64."""
-    c = channels
-    s, ss, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        for i in range(0, len(files), chunk):
-            for t in pool.map(lambda f: decode(f, channels, size), files[i:i + chunk]):
-                x = t.to(torch.float64).div_(255.0)
-                s += x.sum(dim=(1, 2))
-                ss += (x * x).sum(dim=(1, 2))
-                n += x.shape[1] * x.shape[2]
-    mean = s / n
-    std = (ss / n - mean * mean).clamp_min(0).sqrt()
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
-
-
-def _channels_of(s: ImageSet) -> int:
+def _image_hw(s: ImageSet) -> tuple[int, int]:
     if s.images is not None:
-        return int(s.images.shape[1])
-    mode = open_image(s.files[0]).mode
-    return 1 if mode in ("L", "I;16", "I", "F", "1") else 3
+        return int(s.images.shape[-2]), int(s.images.shape[-1])
+    w, h = open_image(s.files[0]).size
+    return h, w
 
 
-def load_source(d: DataConfig) -> DataSource:
-    fn = DATASETS.get(d.name)
-    return fn(d.root, download=d.download, **d.options)
+def open_source(name: str, *, root: str | None = None, download: bool = True, options: dict | None = None,
+                paths: bool = False) -> DataSource:
+    """The registered data set `name`, opened from `root` (downloading when allowed) with its options.
+    `paths`: a folder or .zip path given as the name is read as the `folder` data set (`cnnlab data ...`)."""
+    if paths and name not in DATASETS and (Path(name).exists() or "/" in name or name.endswith(".zip")):
+        if not Path(name).exists():
+            raise FileNotFoundError(f"{name!r}: no such folder or zip file")
+        return DATASETS.get("folder")(name)
+    try:
+        fn = DATASETS.get(name)
+    except UnknownNameError as e:
+        if not paths:
+            raise
+        raise UnknownNameError(f"{name!r} is neither a path that exists nor a data set name: {e}") from None
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # those with **options check their own
+        takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "download"]
+        for key in options or {}:
+            if key not in takes:
+                raise ConfigError(f"data.options.{key}: data set {name!r} takes no option {key!r} "
+                                  f"(it takes: {', '.join(takes) or 'none'})")
+    return fn(root, download=download, **(options or {}))
 
 
 def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = None) -> Splits:
     """Load the data set a DataConfig names and return its train/val/test splits, decoded where they fit."""
-    src = load_source(d)
+    src = open_source(d.name, root=d.root, download=d.download, options=d.options)
     findings = []
     if d.check:  # the fast checks; an error (labels out of range, unreadable files...) refuses to start
         from cnnlab.data.check import require_trainable
@@ -286,7 +299,16 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         if not d.val_split:
             raise ValueError("data.val_split is 0 and the data set has no val split: a validation split is needed "
                              "to choose the best epoch")
-        keep, held = carve(train.labels, d.val_split, split_seed + 1, "val_split")
+        if d.val_from == "last":
+            keep, held = carve_last(train.labels, d.val_split, "val_split")
+            missing = sorted(set(range(len(src.classes))) - set(train.labels[held].tolist()))
+            if missing:
+                notes.append(f"data.val_from=last: the last {len(held)} images hold no image of "
+                             f"{len(missing)} classes ({', '.join(src.classes[i] for i in missing[:5])}"
+                             f"{', ...' if len(missing) > 5 else ''}); the files are in class order, so "
+                             "data.val_from=random (stratified) would suit this data set better")
+        else:
+            keep, held = carve(train.labels, d.val_split, split_seed + 1, "val_split")
         indices["val"] = base_index[held]
         val, train, base_index = train.subset(held), train.subset(keep), base_index[keep]
     if d.limit_train and d.limit_train < len(train):
@@ -297,7 +319,13 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
     if test is None:
         notes.append("this data set has no test split: the final evaluation uses the validation split")
 
-    channels = d.channels or _channels_of(src.train)
+    channels = d.channels or split_channels(src.train)
+    if not d.image_size:  # the models take square images; a mid-run shape error would be the alternative
+        h, w = _image_hw(src.train)
+        if h != w:
+            first = f" ({src.train.files[0]})" if src.train.files else ""
+            raise ConfigError(f"data.image_size is not set and the images are {w}x{h} (width x height){first}, "
+                              "not square; set data.image_size to resize them all to a square")
     sets = {"train": train, "val": val, "test": test}
     pixels = sum(len(s) for s in sets.values() if s is not None) * channels * (d.image_size or 64) ** 2
     memory = want_memory if want_memory is not None else (
@@ -324,10 +352,8 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         size = d.image_size or open_image(train.files[0]).size[0]
     if d.mean is not None and d.std is not None:
         mean, std = tuple(d.mean), tuple(d.std)
-    elif train.images is not None:
-        mean, std = channel_stats(train.images)
     else:
-        mean, std = stream_stats(train.files, channels, d.image_size)
+        mean, std = training_stats(train, channels, d.image_size)
     if len(mean) != channels:
         raise ValueError(f"data.mean has {len(mean)} values but the images have {channels} channels")
     return Splits(train=train, val=sets["val"], test=sets["test"], classes=src.classes, channels=channels,

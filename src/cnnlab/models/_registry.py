@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from cnnlab.registry import Registry
 
+
 def _library_names(name: str) -> list[str]:
     """`resnet50` is not cnnlab's, but torchvision has it: suggest 'torchvision:resnet50'."""
     try:

@@ -25,15 +25,20 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         parts = [parts[0], parts[1], parts[1]]
     if len(parts) != 3 or min(parts) < 1:
         raise InputError(f"--input={text!r}: expected CxHxW such as 3x32x32 (or a side such as 32)")
+    from cnnlab.config import MAX_IMAGE_SIDE
+
+    if max(parts[1:]) > MAX_IMAGE_SIDE or parts[0] > 4096:
+        raise InputError(f"--input={text!r}: at most {MAX_IMAGE_SIDE} pixels a side (and 4096 channels), as "
+                         "data.image_size")
     return tuple(parts)
 
 
 def _data_shape(cfg) -> tuple[int | None, int | None, int | None, str | None]:
     """(classes, channels, size) of a config's data set without downloading, or Nones and why not."""
     try:
-        from cnnlab.data.pipeline import load_source
+        from cnnlab.data.pipeline import open_source
 
-        src = load_source(dataclasses.replace(cfg.data, download=False))
+        src = open_source(cfg.data.name, root=cfg.data.root, download=False, options=cfg.data.options)
     except Exception as e:  # noqa: BLE001 - any data-set failure just means "use the defaults"
         return None, None, None, f"data set {cfg.data.name!r} not read ({str(e).splitlines()[0] if str(e) else e!r})"
     images = src.train.images
@@ -46,11 +51,13 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
     from cnnlab import config as C
     from cnnlab.models import build_model, transfer
     from cnnlab.models._registry import library_of
+    from cnnlab.models.build import check_name
     from cnnlab.models.zoo import default_input
 
     notes = []
     is_file = target.endswith((".yaml", ".yml")) or Path(target).is_file()
     cfg = C.load(target if is_file else {"model": {"name": target}}, overrides)
+    check_name(cfg.model.name)  # model.name='nett1': ... Did you mean 'net1'?
     c, h, w = default_input(cfg.model.name)
     n_classes = classes
     if is_file:
@@ -68,6 +75,9 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
                      "(set data.image_size to override)")
     if input_text:
         c, h, w = parse_shape(input_text)
+    if n_classes is None:
+        notes.append("assumed 10 classes" + (" (the data set could not be read)" if is_file else
+                                             " (a model name gives none)") + "; --classes N to change")
     n_classes = n_classes or 10
     mcfg = cfg.model
     if mcfg.pretrained and library_of(mcfg.name)[0] != "timm":  # shapes and counts do not depend on the values

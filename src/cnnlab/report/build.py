@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.analysis import diagnose as dg
+from cnnlab.analysis.gradients import GRADS_FILE
 from cnnlab.analysis import metrics as M
 from cnnlab.errors import InputError
 from cnnlab.training.tblog import TBLogger  # noqa: F401  (re-exported: report.TBLogger)
 
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
 PLOTS = ("curves", "steps", "lr", "confusion_matrix", "confusion_normalized", "per_class", "reliability", "failures",
-         "predictions", "filters", "feature_maps", "gradcam")  # plots/<name>.png that build() owns
+         "predictions", "filters", "feature_maps", "gradcam", "grad_norms")  # plots/<name>.png that build() owns
 TEXT_COLS = {"id", "target_name", "pred_name"}
 
 
@@ -27,26 +28,53 @@ TEXT_COLS = {"id", "target_name", "pred_name"}
 # Reading a run folder (every file optional except what the caller needs)
 
 
+class RunFileError(InputError, ValueError):
+    """A file of a run folder that exists but cannot be read back (damaged, cut, edited by hand)."""
+
+
 def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing."""
+    """Rows of a CSV with numbers parsed ('nan'/'inf' kept as floats); [] when the file is missing.
+    A damaged file (not UTF-8, a number column holding text) raises RunFileError naming it."""
     if not path.is_file():
         return []
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            out = {}
-            for k, v in r.items():
-                if k in TEXT_COLS or v is None:
-                    out[k] = v
-                elif k in INT_COLS:
-                    out[k] = int(float(v)) if v not in ("", None) else None
-                else:
-                    try:
-                        out[k] = float(v) if v != "" else float("nan")
-                    except ValueError:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                out = {}
+                for k, v in r.items():
+                    if k is None:  # more cells than the header has columns
+                        raise ValueError(f"row {len(rows) + 2} has more cells than the header")
+                    if k in TEXT_COLS:
                         out[k] = v
-            rows.append(out)
+                    elif v is None or v == "":  # a short (cut) row
+                        out[k] = None if k in INT_COLS else float("nan")
+                    elif k in INT_COLS:
+                        out[k] = int(float(v))
+                    else:
+                        try:
+                            out[k] = float(v)
+                        except ValueError:
+                            out[k] = v
+                rows.append(out)
+    except (UnicodeDecodeError, csv.Error, ValueError) as e:
+        raise RunFileError(f"{path}: damaged, cannot be read back ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
     return rows
+
+
+def read_json(path: Path) -> dict | None:
+    """A run folder's JSON file as a dict; None when missing; RunFileError naming it when damaged."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFileError(f"{path}: damaged, not readable JSON ({type(e).__name__}: {e}); restore it or "
+                           "delete it") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path}: damaged, expected a JSON object ({{...}}), found a {type(obj).__name__}")
+    return obj
 
 
 def columns(rows: list[dict]) -> dict:
@@ -54,11 +82,7 @@ def columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
+_json = read_json
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -80,6 +104,7 @@ def load_run(run_dir: str | Path) -> dict:
         r[key] = _json(d / f"{key}.json" if key != "model" else d / "model.json")
     r["history"] = columns(read_csv(d / "history.csv"))
     r["steps"] = columns(read_csv(d / "steps.csv"))
+    r["grads"] = columns(read_csv(d / GRADS_FILE))
     r["pred_rows"] = read_csv(d / "predictions.csv")
     r["logits"] = r["targets"] = r["images"] = r["sample_index"] = None
     if (d / "predictions.npz").is_file():
@@ -153,7 +178,7 @@ def normalise(images: np.ndarray, data: dict):
 def findings(run: dict) -> list[dg.Finding]:
     best = (run["metrics"] or {}).get("best_epoch")
     return dg.diagnose(run["history"] or None, run["summary"], steps=run["steps"] or None,
-                       data_info=run["data"], best_epoch=best)
+                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None)
 
 
 def write_failures(run: dict, path: Path) -> int:
@@ -191,6 +216,11 @@ def make_plots(run: dict, found: list[dg.Finding], out: Path) -> dict[str, dict]
             + ("; the learning rate below." if steps.get("lr") else "."))
     elif steps.get("lr") or h.get("lr"):
         add("lr", P.learning_rate(steps or None, h), "Learning rate", "The schedule as applied.")
+    if run.get("grads"):
+        grad = next((f.data for f in found if f.kind in ("vanishing_gradients", "exploding_gradients")), None)
+        add("grad_norms", P.grad_norms(run["grads"], verdict=grad["kind"] if grad else None),
+            "Gradient norms by depth", "Each weight tensor's gradient norm (log scale), input side left, at "
+            "logged steps from early (light) to late (dark)" + (f": {grad['kind']} gradients." if grad else "."))
     if summ:
         cm, k = summ["confusion"], len(run["classes"])
         dpi = 90 if k > 60 else None
@@ -240,8 +270,17 @@ def _model_plots(run: dict, model, images, rows, add) -> None:
         return
     x = normalise(images, run["data"])
     first = next((i for i, r in enumerate(rows) if r["target"] == r["pred"]), 0)
-    add("feature_maps", P.feature_maps(model, x[first:first + 1], images[first]), "Feature maps",
-        f"The most active channels of each conv stage for one image (true '{rows[first]['target_name']}').")
+    pick = run.get("pick") or {}
+    if pick.get("image") is not None:  # `cnnlab report --image N`: an image of the evaluated split
+        at = [i for i, r in enumerate(rows) if r["index"] == pick["image"]]
+        if not at:
+            raise ValueError(f"--image {pick['image']}: not among the images saved with the run (samples.npz); "
+                             f"saved: {', '.join(str(r['index']) for r in rows[:40])}{', ...' if len(rows) > 40 else ''}")
+        first = at[0]
+    chans = pick.get("channels")
+    add("feature_maps", P.feature_maps(model, x[first:first + 1], images[first], channels=chans or 8),
+        "Feature maps", (f"Channels {', '.join(map(str, chans))}" if chans else "The most active channels")
+        + f" of each conv stage for image {rows[first]['index']} (true '{rows[first]['target_name']}').")
     layer = P.cam_layer(model, x[:1])
     if layer is None:
         return
@@ -256,13 +295,15 @@ def _model_plots(run: dict, model, images, rows, add) -> None:
         "automatically; red = strong evidence for the predicted class.")
 
 
-def build(run_dir: str | Path) -> Path:
-    """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html."""
+def build(run_dir: str | Path, *, image: int | None = None, channels: list[int] | None = None) -> Path:
+    """Write plots/, failures.csv, findings.json, report.html and report.md for a run; return report.html.
+    `image` (an index of the evaluated split among the saved samples) and `channels` pick the feature maps."""
     from cnnlab.report import html as report_html
     from cnnlab.report import md as report_md
 
     require_run_dir(run_dir)  # the report deletes stale plots/*.png and rewrites report.*: only in a run folder
     run = load_run(run_dir)
+    run["pick"] = {"image": image, "channels": channels}
     d = run["dir"]
     found = findings(run)
     (d / "findings.json").write_text(json.dumps([f.to_dict() for f in found], indent=1, default=_plain) + "\n",
@@ -340,11 +381,21 @@ def add_parser(subparsers) -> None:
                                           "folder from its saved files (no training).")
     p.add_argument("run_dir", help="the run folder (runs/<name>)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    p.add_argument("--image", type=int, metavar="N", help="feature maps of this image (its index in the evaluated "
+                   "split, among the samples saved with the run)")
+    p.add_argument("--channels", metavar="C[,C]", help="feature-map channels to show, e.g. 0,5,9 (default: the 8 "
+                   "most active of each stage)")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    path = build(args.run_dir)  # a missing run folder: FileNotFoundError, exit 2 (cli.main)
+    chans = None
+    if args.channels:
+        try:
+            chans = [int(c) for c in args.channels.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--channels {args.channels!r}: expected channel numbers, e.g. 0,5,9") from None
+    path = build(args.run_dir, image=args.image, channels=chans)  # a missing run folder: FileNotFoundError, exit 2
     print(f"report: {path}")
     if getattr(args, "tensorboard", False):
         tb = write_tensorboard(args.run_dir)

@@ -107,6 +107,12 @@ def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
                 a.axvline(b, color="#cbd5e1", lw=0.7, zorder=0)
         if diverged_at is not None:
             a.axvline(diverged_at, color=BAD, ls="--", lw=1.2, label=f"diverged (step {diverged_at})")
+    acc = _col(steps, "acc")
+    if acc is not None and np.isfinite(acc).any():  # the batch accuracy at the same steps, on its own axis
+        axa = ax.twinx()
+        axa.plot(s, 100 * acc, color=VAL, alpha=0.8, lw=1.0, label="training accuracy (batch)")
+        axa.set_ylabel("accuracy (%)", color=VAL)
+        axa.legend(loc="center right")
     ax.set(title="Training loss per step (grey lines: epoch boundaries)", ylabel="loss")
     ax.legend(loc="upper right")
     if lr is not None:
@@ -343,4 +349,29 @@ def prediction_grid(images, rows: list[dict], *, max_images: int = 32, ncol: int
         label = f"{_short(r['pred_name'], 11)} · {100 * r['confidence']:.0f}%"
         label += "\n " if ok else f"\ntrue {_short(r['target_name'], 11)}"
         ax.set_title(label, fontsize=8.5, fontweight="normal", color=GOOD if ok else BAD, pad=3)
+    return fig
+
+
+def grad_norms(grads: dict, *, verdict: str | None = None, max_lines: int = 8) -> Figure | None:
+    """Gradient norm of each weight tensor by depth (input side left, log scale), one line per logged
+    step, from early (light) to late (dark); a few steps spread over training when many were logged."""
+    layers = [k for k in grads if k not in ("step", "epoch")]
+    if not layers:
+        return None
+    v = np.array([[float(x) for x in grads[k]] for k in layers], dtype=np.float64).T  # (steps, layers)
+    steps = _col(grads, "step")
+    rows = np.unique(np.linspace(0, len(v) - 1, min(max_lines, len(v))).round().astype(int))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 3), 3.6), constrained_layout=True)
+    cmap = plt.get_cmap("Blues")
+    for j, r in enumerate(rows):
+        y = np.where(v[r] > 0, v[r], np.nan)
+        ax.plot(range(1, len(layers) + 1), y, marker="o", ms=3, lw=1.4,
+                color=cmap(0.35 + 0.65 * j / max(1, len(rows) - 1)),
+                label=f"step {int(steps[r])}" if steps is not None else None)
+    ax.set_yscale("log")
+    ax.set_xticks(range(1, len(layers) + 1), [_short(n, 18) for n in layers], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set(xlabel="layer (input side left)", ylabel="gradient norm",
+           title="Gradient norms by depth" + (f": {verdict} gradients" if verdict else ""))
+    ax.legend(fontsize=7, ncol=2)
     return fig

@@ -79,17 +79,20 @@ def conv_stages(model: torch.nn.Module, x: torch.Tensor, *, max_stages: int = 6)
     return out
 
 
-def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: int = 8) -> Figure | None:
-    """The input image, then for each conv stage its most active channels (by mean activation)."""
+def feature_maps(model: torch.nn.Module, x: torch.Tensor, image, *, channels: int | list[int] = 8) -> Figure | None:
+    """The input image, then for each conv stage its most active channels (by mean activation), or the
+    channels listed (those a stage has)."""
     stages = conv_stages(model, x)
     if not stages:
         return None
-    fig, axes = _image_grid(len(stages), channels + 1, cell=1.15, title=0.42, gap=0.1)
+    n = channels if isinstance(channels, int) else len(channels)
+    fig, axes = _image_grid(len(stages), n + 1, cell=1.15, title=0.42, gap=0.1)
     for row, (name, act) in zip(axes, stages):
         _show(row[0], image)
         c, h, w = act.shape
         row[0].set_title(f"{layer_label(model, name)}\n{c}×{h}×{w}", fontsize=8, fontweight="bold", color=INK)
-        top = torch.argsort(act.flatten(1).mean(1), descending=True)[:channels]
+        top = (torch.argsort(act.flatten(1).mean(1), descending=True)[:channels] if isinstance(channels, int)
+               else torch.tensor([ch for ch in channels if 0 <= ch < c], dtype=torch.long))
         for j, ax in enumerate(row[1:]):
             ax.axis("off")
             if j < len(top):

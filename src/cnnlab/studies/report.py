@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab import config as C
 from cnnlab.analysis import stats as S
-from cnnlab.studies.study import IGNORED, STUDY_KEYS, flat, fmt_value
+from cnnlab.studies.study import IGNORED, STUDY_KEYS, fmt_value
 
 ALPHA = 0.05
 IGNORED = IGNORED + STUDY_KEYS  # settings that never make two runs' results differ, and the study's own keys
@@ -46,23 +47,29 @@ class Group:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    from cnnlab.report.build import read_json
+
+    return read_json(path) or {}
 
 
 def load_run(d: str | Path) -> Run:
-    import yaml
-
     d = Path(d)
     if not (d / "metrics.json").is_file():
         raise FileNotFoundError(f"{d}: not a finished run folder (no metrics.json in it)")
-    cfg = flat(yaml.safe_load((d / "config.yaml").read_text()) or {}) if (d / "config.yaml").is_file() else {}
+    cfg = C.flatten(C.load_yaml((d / "config.yaml").read_text()) or {}) if (d / "config.yaml").is_file() else {}
+    from cnnlab.report.build import RunFileError, read_csv
+
     hist: dict = {}
-    if (d / "history.csv").is_file():
-        with open(d / "history.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                for k, v in row.items():
-                    hist.setdefault(k, []).append(float(v))
-    return Run(d, int(cfg.get("train.seed", 0)), cfg, _json(d / "metrics.json"), hist,
+    for row in read_csv(d / "history.csv"):  # a damaged file is refused naming it
+        for k, v in row.items():
+            if not isinstance(v, (int, float)) and v is not None:
+                raise RunFileError(f"{d / 'history.csv'}: damaged, column {k!r} holds {v!r}, not a number")
+            hist.setdefault(k, []).append(float("nan") if v is None else float(v))
+    metrics = _json(d / "metrics.json")
+    if not isinstance(metrics.get("test"), dict) or "accuracy" not in metrics["test"]:
+        raise RunFileError(f"{d / 'metrics.json'}: no 'test' results in it (the accuracy on the evaluated split, "
+                           "test or val); not a finished cnnlab run, or damaged")
+    return Run(d, int(cfg.get("train.seed", 0)), cfg, metrics, hist,
                _json(d / "model.json").get("total_params"), _json(d / "env.json").get("train_seconds"))
 
 

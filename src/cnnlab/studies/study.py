@@ -4,10 +4,8 @@ study folder, with a study.json manifest; run in this process, as parallel subpr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -65,45 +63,15 @@ def fmt_value(v) -> str:
     return f"{v:g}"
 
 
-def _node(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-            return None
-        node = getattr(node, part)
-    return node
-
-
-_EXP = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _number(v):
-    """PyYAML reads `1e-5` (no dot) as text, YAML 1.2 as a number: take the number."""
-    return float(v) if isinstance(v, str) and _EXP.match(v) else v
-
-
-def flatten(overrides: dict | None, cfg: C.Config, prefix: str = "") -> dict:
-    """`{model: {batchnorm: true}}` and `{model.batchnorm: true}` -> the same dotted dict (a mapping given
-    for a plain dict setting such as model.options stays whole)."""
-    out = {}
-    for k, v in (overrides or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and dataclasses.is_dataclass(_node(cfg, key)):
-            out.update(flatten(v, cfg, key + "."))
-        else:
-            out[key] = _number(v)
-    return out
-
-
 def groups(cfg: C.Config) -> list[tuple[str, dict]]:
     """(name, dotted overrides) of each variation x grid point, in config order."""
-    base = [(str(n), flatten(ov, cfg)) for n, ov in cfg.variations.items()] or [("", {})]
+    base = [(str(n), C.flatten(ov or {})) for n, ov in cfg.variations.items()] or [("", {})]
     keys = list(cfg.grid)
     lasts = [k.split(".")[-1] for k in keys]
     short = {k: (s if lasts.count(s) == 1 else k) for k, s in zip(keys, lasts)}
     out = []
     for vname, ov in base:
-        for point in itertools.product(*([_number(v) for v in cfg.grid[k]] for k in keys)):
+        for point in itertools.product(*(cfg.grid[k] for k in keys)):
             parts = [vname] * bool(vname) + [f"{short[k]}={fmt_value(v)}" for k, v in zip(keys, point)]
             name = "+".join(parts) or "main"
             out.append((name.replace("/", "_").replace(" ", "_"), {**ov, **dict(zip(keys, point))}))
@@ -164,17 +132,6 @@ def differences(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted key: value} (plain dict settings such as model.options kept whole)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k not in ("options",):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_state(path: Path) -> str:
     """done when metrics.json exists (written after evaluation), partial when the folder exists, else pending."""
     return "done" if (path / "metrics.json").is_file() else "partial" if path.exists() else "pending"
@@ -182,7 +139,7 @@ def run_state(path: Path) -> str:
 
 def _saved_config(path: Path) -> dict | None:
     try:
-        return flat(C.to_dict(C.load(path / "config.yaml")))
+        return C.flatten(C.to_dict(C.load(path / "config.yaml")))
     except (C.ConfigError, OSError):
         return None
 
@@ -217,6 +174,7 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
 
         process.setup(cfg)  # the process group, before rank 0 plans and broadcasts
     if main:
+        _check_study_folder(root)
         root.mkdir(parents=True, exist_ok=True)
     with _lock(root) if main else contextlib.nullcontext():
         todo, status = _plan_todo(root, cfg, planned, base, executor, config_path, overrides, say) if main else ([], {})
@@ -245,6 +203,18 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     return out
 
 
+def _check_study_folder(root: Path) -> None:
+    """A study writes study.*, configs/, logs/ and a folder per run into its folder: refuse an existing folder
+    that holds other things and is not a study's (no study.yaml / study.json), before anything is written."""
+    if not root.is_dir() or (root / "study.yaml").is_file() or (root / "study.json").is_file():
+        return
+    other = sorted(p.name for p in root.iterdir() if p.name not in (".lock", ".cnnlab-run"))
+    if other:
+        raise C.ConfigError(f"{root}: not a study folder (no study.yaml or study.json; it holds "
+                            f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); a study writes its files and "
+                            "one folder per run there. Choose another output.dir or output.name; nothing was changed.")
+
+
 def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:
     """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed."""
     from cnnlab.training.experiment import MARKER, made_by_cnnlab
@@ -261,7 +231,7 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
         path = root / p.id
         state = status[p.id] = run_state(path)
         saved = _saved_config(path) if state != "pending" else None
-        diff = differences(saved, flat(C.to_dict(p.cfg))) if saved is not None else []
+        diff = differences(saved, C.flatten(C.to_dict(p.cfg))) if saved is not None else []
         if state == "done":
             if diff:
                 say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "

@@ -152,6 +152,22 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__} (a damaged file, or not a checkpoint)"
 
 
+def load_weights(module: torch.nn.Module, weights, path: str | Path, what: str = "model") -> None:
+    """`module.load_state_dict(weights)`, refusing (CheckpointError naming `path`) what is not a dict of
+    tensors, holds NaN or infinite values, or belongs to another model."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise CheckpointError(f"{path}: refused, its {what!r} entry is not a dict of named tensors (a damaged "
+                              "or foreign checkpoint)")
+    if not all_finite(weights):
+        raise CheckpointError(f"{path}: refused, its {what} weights hold NaN or infinite values")
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, its {what} weights do not fit this run's model (another "
+                              f"model's checkpoint?): {first}") from None
+
+
 def all_finite(state_dict: dict) -> bool:
     return all(torch.isfinite(v).all().item() for v in state_dict.values()
                if torch.is_tensor(v) and v.is_floating_point())

@@ -28,6 +28,8 @@ def _train(args) -> int:
     if args.print_config:
         print(C.dump_yaml(cfg), end="")
         return 0
+    if args.variation:
+        return _one_variation(cfg, args.variation)
     if cfg.variations or cfg.grid or cfg.repeats > 1:
         from cnnlab.studies import study
 
@@ -42,6 +44,33 @@ def _train(args) -> int:
     device = process.setup(cfg)
     experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
+    return 0
+
+
+def _one_variation(cfg, name: str) -> int:
+    """`cnnlab train STUDY --variation NAME`: that variation's run(s) alone, in the folder the whole study
+    would give them (a later run of the study finds them done)."""
+    from cnnlab import config as C
+    from cnnlab import dist
+    from cnnlab.studies import study
+    from cnnlab.training import experiment
+
+    if not (cfg.variations or cfg.grid or cfg.repeats > 1):
+        raise C.ConfigError(f"--variation {name!r}: the config is not a study (it has no variations, grid or repeats)")
+    planned = study.plan(cfg)
+    chosen = [p for p in planned if p.variation == name]
+    if not chosen:
+        import difflib
+
+        names = list(dict.fromkeys(p.variation for p in planned))
+        close = difflib.get_close_matches(name, names, n=1)
+        raise C.ConfigError(f"--variation {name!r} is not a variation of this study."
+                            + (f" Did you mean {close[0]!r}?" if close else "") + f" Variations: {', '.join(names)}")
+    from cnnlab import process
+
+    for p in chosen:
+        experiment.run(p.cfg, device=process.setup(p.cfg))
+    dist.shutdown()
     return 0
 
 
@@ -63,6 +92,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--executor", default="auto", choices=["auto", "inline", "process", "ray"],
                    help="studies: inline (one process), process (--jobs subprocesses) or ray (default: inline, "
                         "or process when --jobs > 1)")
+    t.add_argument("--variation", metavar="NAME", help="studies: train only this variation (into the study's folder)")
     t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
     t.set_defaults(func=_train)
 
@@ -71,4 +101,6 @@ def add_parser(subparsers) -> None:
     e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=other.zip")
     e.add_argument("--checkpoint", default="best", choices=["best", "last"],
                    help="the best epoch's weights (default) or the last epoch's")
+    e.add_argument("--split", metavar="SPLIT[,SPLIT]", help="evaluate on test, val and/or train (in eval mode, "
+                   "unaugmented), comma-separated; default: the run's own evaluation split")
     e.set_defaults(func=_eval)

@@ -37,7 +37,22 @@ def map_classes(splits, run_classes: list[str]):
                                classes=list(run_classes))
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best") -> dict:
+SPLITS = ("test", "val", "train")
+
+
+def parse_splits(text: str | None) -> list[str | None]:
+    """`--split val,test,train` -> ["val", "test", "train"]; None = the run's own evaluation split."""
+    if not text:
+        return [None]
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SPLITS]
+    if bad or not names:
+        raise C.ConfigError(f"--split {text!r}: each split must be one of {', '.join(SPLITS)} (comma-separated)")
+    return list(dict.fromkeys(names))
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best",
+                 split: str | None = None) -> dict:
     from cnnlab.training import experiment
     from cnnlab.training import loop as training
     from cnnlab.data.pipeline import prepare
@@ -56,26 +71,39 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     data_classes = splits.classes
     splits = map_classes(splits, saved["classes"])
-    c = ckpt.load(run_dir / "checkpoints" / f"{which}.pt")
+    if split is not None:  # a chosen split: the training split is evaluated in eval mode, unaugmented
+        import dataclasses
+
+        chosen = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
+        if chosen is None:
+            raise C.ConfigError(f"--split test: the run's data has no test split (it has {', '.join(splits.indices) or 'train, val'}); "
+                                "use --split val or --split train")
+        splits = dataclasses.replace(splits, test=chosen, eval_split=split)
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    c = ckpt.load(path)
     device = process.setup(cfg)  # `cnnlab eval` / evaluate_run is an entry point
-    logits, targets = training.evaluate_weights(cfg, splits, c["model"], device)
+    # foreign, damaged or NaN weights are refused here, before evals/<n>/ exists
+    logits, targets = training.evaluate_weights(cfg, splits, c.get("model"), device, source=path)
     out = run_dir / "evals"
     out.mkdir(exist_ok=True)
     n = 1 + max([int(p.name) for p in out.iterdir() if p.name.isdigit()] or [0])
     dest = out / str(n)
     dest.mkdir()
     experiment.save_predictions(dest, splits, logits, targets, cfg.train.seed)
+    state = c.get("state")
     result = {"checkpoint": which,
-              **({"data_classes": data_classes} if data_classes != splits.classes else {}), "epoch": c.get("state", {}).get("epoch"), "data": C.to_dict(cfg.data),
+              **({"data_classes": data_classes} if data_classes != splits.classes else {}),
+              "epoch": state.get("epoch") if isinstance(state, dict) else None, "data": C.to_dict(cfg.data),
               "eval_split": splits.eval_split, "test": summary(logits.numpy(), targets.numpy(), splits.classes)}
     experiment.write_json(dest / "metrics.json", result)
     return {"dir": str(dest), **result}
 
 
 def main(args) -> None:
-    r = evaluate_run(args.run_dir, args.overrides, which=args.checkpoint)
-    t = r["test"]
-    if "data_classes" in r:
-        print(f"classes matched by name: the data's {', '.join(r['data_classes'])} scored as the run's classes")
-    print(f"{args.checkpoint} checkpoint (epoch {r['epoch']}) on {r['data']['name']} {r['eval_split']}: "
-          f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}  -> {r['dir']}")
+    for split in parse_splits(getattr(args, "split", None)):
+        r = evaluate_run(args.run_dir, args.overrides, which=args.checkpoint, split=split)
+        t = r["test"]
+        if "data_classes" in r:
+            print(f"classes matched by name: the data's {', '.join(r['data_classes'])} scored as the run's classes")
+        print(f"{args.checkpoint} checkpoint (epoch {r['epoch']}) on {r['data']['name']} {r['eval_split']}: "
+              f"accuracy {t['accuracy']:.4f}, loss {t['loss']:.4f}  -> {r['dir']}")

@@ -166,6 +166,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
+        dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         # the run folder only once the data is there: a missing or broken data set leaves no empty folder
         if resume_dir is not None:
             run_dir = Path(resume_dir)
@@ -235,6 +236,24 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             _report(run_dir, say)
     dist.barrier()
     return Run(dir=run_dir, config=cfg, metrics=metrics)
+
+
+def dry_build(cfg: C.Config, splits: Splits) -> None:
+    """Build the model once on the meta device (no memory, no weights loaded) before the run folder exists,
+    so that a bad model.layers value or model option is refused before any training work."""
+    import dataclasses
+
+    from cnnlab.errors import InputError
+    from cnnlab.training import loop as T
+
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+    try:
+        with torch.device("meta"):
+            T.build_for(probe, splits)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - an op the meta device lacks: the real build reports real problems
+        pass
 
 
 def start_env(run_dir: Path, cfg: C.Config, device: str) -> dict:

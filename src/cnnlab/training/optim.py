@@ -11,8 +11,9 @@ from cnnlab.config import OptimConfig, ScheduleConfig
 
 def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     """Trainable parameters only (a frozen backbone never reaches the optimizer). Weight decay applies
-    to conv/linear weights; biases and norm parameters (1-D) are not decayed, as is standard. Batch-norm
-    parameters get their own group at `optim.norm_lr_scale` times the learning rate."""
+    to conv/linear weights; biases and norm parameters (1-D) are not decayed, as is standard, unless
+    `optim.decay_bias_and_norm` (then every parameter is). Batch-norm parameters get their own group at
+    `optim.norm_lr_scale` times the learning rate."""
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters(recurse=False)}
     decay, no_decay, norm_params = [], [], []
@@ -22,12 +23,13 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
         if o.norm_lr_scale != 1.0 and id(p) in norm:  # (at 1.0 the groups, and old checkpoints, stay as they were)
             norm_params.append(p)
         else:
-            (decay if p.ndim > 1 else no_decay).append(p)
+            (decay if p.ndim > 1 or o.decay_bias_and_norm else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr": o.lr})
     if norm_params:
-        groups.append({"params": norm_params, "weight_decay": 0.0, "lr": o.lr * o.norm_lr_scale})
+        groups.append({"params": norm_params, "weight_decay": o.weight_decay if o.decay_bias_and_norm else 0.0,
+                       "lr": o.lr * o.norm_lr_scale})
     return groups
 
 

@@ -86,7 +86,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
     if not overrides:
         return saved
     cfg = C.load(saved, overrides)
-    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
+    before, after = C.flatten(C.to_dict(saved)), C.flatten(C.to_dict(cfg))
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
     if unsafe:
@@ -108,16 +108,6 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
     return cfg
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 class DataChangedError(InputError, ValueError):
     """The data set under a run changed since it started; resuming is refused (the CLI exits 2)."""
 
@@ -132,6 +122,6 @@ def finished(run_dir: Path, cfg: C.Config) -> dict | None:
         state = ckpt.load(run_dir / "checkpoints" / "last.pt")["state"]
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
-    if not isinstance(metrics, dict) or "test" not in metrics:
-        return None
+    if not isinstance(metrics, dict) or "test" not in metrics or not isinstance(state, dict):
+        return None  # a damaged last.pt is refused, naming it, when the resume loads it
     return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None

@@ -12,9 +12,13 @@ from cnnlab import dist
 
 
 def append_row(path: Path, row: dict) -> None:
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    fields = list(row)
+    if not new:  # keep the file's own columns (a run resumed by a newer version that logs more)
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f), None) or fields
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="", lineterminator="\n")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -81,7 +85,8 @@ def truncate_after(run_dir: Path, state) -> None:
     row a kill cut short."""
     if not dist.is_main():
         return
-    for name, key, limit in (("history.csv", "epoch", state.epoch), ("steps.csv", "step", state.step)):
+    for name, key, limit in (("history.csv", "epoch", state.epoch), ("steps.csv", "step", state.step),
+                             ("grads.csv", "step", state.step)):
         path = run_dir / name
         if not path.exists():
             continue
