@@ -16,10 +16,12 @@ def cifar_zip() -> Path:
 
 
 def extracted_cifar() -> Path:
-    """The zip unpacked once under ~/.cache/cnnlab/cifar10-jpeg (the plain pipeline reads files)."""
-    dest = Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab")) / "cifar10-jpeg"
+    """The zip unpacked once under <cache>/cifar10-jpeg (the plain pipeline reads files)."""
+    from cnnlab.data.base import cache_dir
+    from cnnlab.data.download import safe_extract
+
+    dest = cache_dir() / "cifar10-jpeg"
     if not (dest / ".done").exists():
-        from cnnlab.data.download import safe_extract
 
         safe_extract(cifar_zip(), dest)
         (dest / ".done").touch()

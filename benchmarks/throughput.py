@@ -77,17 +77,13 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     norm = Normalizer(splits.mean, splits.std, dev, channels_last)
-    state = T.State()
+    ts = T.TrainState(model, opt, sched, cfg=cfg, device=dev)
     marks = {}
-
-    def on_step(step, loss):
-        if step in (3, batches + 3):
-            marks[step] = time.perf_counter()
-
     with dist.SignalGuard() as guard:
-        T.train_one_epoch(model, b, epoch_order(len(splits.train), 0, 0), opt=opt, sched=sched, scaler=None,
-                          ema=None, normalize=norm, cfg=cfg, state=state, device=dev, dtype=None, on_step=on_step,
-                          guard=guard)
+        for step, *_ in T.train_one_epoch(ts, model, b, epoch_order(len(splits.train), 0, 0), normalize=norm,
+                                            cfg=cfg, guard=guard):
+            if step in (3, batches + 3):
+                marks[step] = time.perf_counter()
     return batches * batch / (marks[batches + 3] - marks[3])
 
 

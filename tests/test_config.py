@@ -24,6 +24,30 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
         C.load(None, ["optim.lr=1e-4x"])
 
 
+def test_exponent_without_a_dot_is_a_number_in_untyped_settings_too(tmp_path):
+    # model.options / data.options / grid values have no type to coerce to: the YAML reader itself must
+    # read 1e-5 as a number (it reached the model builder as the text "1e-5")
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  options: {eps: 1e-5, width: 8, name: e5}\ngrid:\n  optim.lr: [1e-3, 2E-2, 0.1]\n")
+    cfg = C.load(p, ["data.options.fold=1e0"])
+    assert cfg.model.options == {"eps": 1e-5, "width": 8, "name": "e5"} and cfg.grid["optim.lr"] == [1e-3, 2e-2, 0.1]
+    assert cfg.data.options == {"fold": 1.0} and C.parse_value("-1.5e+3") == -1500.0 and C.parse_value("1e") == "1e"
+
+
+def test_dotted_keys_one_way():
+    nested = {"model": {"options": {"a": {"b": 1}}, "batchnorm": True}, "train": {"early_stop": {"patience": 2}},
+              "grid": {"optim.lr": [1, 2]}, "optim.lr": 0.5}
+    flat = C.flatten(nested)
+    assert flat == {"model.options": {"a": {"b": 1}}, "model.batchnorm": True, "train.early_stop.patience": 2,
+                    "grid": {"optim.lr": [1, 2]}, "optim.lr": 0.5}
+    tree: dict = {}
+    for k, v in flat.items():
+        C.set_dotted(tree, k, v)
+    assert C.flatten(tree) == flat and tree["optim"] == {"lr": 0.5}
+    valid = {"model": {"batchnorm": True}, "train": {"early_stop": {"patience": 2}}, "optim": {"lr": 0.5}}
+    assert C.load(None, C.flatten(valid)) == C.load(valid)  # dotted overrides load as the nested tree does
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = C.load("examples/quickstart.yaml", ["optim.lr=0.01"])
     p = tmp_path / "c.yaml"

@@ -31,7 +31,7 @@ def offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dl, "_fetch", no_network)
     monkeypatch.setattr(official, "SYSTEM_DIR", tmp_path / "system")
-    monkeypatch.setattr(official, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
 
 
 def serve(monkeypatch, files: dict[str, Path]) -> None:
@@ -147,6 +147,19 @@ def test_mnist_download_is_verified(tmp_path, monkeypatch):
     src = DATASETS.get("mnist")(str(tmp_path / "root"), download=True)
     assert len(src.train) == 2 and len(src.test) == 1 and (tmp_path / "root" / "t10k-images-idx3-ubyte.gz").is_file()
     assert "the published .gz files" in src.description
+
+
+def test_the_cache_folder_is_read_when_a_data_set_is_opened(tmp_path, monkeypatch):
+    """$CNNLAB_CACHE set after cnnlab is imported still decides where a data set is looked for and goes."""
+    for cache in (tmp_path / "one", tmp_path / "two"):
+        monkeypatch.setenv("CNNLAB_CACHE", str(cache))
+        n = 2 if cache.name == "one" else 3
+        for f, a in [("train-images-idx3-ubyte", np.zeros((n, 28, 28))), ("train-labels-idx1-ubyte", np.arange(n)),
+                     ("t10k-images-idx3-ubyte", np.ones((1, 28, 28))), ("t10k-labels-idx1-ubyte", np.array([3]))]:
+            write_idx(cache / "mnist" / (f + ".gz"), a)
+        assert len(DATASETS.get("mnist")(None, download=False).train) == n
+        with pytest.raises(FileNotFoundError, match=str(cache / "cifar10")):  # and named when missing
+            DATASETS.get("cifar10")(None, download=False)
 
 
 def test_fashion_mnist_from_system_package(monkeypatch):

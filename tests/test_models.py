@@ -8,7 +8,7 @@ from torch import nn
 
 from cnnlab.config import ModelConfig
 from cnnlab.models import MODELS, ModelConfigError, build_model, count_params
-from cnnlab.models import transfer
+from cnnlab.models import hooks, transfer
 from cnnlab.models.summary import summarize
 from cnnlab.models.zoo import default_input
 
@@ -184,7 +184,7 @@ def test_frozen_backbone_only_head_trains_and_backbone_stays_bit_identical(r18_f
     torch.manual_seed(0)
     for _ in range(3):
         model.train()
-        assert transfer.keep_frozen_bn_eval(model) == 20  # every BN of ResNet-18 stays in eval mode
+        assert hooks.keep_frozen_bn_eval(model) == 20  # every BN of ResNet-18 stays in eval mode
         loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.randint(0, 5, (4,)))
         opt.zero_grad()
         loss.backward()
@@ -239,7 +239,7 @@ def test_trainer_hook_keeps_frozen_bn_eval_also_in_copies(r18_file):
     model = _frozen_r18(r18_file[0], freeze="2")
     for m in (model, copy.deepcopy(model)):  # EMA copies the model
         m.train()
-        m._cnnlab_after_train()  # what the trainer calls after model.train()
+        hooks.after_train_mode(m)  # what the loop calls after model.train()
         assert not m.bn1.training and not m.layer1[0].bn1.training and m.layer2[0].bn1.training
 
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from cnnlab import config as C
-from cnnlab.data.pipeline import carve, channel_stats, prepare
+from cnnlab.data.pipeline import carve, prepare
+from cnnlab.data.stats import channel_stats, compute_stats
 
 
 def _folder(root, classes=("cat", "dog", "frog"), n=12, size=10, split=None):
@@ -49,6 +50,24 @@ def test_channel_stats_equal_numpy():
     a = x.numpy().astype(np.float64) / 255
     assert np.allclose(mean, a.mean(axis=(0, 2, 3)), atol=1e-6)
     assert np.allclose(std, a.std(axis=(0, 2, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [">u2", "<u2"])  # Pillow opens these TIFFs as I;16B and I;16
+def test_16_bit_grey_images_are_grey_everywhere(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 65536, (8, 8)).astype(dtype)).save(tmp_path / c / f"{i}.tif")
+    mode = Image.open(tmp_path / "a" / "0.tif").mode
+    assert mode == ("I;16B" if dtype == ">u2" else "I;16")
+    cfg = C.load(None, ["data.name=folder", f"data.root={tmp_path}", "data.val_split=2"])
+    for memory in (True, False):  # decoded up front, and streamed (mean/std computed from the files)
+        s = prepare(cfg.data, want_memory=memory)
+        assert s.channels == 1 and len(s.mean) == 1, (mode, memory, s.channels)
+    st = compute_stats(s.train, jobs=1)  # `cnnlab data stats` says the same
+    assert st.channels == 1 and st.modes == {mode: len(s.train)}
+    assert st.mean == pytest.approx(s.mean, abs=1e-6) and st.std == pytest.approx(s.std, abs=1e-6)
 
 
 def test_folder_and_zip_give_the_same_data(tmp_path):

@@ -439,13 +439,12 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = T.Config()
     path = tmp_path / "last.pt"
-    T.save_checkpoint(path, model=model, opt=opt, sched=sched, scaler=None, ema=None, state=T.State(step=1), cfg=cfg)
+    T.TrainState(model, opt, sched, cfg=cfg, progress=T.State(step=1)).save(path)
     digest = sha256(path)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(T.NonFiniteLossError, match="non-finite weights at step 2"):
-        T.save_checkpoint(path, model=model, opt=opt, sched=sched, scaler=None, ema=None, state=T.State(step=2),
-                          cfg=cfg)
+        T.TrainState(model, opt, sched, cfg=cfg, progress=T.State(step=2)).save(path)
     assert sha256(path) == digest and os.listdir(tmp_path) == ["last.pt"]
 
 

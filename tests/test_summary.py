@@ -58,7 +58,7 @@ def test_frozen_counts_and_modes_are_kept():
     model = build_model(ModelConfig(name="cifar_5x5", batchnorm=True, freeze="backbone"), num_classes=10,
                         in_channels=3, input_size=32)
     model.train()
-    from cnnlab.models.transfer import keep_frozen_bn_eval
+    from cnnlab.models.hooks import keep_frozen_bn_eval
 
     keep_frozen_bn_eval(model)
     modes = [m.training for m in model.modules()]

@@ -279,7 +279,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-5 (no dot) as text
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # a number given as text: "0.5", "1e-5"
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -367,18 +367,39 @@ def to_dict(cfg: Any) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Overrides
+# Values as people write them, and dotted keys (the one definition of each)
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load` that reads `1e-5` as a number. PyYAML follows YAML 1.1, whose floats need a dot
+    (`1.0e-5`), so the value people write would arrive as the text "1e-5", in typed fields, options and
+    study grids alike; YAML 1.2 (and everyone) reads a number. Every config value is read through it."""
+
+
+for _cls in (_Loader, _UniqueKeyLoader):  # overrides and config files alike
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                               list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Plain YAML (no Python tags: _Loader is a SafeLoader, only a resolver added) with YAML 1.2 numbers."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_value(text: str) -> Any:
-    """`key=value` on the command line: the value is read as YAML (`0.1`, `true`, `[1, 2]`, `null`)."""
+    """`key=value` on the command line: the value is read as YAML (`0.1`, `1e-5`, `true`, `[1, 2]`, `null`)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return load_yaml(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree["a"]["b"] = value for "a.b", making the mappings on the way."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -386,6 +407,29 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node[k] = {}
         node = node[k]
     node[keys[-1]] = value
+
+
+def section(dotted: str) -> type | None:
+    """The config dataclass a dotted key names (`train.early_stop` -> EarlyStopConfig), else None."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+        if not dataclasses.is_dataclass(tp):
+            return None
+    return tp
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested config dict or nested overrides (the inverse of `set_dotted`):
+    config sections are opened, a setting whose value is a mapping (model.options, grid) stays whole."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and section(key) is not None:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:

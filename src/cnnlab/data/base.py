@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -14,6 +15,12 @@ from PIL import Image
 from cnnlab.errors import InputError
 
 ZIP_SEP = "::"  # "archive.zip::train/cat/0001.jpg" names a member of a zip
+
+
+def cache_dir() -> Path:
+    """Where cnnlab keeps what it downloads and decodes: $CNNLAB_CACHE, else ~/.cache/cnnlab. Read at
+    each call, so setting the variable takes effect at any time."""
+    return Path(os.environ.get("CNNLAB_CACHE") or "~/.cache/cnnlab").expanduser()
 
 
 class DataFileError(InputError, ValueError):

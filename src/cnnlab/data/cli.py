@@ -5,34 +5,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cnnlab.errors import InputError
-from cnnlab.registry import UnknownNameError
-
-if TYPE_CHECKING:
-    from cnnlab.data.base import DataSource
-
-
-def open_source(spec: str, *, root: str | None = None, download: bool = True,
-                options: dict | None = None) -> DataSource:
-    """A registered data set by name, or a folder / .zip path read as the `folder` data set."""
-    from cnnlab.data import DATASETS
-
-    if spec not in DATASETS and (Path(spec).exists() or "/" in spec or spec.endswith(".zip")):
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"{spec!r}: no such folder or zip file")
-        return DATASETS.get("folder")(spec)
-    try:
-        fn = DATASETS.get(spec)
-    except UnknownNameError as e:
-        raise UnknownNameError(f"{spec!r} is neither a path that exists nor a data set name: {e}") from None
-    try:
-        return fn(root, download=download, **(options or {}))
-    except FileNotFoundError as e:  # the loaders name config keys; this command's flags stand for them here
-        text = str(e).replace("set data.download: true", "drop --no-download").replace("data.root", "--root")
-        raise FileNotFoundError(text) from None
 
 
 def _options(pairs: list[str]) -> dict:
@@ -57,10 +31,22 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None, help="decoding processes (default: every core)")
 
 
+def _source(args):
+    """The data set the command names: a registered name or a folder / .zip path (pipeline.open_source)."""
+    from cnnlab.data.pipeline import open_source
+
+    try:
+        return open_source(args.data, root=args.root, download=args.download, options=_options(args.option),
+                           paths=True)
+    except FileNotFoundError as e:  # the loaders name config keys; this command's flags stand for them here
+        text = str(e).replace("set data.download: true", "drop --no-download").replace("data.root", "--root")
+        raise FileNotFoundError(text) from None
+
+
 def _stats(args) -> int:
     from cnnlab.data.stats import compute_stats
 
-    src = open_source(args.data, root=args.root, download=args.download, options=_options(args.option))
+    src = _source(args)
     split = getattr(src, args.split)
     if split is None:
         raise InputError(f"{args.data}: has no {args.split} split")
@@ -73,7 +59,7 @@ def _check(args) -> int:
     from cnnlab.data.check import check, errors, print_findings, summary
 
     t0 = time.perf_counter()
-    src = open_source(args.data, root=args.root, download=args.download, options=_options(args.option))
+    src = _source(args)
     findings = check(src, jobs=args.jobs, max_pixels=args.max_pixels)
     if args.json:
         print(json.dumps({"summary": summary(findings), "findings": [f.to_dict() for f in findings]}, indent=1))

@@ -1,7 +1,8 @@
 """Official releases as registered data sets: MNIST, Fashion-MNIST, CIFAR-10/100, STL-10, SVHN, MNIST-M.
 
 Files are looked for in `root`, then in /usr/share/datasets/<name>/ (system packages), then in
-~/.cache/cnnlab/<name>; missing ones are downloaded from the official URL and verified first.
+<cache>/<name> (`base.cache_dir()`: $CNNLAB_CACHE or ~/.cache/cnnlab); missing ones are downloaded
+from the official URL and verified first.
 """
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ import numpy as np
 import torch
 
 from cnnlab.data._registry import DATASETS
-from cnnlab.data.base import DataSource, ImageSet
+from cnnlab.data.base import DataSource, ImageSet, cache_dir
 from cnnlab.data.download import download as fetch, file_hash, restricted_load, safe_extract, verify
 
 SYSTEM_DIR = Path("/usr/share/datasets")  # where `apt-get install dataset-<name>` puts files
-CACHE_DIR = Path(os.environ.get("CNNLAB_CACHE", "~/.cache/cnnlab"))  # as the training pipeline
 DIGITS = [str(i) for i in range(10)]
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -40,13 +40,13 @@ def _places(name: str, root: str | None) -> list[Path]:
     places = [Path(root).expanduser()] if root else []
     places.append(SYSTEM_DIR / name)
     if not root:
-        places.append(CACHE_DIR.expanduser() / name)
+        places.append(cache_dir() / name)
     return places
 
 
 def _target(name: str, root: str | None) -> Path:
     """Where downloads and extractions go."""
-    return Path(root).expanduser() if root else CACHE_DIR.expanduser() / name
+    return Path(root).expanduser() if root else cache_dir() / name
 
 
 def _find(places: list[Path], files: list[str], subdirs: tuple[str, ...] = ("",),

@@ -1,7 +1,10 @@
-"""From a DataConfig to ready splits: load, carve val/test (seeded, stratified, disjoint), decode, stats.
+"""From a DataConfig to ready splits: open the data set by name, carve val/test (seeded, stratified,
+disjoint), decode, normalisation statistics.
 
-The result, `Splits`, holds every split as decoded uint8 (N, C, H, W) in memory when it fits (the
-fast path), else as files that `loader.py` streams through a DataLoader.
+`open_source` is the one way a data set is opened by name (training, `cnnlab data`, `cnnlab explain`).
+The result of `prepare`, `Splits`, holds every split as decoded uint8 (N, C, H, W) in memory when it
+fits (the fast path), else as files that `loader.py` streams through a DataLoader. Channels and
+mean/std are data/stats.py's definitions; the cache folder is base.cache_dir(), read at call time.
 """
 from __future__ import annotations
 
@@ -21,13 +24,11 @@ from sklearn.model_selection import train_test_split
 
 from cnnlab.config import ConfigError, DataConfig
 from cnnlab.data.catalog import DATASETS
-from cnnlab.data.base import DataSource, ImageSet, decode, open_image
+from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, open_image
+from cnnlab.data.stats import split_channels, training_stats
+from cnnlab.registry import UnknownNameError
 
 MEMORY_BUDGET = int(os.environ.get("CNNLAB_MEMORY_BUDGET", 6 * 2**30))  # bytes of uint8 pixels kept resident
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CNNLAB_CACHE", Path.home() / ".cache" / "cnnlab"))
 
 
 @dataclass
@@ -245,45 +246,6 @@ def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std over every pixel, in one streaming pass with float64 sums."""
-    c = images.shape[1]
-    s = torch.zeros(c, dtype=torch.float64)
-    ss = torch.zeros(c, dtype=torch.float64)
-    n = 0
-    for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].to(torch.float64).div_(255.0)
-        s += x.sum(dim=(0, 2, 3))
-        ss += (x * x).sum(dim=(0, 2, 3))
-        n += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / n
-    std = (ss / n - mean * mean).clamp_min(0).sqrt()
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
-
-
-def stream_stats(files: list[str], channels: int, size: int | None, chunk: int = 2048):
-    """channel_stats for data that does not fit in memory: decode chunk by chunk, sum in float64."""
-    c = channels
-    s, ss, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        for i in range(0, len(files), chunk):
-            for t in pool.map(lambda f: decode(f, channels, size), files[i:i + chunk]):
-                x = t.to(torch.float64).div_(255.0)
-                s += x.sum(dim=(1, 2))
-                ss += (x * x).sum(dim=(1, 2))
-                n += x.shape[1] * x.shape[2]
-    mean = s / n
-    std = (ss / n - mean * mean).clamp_min(0).sqrt()
-    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
-
-
-def _channels_of(s: ImageSet) -> int:
-    if s.images is not None:
-        return int(s.images.shape[1])
-    mode = open_image(s.files[0]).mode
-    return 1 if mode in ("L", "I;16", "I", "F", "1") else 3
-
-
 def _image_hw(s: ImageSet) -> tuple[int, int]:
     if s.images is not None:
         return int(s.images.shape[-2]), int(s.images.shape[-1])
@@ -291,21 +253,33 @@ def _image_hw(s: ImageSet) -> tuple[int, int]:
     return h, w
 
 
-def load_source(d: DataConfig) -> DataSource:
-    fn = DATASETS.get(d.name)
+def open_source(name: str, *, root: str | None = None, download: bool = True, options: dict | None = None,
+                paths: bool = False) -> DataSource:
+    """The registered data set `name`, opened from `root` (downloading when allowed) with its options.
+    `paths`: a folder or .zip path given as the name is read as the `folder` data set (`cnnlab data ...`)."""
+    if paths and name not in DATASETS and (Path(name).exists() or "/" in name or name.endswith(".zip")):
+        if not Path(name).exists():
+            raise FileNotFoundError(f"{name!r}: no such folder or zip file")
+        return DATASETS.get("folder")(name)
+    try:
+        fn = DATASETS.get(name)
+    except UnknownNameError as e:
+        if not paths:
+            raise
+        raise UnknownNameError(f"{name!r} is neither a path that exists nor a data set name: {e}") from None
     params = inspect.signature(fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # those with **options check their own
         takes = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n != "download"]
-        for key in d.options:
+        for key in options or {}:
             if key not in takes:
-                raise ConfigError(f"data.options.{key}: data set {d.name!r} takes no option {key!r} "
+                raise ConfigError(f"data.options.{key}: data set {name!r} takes no option {key!r} "
                                   f"(it takes: {', '.join(takes) or 'none'})")
-    return fn(d.root, download=d.download, **d.options)
+    return fn(root, download=download, **(options or {}))
 
 
 def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = None) -> Splits:
     """Load the data set a DataConfig names and return its train/val/test splits, decoded where they fit."""
-    src = load_source(d)
+    src = open_source(d.name, root=d.root, download=d.download, options=d.options)
     findings = []
     if d.check:  # the fast checks; an error (labels out of range, unreadable files...) refuses to start
         from cnnlab.data.check import require_trainable
@@ -345,7 +319,7 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
     if test is None:
         notes.append("this data set has no test split: the final evaluation uses the validation split")
 
-    channels = d.channels or _channels_of(src.train)
+    channels = d.channels or split_channels(src.train)
     if not d.image_size:  # the models take square images; a mid-run shape error would be the alternative
         h, w = _image_hw(src.train)
         if h != w:
@@ -378,10 +352,8 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
         size = d.image_size or open_image(train.files[0]).size[0]
     if d.mean is not None and d.std is not None:
         mean, std = tuple(d.mean), tuple(d.std)
-    elif train.images is not None:
-        mean, std = channel_stats(train.images)
     else:
-        mean, std = stream_stats(train.files, channels, d.image_size)
+        mean, std = training_stats(train, channels, d.image_size)
     if len(mean) != channels:
         raise ValueError(f"data.mean has {len(mean)} values but the images have {channels} channels")
     return Splits(train=train, val=sets["val"], test=sets["test"], classes=src.classes, channels=channels,

@@ -1,7 +1,10 @@
-"""Per-channel mean/std, class counts, image sizes and modes of a split, in one streaming pass.
+"""The data facts of a split, each defined once: its channels (grey or colour), per-channel mean/std,
+class counts, image sizes and modes, in one streaming pass.
 
 Pixel sums are kept as exact integers (sum of x and of x*x over uint8 values), so the std has no
-cancellation error however many pixels there are; files are decoded in a process pool.
+cancellation error however many pixels there are; files are decoded in a process (or thread) pool.
+`cnnlab data stats` shows them (`compute_stats`); the training pipeline normalises with the same
+numbers rounded to 6 decimals (`channel_stats`, `training_stats`).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -66,17 +69,22 @@ def _init_worker() -> None:
     base._open_zip.cache_clear()  # a forked zip handle shares its file offset with the parent
 
 
-def pool_map(fn: Callable, chunks: list, jobs: int | None) -> Iterator:
+def pool_map(fn: Callable, chunks: list, jobs: int | None, *, threads: bool = False) -> Iterator:
     """`map(fn, chunks)` in `jobs` processes (inline for one job or one chunk), results in order.
 
-    Workers are forked (cheap, no re-import) and use only Pillow and numpy, never torch ops.
+    Workers are forked (cheap, no re-import) and use only Pillow and numpy, never torch ops. `threads`:
+    a thread pool instead (Pillow decodes without the GIL), for callers that must not fork, such as a
+    training process that may hold a process group or CUDA.
     """
     jobs = jobs or os.cpu_count() or 1
     if jobs <= 1 or len(chunks) <= 1:
         yield from map(fn, chunks)
         return
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    ex = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=ctx, initializer=_init_worker)
+    if threads:
+        ex = ThreadPoolExecutor(max_workers=min(jobs, len(chunks)))
+    else:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        ex = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=ctx, initializer=_init_worker)
     try:
         yield from ex.map(fn, chunks)
     finally:  # on an error or an early stop, drop the chunks not started yet
@@ -88,13 +96,19 @@ def chunked(items: list, size: int) -> list[list]:
 
 
 def channels_of(refs: Iterable[str]) -> int:
-    """1 when the first readable file is grey, else 3 (the rule the training pipeline uses)."""
+    """1 when the first readable file is grey (any of GREY_MODES, 16-bit ones included), else 3."""
     for ref in refs:
         try:
             return 1 if base.open_image(ref).mode in GREY_MODES else 3
         except Exception:
             continue
     return 3
+
+
+def split_channels(s: ImageSet) -> int:
+    """The channels a split decodes to unless data.channels says otherwise: its tensor's, or its files'
+    (`channels_of` the first 20)."""
+    return int(s.images.shape[1]) if s.in_memory else channels_of(s.files[:20])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +185,26 @@ def _finish(s: np.ndarray, ss: np.ndarray, n: int) -> tuple[tuple[float, ...], t
     return mean, std
 
 
+def _sums(images: ImageSet, channels: int | None, size: int | None, jobs: int | None, chunk: int,
+          threads: bool = False) -> _Partial:
+    """Exact pixel sums of a split: its tensor as it is, or its files converted to `channels` and resized
+    to `size` as the training pipeline decodes them."""
+    if images.in_memory:
+        x = images.images
+        if channels is not None and channels != x.shape[1]:
+            raise ValueError(f"compute_stats: images have {x.shape[1]} channels; converting to {channels} "
+                             "is done by the training pipeline, not here")
+        if size is not None and tuple(x.shape[2:]) != (size, size):
+            raise ValueError("compute_stats: resizing in-memory images is done by the training pipeline")
+        return _tensor_partial(x)
+    channels = channels or split_channels(images)
+    p = _Partial(np.zeros(channels, np.int64), np.zeros(channels, np.int64))
+    work = [(c, channels, size) for c in chunked(images.files, chunk)]
+    for part in pool_map(_files_partial, work, jobs, threads=threads):
+        p.add(part)
+    return p
+
+
 def compute_stats(images: ImageSet, *, channels: int | None = None, size: int | None = None,
                   jobs: int | None = None, chunk: int = 1000) -> Stats:
     """Statistics of one split (normally the training split) over every pixel of every image.
@@ -179,22 +213,35 @@ def compute_stats(images: ImageSet, *, channels: int | None = None, size: int | 
     data.image_size would; files are decoded by `jobs` processes (default: every core).
     """
     t0 = time.perf_counter()
-    if images.in_memory:
-        x = images.images
-        if channels is not None and channels != x.shape[1]:
-            raise ValueError(f"compute_stats: images have {x.shape[1]} channels; converting to {channels} "
-                             "is done by the training pipeline, not here")
-        if size is not None and tuple(x.shape[2:]) != (size, size):
-            raise ValueError("compute_stats: resizing in-memory images is done by the training pipeline")
-        p = _tensor_partial(x)
-    else:
-        channels = channels or channels_of(images.files[:20])
-        p = _Partial(np.zeros(channels, np.int64), np.zeros(channels, np.int64))
-        for part in pool_map(_files_partial, [(c, channels, size) for c in chunked(images.files, chunk)], jobs):
-            p.add(part)
+    p = _sums(images, channels, size, jobs, chunk)
     mean, std = _finish(p.s, p.ss, p.n)
     counts = np.bincount(images.labels[images.labels >= 0], minlength=len(images.classes))
     class_counts = {c: int(k) for c, k in zip(images.classes, counts)}
     return Stats(mean=mean, std=std, channels=len(mean), n_images=len(images) - len(p.unreadable), n_pixels=p.n,
                  class_counts=class_counts, sizes=dict(p.sizes.most_common()), modes=dict(p.modes.most_common()),
                  unreadable=p.unreadable, seconds=time.perf_counter() - t0)
+
+
+def _rounded(mean_std: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(tuple(round(float(v), 6) for v in vs) for vs in mean_std)
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) over every pixel, in [0, 1] units, rounded to
+    6 decimals as the training pipeline normalises with them (and data.json records them)."""
+    p = _tensor_partial(images, chunk)
+    return _rounded(_finish(p.s, p.ss, p.n))
+
+
+def training_stats(s: ImageSet, channels: int, size: int | None, *, jobs: int | None = None,
+                   chunk: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`channel_stats` of a split, decoding its files (to `channels`, resized to `size`) when they are not
+    in memory, in threads; a file that cannot be decoded is an error naming it."""
+    if s.in_memory:
+        return channel_stats(s.images)
+    p = _sums(s, channels, size, jobs or min(8, (os.cpu_count() or 2) * 2), chunk, threads=True)
+    if p.unreadable:
+        raise ValueError(f"cannot decode {p.unreadable[0]} while computing the training split's mean/std"
+                         + (f" (and {len(p.unreadable) - 1} more files)" if len(p.unreadable) > 1 else "")
+                         + "; `cnnlab data check` lists every problem")
+    return _rounded(_finish(p.s, p.ss, p.n))

@@ -36,9 +36,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def _data_shape(cfg) -> tuple[int | None, int | None, int | None, str | None]:
     """(classes, channels, size) of a config's data set without downloading, or Nones and why not."""
     try:
-        from cnnlab.data.pipeline import load_source
+        from cnnlab.data.pipeline import open_source
 
-        src = load_source(dataclasses.replace(cfg.data, download=False))
+        src = open_source(cfg.data.name, root=cfg.data.root, download=False, options=cfg.data.options)
     except Exception as e:  # noqa: BLE001 - any data-set failure just means "use the defaults"
         return None, None, None, f"data set {cfg.data.name!r} not read ({str(e).splitlines()[0] if str(e) else e!r})"
     images = src.train.images

@@ -3,7 +3,8 @@
 A frozen 2x2 patch-whitening stem initialised from the training images (the eigenvectors of their
 patch covariance, +/-, as in airbench), three conv groups (conv -> max-pool -> BN -> GELU -> conv ->
 BN -> GELU) with identity (dirac) initialised convs, a global max-pool and a scaled linear head.
-The stem needs data: the trainer calls `model.init_from_data(x)` with normalised training images.
+The stem needs data: FastNet is a `hooks.InitFromData`, so the loop calls `init_from_data(x)` with
+normalised training images before training starts.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from cnnlab.models._registry import MODELS
+from cnnlab.models.hooks import InitFromData
 from cnnlab.models.zoo import takes_input
 
 
@@ -40,7 +42,7 @@ class _Group(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
-class FastNet(nn.Module):
+class FastNet(InitFromData, nn.Module):
     def __init__(self, num_classes: int, in_channels: int, widths=(64, 256, 256), scale: float = 1 / 9):
         super().__init__()
         k = 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from cnnlab.errors import InputError
 from cnnlab.models._registry import library_of
+from cnnlab.models.hooks import freeze_bn
 
 log = logging.getLogger("cnnlab")
 
@@ -256,13 +256,12 @@ def _freeze_modules(mods) -> None:
             p.requires_grad_(False)
         for sub in m.modules():
             if isinstance(sub, _BatchNorm):
-                sub.cnnlab_frozen = True
-                sub.eval()
+                freeze_bn(sub)
 
 
 def freeze(model: nn.Module, spec: str | int) -> list[str]:
     """Turn gradients off: 'backbone' = everything but the head, 'none', or '<n>' = the n first stages.
-    Frozen BatchNorm layers go to eval mode (call `keep_frozen_bn_eval` after each `model.train()`).
+    Frozen BatchNorm layers go to eval mode, and the loop keeps them there (`hooks.after_train_mode`).
     Returns the names of the frozen parameters."""
     spec = str(spec).strip()
     if spec == "none":
@@ -285,29 +284,7 @@ def freeze(model: nn.Module, spec: str | int) -> list[str]:
             _freeze_modules(s)
     else:
         raise TransferError(f"model.freeze={spec!r}: must be none, backbone or a number of first stages")
-    # the trainer calls model._cnnlab_after_train() after model.train(); a bound method survives deepcopy (EMA)
-    model._cnnlab_after_train = types.MethodType(_after_train, model)
     return [n for n, p in model.named_parameters() if not p.requires_grad]
-
-
-def _after_train(self: nn.Module) -> None:
-    own = getattr(type(self), "_cnnlab_after_train", None)  # a model's own hook still runs
-    if own is not None:
-        own(self)
-    keep_frozen_bn_eval(self)
-
-
-def keep_frozen_bn_eval(model: nn.Module) -> int:
-    """Put frozen BatchNorm layers back in eval mode (their running stats stay those of the weights).
-    Call right after `model.train()`; returns how many layers it touched."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            params = list(m.parameters())
-            if getattr(m, "cnnlab_frozen", False) or (params and not any(p.requires_grad for p in params)):
-                m.eval()
-                n += 1
-    return n
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab import config as C
 from cnnlab import rundir as R
 from cnnlab.rundir import RunDir
 from cnnlab.studies import report as pages
@@ -42,17 +43,6 @@ def fmt_value(v) -> str:
         m, e = f"{v:.6e}".split("e")
         return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
     return f"{v:g}"
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted key: value} (plain dict settings such as model.options kept whole)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k not in ("options",):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @dataclass
@@ -171,7 +161,7 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
     if base not in names:
         raise ValueError(f"baseline {base!r} is not among the compared runs: {', '.join(names)}")
     bg = groups[names.index(base)]
-    firsts = {g.name: flat(g.runs[0].config_dict) for g in groups}
+    firsts = {g.name: C.flatten(g.runs[0].config_dict) for g in groups}
     keys = sorted(set().union(*firsts.values()))
     differ = [k for k in keys if not k.startswith(COMPARE_IGNORED)
               and len({json.dumps(c.get(k), sort_keys=True) for c in firsts.values()}) > 1]

@@ -5,10 +5,8 @@ subprocesses or on Ray, resumable (only what is missing runs again), then compar
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +20,7 @@ from cnnlab import rundir as R
 from cnnlab.errors import RunError
 from cnnlab.rundir import MARKER, made_by_cnnlab
 from cnnlab.studies import compare
-from cnnlab.studies.compare import IGNORED, STUDY_KEYS, flat, fmt_value
+from cnnlab.studies.compare import IGNORED, STUDY_KEYS, fmt_value
 
 
 class StudyError(RunError, RuntimeError):
@@ -55,45 +53,15 @@ class Study:
 # Planning: names, overrides, resolved configs
 
 
-def _node(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-            return None
-        node = getattr(node, part)
-    return node
-
-
-_EXP = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _number(v):
-    """PyYAML reads `1e-5` (no dot) as text, YAML 1.2 as a number: take the number."""
-    return float(v) if isinstance(v, str) and _EXP.match(v) else v
-
-
-def flatten(overrides: dict | None, cfg: C.Config, prefix: str = "") -> dict:
-    """`{model: {batchnorm: true}}` and `{model.batchnorm: true}` -> the same dotted dict (a mapping given
-    for a plain dict setting such as model.options stays whole)."""
-    out = {}
-    for k, v in (overrides or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and dataclasses.is_dataclass(_node(cfg, key)):
-            out.update(flatten(v, cfg, key + "."))
-        else:
-            out[key] = _number(v)
-    return out
-
-
 def groups(cfg: C.Config) -> list[tuple[str, dict]]:
     """(name, dotted overrides) of each variation x grid point, in config order."""
-    base = [(str(n), flatten(ov, cfg)) for n, ov in cfg.variations.items()] or [("", {})]
+    base = [(str(n), C.flatten(ov or {})) for n, ov in cfg.variations.items()] or [("", {})]
     keys = list(cfg.grid)
     lasts = [k.split(".")[-1] for k in keys]
     short = {k: (s if lasts.count(s) == 1 else k) for k, s in zip(keys, lasts)}
     out = []
     for vname, ov in base:
-        for point in itertools.product(*([_number(v) for v in cfg.grid[k]] for k in keys)):
+        for point in itertools.product(*(cfg.grid[k] for k in keys)):
             parts = [vname] * bool(vname) + [f"{short[k]}={fmt_value(v)}" for k, v in zip(keys, point)]
             name = "+".join(parts) or "main"
             out.append((name.replace("/", "_").replace(" ", "_"), {**ov, **dict(zip(keys, point))}))
@@ -161,7 +129,7 @@ def run_state(path: Path) -> str:
 
 def _saved_config(path: Path) -> dict | None:
     try:
-        return flat(C.to_dict(R.RunDir(path).config))
+        return C.flatten(C.to_dict(R.RunDir(path).config))
     except (C.ConfigError, OSError):
         return None
 
@@ -251,7 +219,7 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
         path = root / p.id
         state = status[p.id] = run_state(path)
         saved = _saved_config(path) if state != "pending" else None
-        diff = differences(saved, flat(C.to_dict(p.cfg))) if saved is not None else []
+        diff = differences(saved, C.flatten(C.to_dict(p.cfg))) if saved is not None else []
         if state == "done":
             if diff:
                 say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "

@@ -110,14 +110,6 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
     check_names(cfg)  # before any work and before the run folder
     say = (lambda *a: None) if quiet or not dist.is_main() else (lambda *a: print(*a, flush=True))
     cfg = with_weight_defaults(cfg)
-    if resume_dir is not None:
-        done = finished(Path(resume_dir), cfg)
-        if done is not None:  # nothing to train: say so rather than silently evaluating again
-            say(f"{resume_dir} is already finished ({done['epochs_run']} of {cfg.train.epochs} epochs"
-                f"{', stopped early' if done.get('stopped_early') else ''}; {done.get('eval_split', 'test')} accuracy "
-                f"{done['test']['accuracy']:.4f}): nothing to resume. Train longer with `cnnlab train --resume "
-                f"{resume_dir} train.epochs=N`, evaluate again with `cnnlab eval {resume_dir}`.")
-            return RunDir(resume_dir, config=cfg, metrics=done)
     with contextlib.ExitStack() as stack:
         if resume_dir is not None and dist.is_main():  # before the data: a second resume is refused at once
             stack.enter_context(folder_lock(Path(resume_dir), "training", T.TrainingError))
@@ -130,6 +122,13 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             run_dir = Path(resume_dir)
             if dist.is_main():
                 check_same_data(run_dir, splits, cfg)
+            done = finished(run_dir, cfg)  # after the data check: changed data is refused, finished or not
+            if done is not None:  # nothing to train: say so rather than silently evaluating again
+                say(f"{run_dir} is already finished ({done['epochs_run']} of {cfg.train.epochs} epochs"
+                    f"{', stopped early' if done.get('stopped_early') else ''}; {done.get('eval_split', 'test')} "
+                    f"accuracy {done['test']['accuracy']:.4f}): nothing to resume. Train longer with `cnnlab train "
+                    f"--resume {run_dir} train.epochs=N`, evaluate again with `cnnlab eval {run_dir}`.")
+                return RunDir(run_dir, config=cfg, metrics=done)
         else:
             run_dir = new_run_dir(cfg) if dist.is_main() else None
             run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))

@@ -70,7 +70,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
     if not overrides:
         return saved
     cfg = C.load(saved, overrides)
-    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
+    before, after = C.flatten(C.to_dict(saved)), C.flatten(C.to_dict(cfg))
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
     if unsafe:
@@ -90,16 +90,6 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
             raise C.ConfigError(f"--resume {run_dir}: train.epochs={new}: {' and '.join(fixed)} are laid out over "
                                 f"the {old} epochs the run started with; more epochs cannot be added on resume")
     return cfg
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class DataChangedError(InputError, ValueError):
