@@ -36,33 +36,6 @@ class ConfigError(InputError, ValueError):
 MAX_IMAGE_SIDE = 8192
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: PyYAML's own error says so
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
-                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_unique(text: str) -> Any:
-    """What yaml.safe_load(text) returns (the same SafeLoader, no Python tags), refusing duplicate keys."""
-    loader = _UniqueKeyLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
 # the choices of each key that takes one of a few words (did-you-mean on a typo)
 PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's padding_mode
 LoaderKind = Literal["auto", "memory", "stream"]
@@ -376,14 +349,32 @@ class _Loader(yaml.SafeLoader):
     study grids alike; YAML 1.2 (and everyone) reads a number. Every config value is read through it."""
 
 
-for _cls in (_Loader, _UniqueKeyLoader):  # overrides and config files alike
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                               list("-+0123456789."))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
 
 
-def load_yaml(text: str) -> Any:
-    """Plain YAML (no Python tags: _Loader is a SafeLoader, only a resolver added) with YAML 1.2 numbers."""
-    loader = _Loader(text)
+class _UniqueKeyLoader(_Loader):
+    """_Loader that also refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
+                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, *, unique_keys: bool = False) -> Any:
+    """Plain YAML (no Python tags: _Loader is a SafeLoader, only a resolver added) with YAML 1.2 numbers;
+    `unique_keys` (config files) also refuses a key given twice in one mapping."""
+    loader = (_UniqueKeyLoader if unique_keys else _Loader)(text)
     try:
         return loader.get_single_data()
     finally:
@@ -462,7 +453,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        tree = _load_unique(path.read_text(encoding="utf-8"))
+        tree = load_yaml(path.read_text(encoding="utf-8"), unique_keys=True)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                           "save the config as UTF-8") from None

@@ -281,13 +281,13 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     bar.step(step, loss)
                     if main and step % t.log_every == 0:
                         runlog.append_row(run_dir / R.STEPS, {"step": step, "epoch": state.epoch + 1,
-                                                                  "loss": runlog.fmt(loss), "acc": runlog.fmt(acc),
-                                                                  "lr": runlog.fmt(ts.lr())})
+                                                              "loss": runlog.fmt(loss), "acc": runlog.fmt(acc),
+                                                              "lr": runlog.fmt(ts.lr())})
                         # this step's gradients (unscaled by the optimizer step; averaged over ranks under DDP)
                         norms = layer_grad_norms(model)
                         if norms:
                             runlog.append_row(run_dir / R.GRADS, {"step": step, "epoch": state.epoch + 1,
-                                                                     **{k: runlog.fmt(v) for k, v in norms.items()}})
+                                                                  **{k: runlog.fmt(v) for k, v in norms.items()}})
                         if tb is not None:
                             tb.scalars({"step/loss": loss, "step/lr": ts.lr()}, step)
                     if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
