@@ -32,6 +32,7 @@ METRICS = "metrics.json"        # headline metrics; its presence means "finished
 PREDICTIONS_CSV = "predictions.csv"  # one row per evaluated sample
 PREDICTIONS_NPZ = "predictions.npz"  # logits, targets
 SAMPLES = "samples.npz"         # a seeded pick of images plus the worst failures (uint8)
+GALLERY = "gallery.npz"         # a few training images per class as decoded (uint8), for the data gallery
 CHECKPOINTS = "checkpoints"     # folder: BEST, LAST
 BEST = "best.pt"
 LAST = "last.pt"
@@ -396,6 +397,17 @@ class RunDir:
             return None, None
         with np.load(p) as z:
             return z["images"], z["index"]
+
+    @cached_property
+    def gallery(self):
+        """(images uint8 (N, C, H, W), labels, index into the training split) from gallery.npz, or None."""
+        import numpy as np
+
+        p = self.dir / GALLERY
+        if not p.is_file():
+            return None
+        with np.load(p) as z:
+            return z["images"], z["labels"], z["index"]
 
     # -- the model
     def checkpoint(self, which: str = "best") -> Path | None:
