@@ -117,7 +117,7 @@ def test_study_with_repeats_inline_and_rerun_keeps_finished_runs(tmp_path):
     assert (g0["mean"], g0["lo"], g0["hi"]) == pytest.approx(S.mean_ci(accs["main"]))
     assert [d["key"] for d in comp["differs"]] == ["optim.lr"]
     html = (root / "study.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and 'src="plots' not in html
+    assert html.count("data:image/png;base64,") == 3 and 'src="plots' not in html
     assert "Paired t-test" in html and "fast: " in html
     md = (root / "study.md").read_text()
     assert "| learning rate (optim.lr) | 0.01 | 0.03 |" in md and "![Training curves](plots/study_curves.png)" in md
