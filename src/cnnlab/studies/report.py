@@ -294,7 +294,9 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
                                    "interval over the test images. Overlapping intervals do not rule out a real "
                                    "difference: the McNemar test above pairs the two models image by image.")),
         ("curves", "Curves", "Validation solid, training dashed; one colour per variation"
-         + ("; the band spans the seeds." if n_seeds > 1 else "; dotted: where a variation starts to overfit."),
+         + ("; the band spans the seeds" if n_seeds > 1 else "")
+         + ("; dotted: where a variation starts to overfit." if any(
+             len(g["overfit_onset"]) == 1 and g["overfit_onset"][0] for g in res["groups"]) else "."),
          img("curves", "Loss and accuracy per epoch.") + img(
              "steps", "Training loss and batch accuracy at every logged step (every <code>train.log_every</code> "
              "batches), all variations overlaid: faint the logged values, bold a centred moving average.")),
