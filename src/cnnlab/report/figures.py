@@ -162,7 +162,7 @@ def per_class(d: Drawing):
     summ = d.run["summary"]
     if not summ:
         return None
-    flagged = {f.data.get("class") for f in d.findings if f.kind in ("dead_class", "weak_class", "rare_class")}
+    flagged = dg.flagged_classes(d.findings)
     return Drawn(P.per_class_accuracy(summ["per_class"], highlight=flagged),
                  "Share of each class's images classified right; red bars are flagged in the diagnostics.")
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cnnlab import rundir as R
+from cnnlab.analysis.diagnose import flagged_classes
 from cnnlab.report import figures as F
 from cnnlab.report.fmt import facts, num, pct
 
@@ -144,7 +145,7 @@ def per_class_rows(ctx: dict) -> list[dict]:
     s = ctx["run"]["summary"]
     cm = np.asarray(s["confusion"])
     names = [r["name"] for r in s["per_class"]]
-    flagged = {f.data.get("class") for f in ctx["findings"] if f.kind in ("dead_class", "weak_class", "rare_class")}
+    flagged = flagged_classes(ctx["findings"])
     out = []
     for i, r in enumerate(s["per_class"]):
         row = cm[i].copy()
