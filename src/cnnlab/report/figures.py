@@ -132,6 +132,19 @@ def learning_rate(d: Drawing):
     return Drawn(P.learning_rate(s or None, h), "The schedule as applied.")
 
 
+def lr_find(d: Drawing):
+    """`optim.lr: auto`: the range test's curve with the chosen rate (lr_find.csv, lr_find.json)."""
+    from cnnlab.report import plots as P
+
+    found, c = d.run.get("lr_find"), d.run.get("lr_curve") or {}
+    if not found or not c.get("lr"):
+        return None
+    return Drawn(P.lr_find(c["lr"], c["loss"], c["smoothed"], suggestion=found.get("suggestion"),
+                           lr_min=found.get("lr_min"), steepest=found.get("steepest")),
+                 "Training loss against a learning rate growing exponentially, step by step; the run used the "
+                 "suggestion, a tenth of the rate with the lowest smoothed loss.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Results
 
