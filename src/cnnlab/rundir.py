@@ -43,6 +43,9 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 TENSORBOARD = "tensorboard"     # folder
 EVALS = "evals"                 # folder: evals/<n>/ (METRICS, PREDICTIONS_*, SAMPLES) from `cnnlab eval`
+LR_FIND_CSV = "lr_find.csv"     # the learning-rate range test's curve (step, lr, loss, smoothed)
+LR_FIND_JSON = "lr_find.json"   # its suggestion, when `optim.lr: auto` chose the run's learning rate
+LR_FIND_PNG = "lr_find.png"     # `cnnlab lr-find`'s plot (in a run folder: plots/lr_find.png)
 # A study folder (runs in sub-folders) and a comparison's output folder:
 STUDY_YAML = "study.yaml"
 STUDY_JSON = "study.json"       # the study's manifest

@@ -58,6 +58,8 @@ def gather(run_dir: str | Path) -> dict:
     if not r["pred_rows"] and r["logits"] is not None:
         r["pred_rows"] = _rows_from_logits(r["logits"], r["targets"], r["classes"])
     r["checkpoint"] = rd.checkpoint("best")
+    r["lr_find"] = read_json(d / R.LR_FIND_JSON)  # optim.lr: auto: the range test's choice and its curve
+    r["lr_curve"] = columns(read_csv(d / R.LR_FIND_CSV)) if r["lr_find"] else {}
     return r
 
 

@@ -181,6 +181,27 @@ def learning_rate(steps: dict | None = None, history: dict | None = None) -> Fig
     return fig
 
 
+def lr_find(lrs, losses, smoothed, *, suggestion=None, lr_min=None, steepest=None) -> Figure:
+    """The learning-rate range test: smoothed loss against the learning rate (log axis), the raw loss faint,
+    the lowest point, the steepest descent and the suggestion marked."""
+    lrs, raw, sm = (np.asarray(v, dtype=np.float64) for v in (lrs, losses, smoothed))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), constrained_layout=True)
+    ax.plot(lrs, raw, color="#94a3b8", lw=0.8, alpha=0.7, label="loss per step")
+    ax.plot(lrs, sm, color=TRAIN, lw=1.9, label="smoothed")
+    ax.set_xscale("log")
+    finite = sm[np.isfinite(sm)]
+    if len(finite):  # the divergence at the end would squash the interesting part
+        lo, first = float(min(finite.min(), np.nanmin(np.where(np.isfinite(raw), raw, np.nan)))), float(finite[0])
+        ax.set_ylim(lo - 0.1 * max(first - lo, 1e-3), max(first, lo) + 0.6 * max(first - lo, 1e-3))
+    for x, colour, ls, label in ((lr_min, INK, ":", "lowest smoothed loss"), (steepest, "#7c3aed", "--",
+                                 "steepest descent"), (suggestion, BAD, "-", "suggestion (lowest / 10)")):
+        if x:
+            ax.axvline(x, color=colour, ls=ls, lw=1.4, label=f"{label}: {x:.3g}")
+    ax.set(xlabel="learning rate", ylabel="training loss", title="Learning-rate range test")
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # Confusion, per-class, calibration
 

@@ -141,6 +141,16 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
+        found = None
+        if cfg.optim.lr == "auto" and resume_dir is None:  # the range test first; the run records its choice
+            from cnnlab.training import lrfind
+
+            found = lrfind.range_test(cfg, splits, device)
+            if found.suggestion is None:
+                raise T.TrainingError(f"optim.lr: auto: the learning-rate range test found no usable rate "
+                                      f"({found.stopped}); set optim.lr to a number")
+            cfg = lrfind.with_lr(cfg, found.suggestion)
+            say(f"optim.lr: auto -> {found.suggestion:g} ({lrfind.describe(found)})")
         # the run folder only once the data is there: a missing or broken data set leaves no empty folder
         if resume_dir is not None:
             run_dir = Path(resume_dir)
@@ -160,7 +170,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
-                                       say=say)
+                                       say=say, lr_found=found)
         except BaseException:
             if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
                 _remove_if_untrained(run_dir)         # empty run folder behind
@@ -168,13 +178,18 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
 
 
 def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
-                        say) -> Run:
+                        say, lr_found=None) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
     if main:
         (run_dir / R.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / R.CONFIG, C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
+        if lr_found is not None:  # optim.lr: auto: the curve and the choice, before config.yaml cites them
+            from cnnlab.training import lrfind
+
+            lrfind.write_curve(lr_found, run_dir / R.LR_FIND_CSV)
+            write_json(run_dir / R.LR_FIND_JSON, lr_found.summary())
+        write_text(run_dir / R.CONFIG, config_text(cfg, run_dir))  # atomic: a kill must not leave a cut config
         env = start_env(run_dir, cfg, str(device))
         write_json(run_dir / R.ENV, env)  # "started" when the run starts; completed at the end
         write_json(run_dir / R.DATA, data_summary(splits, cfg))
@@ -212,6 +227,25 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             _report(run_dir, say)
     dist.barrier()
     return RunDir(run_dir, config=cfg, metrics=metrics)
+
+
+def config_text(cfg: C.Config, run_dir: Path) -> str:
+    """config.yaml: the resolved config; when `optim.lr: auto` chose the learning rate, its line says so."""
+    text = C.dump_yaml(cfg)
+    if not (run_dir / R.LR_FIND_JSON).is_file():
+        return text
+    head, sep, rest = text.partition("\noptim:\n")
+    line = f"  lr: {yaml_number(cfg.optim.lr)}\n"
+    if sep and line in rest:
+        rest = rest.replace(line, line[:-1] + f"  # optim.lr: auto, chosen by the learning-rate range test "
+                                              f"({R.LR_FIND_JSON})\n", 1)
+    return head + sep + rest
+
+
+def yaml_number(v: float) -> str:
+    import yaml
+
+    return yaml.safe_dump(v).splitlines()[0]
 
 
 def dry_build(cfg: C.Config, splits: Splits) -> None:
