@@ -119,6 +119,10 @@ def read_bytes(ref: str) -> bytes:
     """The bytes of a file or zip member. A member whose size no image has is refused before it is read
     (ZipBombError); a damaged one (bad CRC, encrypted, unknown compression) raises DataFileError naming it;
     a missing member KeyError, a missing file OSError."""
+    if ref.startswith("hf:"):  # a row of a Hugging Face data set (data/hf.py), in any process
+        from cnnlab.data import hf
+
+        return hf.read_bytes(ref)
     parts = split_ref(ref)
     if parts is None:
         return Path(ref).read_bytes()

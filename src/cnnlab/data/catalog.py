@@ -3,7 +3,7 @@ that runs before a run starts. `cnnlab.data.DATASETS` is this registry, filled."
 from __future__ import annotations
 
 from cnnlab.config import ConfigError
-from cnnlab.data import official, sources  # noqa: F401  (each registers its data sets)
+from cnnlab.data import hf, manifest, official, sources  # noqa: F401  (each registers its data sets)
 from cnnlab.data._registry import DATASETS
 
 __all__ = ["DATASETS", "check_name"]

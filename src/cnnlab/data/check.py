@@ -63,6 +63,8 @@ def _class_dir(split: str, s: ImageSet, c: str) -> str:
 
 def _size(ref: str) -> int | None:
     try:
+        if ref.startswith("hf:"):  # a row of a Hugging Face data set: its bytes are in the Arrow table
+            return len(base.read_bytes(ref))
         if (parts := base.split_ref(ref)) is not None:
             return base._open_zip(parts[0]).getinfo(parts[1]).file_size
         return os.stat(ref).st_size

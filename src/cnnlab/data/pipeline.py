@@ -98,7 +98,11 @@ def _file_key(files: list[str], channels: int, size: int | None) -> str:
 
     h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}".encode())
     for f in files:
-        if (parts := split_ref(f)) is not None:  # a zip member (a plain file may have '::' in its name)
+        if f.startswith("hf:"):  # a Hugging Face row: the split's fingerprint names its content
+            from cnnlab.data import hf
+
+            stamp = hf.stamp(f)
+        elif (parts := split_ref(f)) is not None:  # a zip member (a plain file may have '::' in its name)
             archive, member = parts
             try:
                 info = _open_zip(archive).getinfo(member)
@@ -260,6 +264,11 @@ def open_source(name: str, *, root: str | None = None, download: bool = True, op
     if paths and name not in DATASETS and (Path(name).exists() or "/" in name or name.endswith(".zip")):
         if not Path(name).exists():
             raise FileNotFoundError(f"{name!r}: no such folder or zip file")
+        p = Path(name)
+        if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".tab"):  # a manifest (data/manifest.py)
+            return DATASETS.get("csv")(name, **(options or {}))
+        if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):  # save_to_disk
+            return DATASETS.get("hf")(name, **(options or {}))
         return DATASETS.get("folder")(name)
     try:
         fn = DATASETS.get(name)

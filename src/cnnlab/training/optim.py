@@ -65,7 +65,9 @@ def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
 
 def check(o: OptimConfig) -> None:
     """Build the optimizer once on a dummy parameter: bad optim.args are refused before any work."""
-    build_optimizer(nn.Linear(1, 1), o)
+    import dataclasses
+
+    build_optimizer(nn.Linear(1, 1), dataclasses.replace(o, lr=1e-3) if o.lr == "auto" else o)  # (auto: lr-find)
 
 
 def warmup_steps(s: ScheduleConfig, steps_per_epoch: int) -> int:
