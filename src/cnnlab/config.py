@@ -48,6 +48,20 @@ Monitor = Literal["val_acc", "val_loss"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 Switch = Literal["auto", "on", "off"]
 Progress = Literal["auto", "bar", "lines", "off"]
+ResizeMode = Literal["squash", "crop", "pad"]  # to a square: squash | shorter side + center crop | pad to square
+AutoAugmentPolicy = Literal["cifar10", "imagenet", "svhn"]  # torchvision's AutoAugmentPolicy values
+
+
+@dataclass(frozen=True)
+class ResizedCropConfig:  # torchvision's RandomResizedCrop: area share and aspect ratio of the crop
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+
+
+@dataclass(frozen=True)
+class RandAugmentConfig:  # torchvision's RandAugment
+    num_ops: int = 2
+    magnitude: int = 9  # 0..30 (31 bins)
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,16 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop back to the input size after padding by this much
     crop_padding_mode: PaddingMode = "constant"  # constant (zeros) | edge | reflect, as torchvision's RandomCrop
     cutout: int = 0  # side of a random square set to zero (0 = off)
+    # torchvision transforms v2, each image with its own draw (data/augment.py): null / 0 / false = off
+    random_resized_crop: ResizedCropConfig | None = None  # {scale: [0.08, 1], ratio: [0.75, 1.333]}
+    rotation: float = 0.0  # RandomRotation(degrees): uniform in [-rotation, rotation]
+    randaugment: RandAugmentConfig | None = None  # {num_ops: 2, magnitude: 9}
+    trivialaugment: bool = False  # TrivialAugmentWide
+    autoaugment: AutoAugmentPolicy | None = None  # cifar10 | imagenet | svhn
+    color_jitter: float | tuple[float, float, float, float] = 0.0  # brightness=contrast=saturation, or [b, c, s, hue]
+    random_erasing: float = 0.0  # RandomErasing probability (the area set to 0)
+    mixup: float = 0.0  # MixUp alpha (soft targets); with cutmix too, one of the two per batch
+    cutmix: float = 0.0  # CutMix alpha
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,10 @@ class DataConfig:
     split_seed: int = 0  # seed of the val/test carving: fixed apart from train.seed, so repeats share splits
     limit_train: int | None = None  # use only this many (stratified) training images
     image_size: int | None = None  # resize to this square side (None = keep)
+    resize: ResizeMode = "squash"  # squash | crop (shorter side, then center crop) | pad (to a square, then resize)
+    # evaluation (val, test, predict): shorter side to this, then the center image_size square; null = as
+    # training (data.resize). Pretrained torchvision weights fill it from their own recipe (e.g. 256 -> 224)
+    eval_resize_size: int | None = None
     channels: int | None = None  # force 1 (grey) or 3 (RGB); None = the data set's own
     mean: tuple[float, ...] | None = None  # None = computed on the training split
     std: tuple[float, ...] | None = None
@@ -211,6 +239,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, opt, key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # one type besides null (`X | None`): its own message (a Literal's choices)
+            raise errors[0]
         names = " or ".join(_type_name(o) for o in options if o is not type(None))
         raise ConfigError(f"{key}: expected {names}, got {value!r}")
     if origin is Literal:
@@ -577,9 +607,15 @@ def validate(cfg: Config) -> None:
     _check(d.image_size is None or d.image_size <= MAX_IMAGE_SIDE, "data.image_size", d.image_size,
            f"at most {MAX_IMAGE_SIDE} (a {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 67 M pixels per image)")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
+    if d.eval_resize_size is not None:
+        _check(d.image_size is not None, "data.eval_resize_size", d.eval_resize_size,
+               "needs data.image_size (the side of the center crop)")
+        _check(d.image_size is None or d.image_size <= d.eval_resize_size <= MAX_IMAGE_SIDE, "data.eval_resize_size",
+               d.eval_resize_size, f"must be between data.image_size ({d.image_size}) and {MAX_IMAGE_SIDE}")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")
     _check(d.augment.cutout >= 0, "data.augment.cutout", d.augment.cutout, "must be >= 0")
+    _validate_augment(d.augment)
     if d.std is not None:
         _check(all(v > 0 for v in d.std), "data.std", d.std, "every std must be > 0")
     if d.mean is not None and d.std is not None:
@@ -625,6 +661,30 @@ def validate(cfg: Config) -> None:
         _check(isinstance(ov, dict) or ov is None, f"variations.{name}", ov, "must be a mapping of key: value")
     for key, vals in cfg.grid.items():
         _check(isinstance(vals, list) and len(vals) > 0, f"grid.{key}", vals, "must be a non-empty list")
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    k = "data.augment."
+    if a.random_resized_crop is not None:
+        sc, ra = a.random_resized_crop.scale, a.random_resized_crop.ratio
+        _check(0 < sc[0] <= sc[1] <= 1, k + "random_resized_crop.scale", list(sc), "needs 0 < low <= high <= 1")
+        _check(0 < ra[0] <= ra[1], k + "random_resized_crop.ratio", list(ra), "needs 0 < low <= high")
+    if a.randaugment is not None:
+        _check(a.randaugment.num_ops >= 0, k + "randaugment.num_ops", a.randaugment.num_ops, "must be >= 0")
+        _check(0 <= a.randaugment.magnitude <= 30, k + "randaugment.magnitude", a.randaugment.magnitude,
+               "must be in 0..30")
+    policies = [n for n, on in (("randaugment", a.randaugment is not None), ("trivialaugment", a.trivialaugment),
+                                ("autoaugment", a.autoaugment is not None)) if on]
+    if len(policies) > 1:
+        raise ConfigError(f"{k}{policies[1]}: choose one augmentation policy; {' and '.join(k + p for p in policies)} "
+                          "are both set")
+    _check(0 <= a.rotation <= 180, k + "rotation", a.rotation, "degrees in [0, 180]")
+    cj = (a.color_jitter,) * 3 if isinstance(a.color_jitter, float) else a.color_jitter
+    _check(all(v >= 0 for v in cj), k + "color_jitter", a.color_jitter, "every factor must be >= 0")
+    _check(len(cj) < 4 or cj[3] <= 0.5, k + "color_jitter", a.color_jitter, "hue must be in [0, 0.5]")
+    _check(0 <= a.random_erasing <= 1, k + "random_erasing", a.random_erasing, "a probability in [0, 1]")
+    _check(a.mixup >= 0, k + "mixup", a.mixup, "the alpha must be >= 0 (0 = off)")
+    _check(a.cutmix >= 0, k + "cutmix", a.cutmix, "the alpha must be >= 0 (0 = off)")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -37,6 +37,7 @@ from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import runlog
 from cnnlab.config import Config
+from cnnlab.data.augment import hard_targets, mix_batch
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
@@ -96,6 +97,7 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     seed = cfg.train.seed
     distributed = dist.active()
     world = batches.world if distributed else 1
+    num_classes = len(batches.s.classes)
     for x, y, _ in batches.iterate(order, start_batch=state.batch_in_epoch):
         if limit is not None and state.batch_in_epoch >= limit:
             break
@@ -105,6 +107,7 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         # random draws for the whole global batch, this rank's rows of them: the same images as with 1 process
         offset, total = (batches.local_offset(i, n_order), batches.global_size(i, n_order)) if world > 1 else (0, None)
         x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=total))  # (B, C, H, W) float
+        x, y = mix_batch(x, y, cfg.data.augment, gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft targets
         with torch.autocast(ts.device.type, dtype=ts.amp, enabled=ts.amp is not None):
             logits = net(x)  # (B, K)
             loss = loss_fn(logits.float(), y)
@@ -124,7 +127,7 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         # so uneven slices (batch size not divisible by the world size) give the 1-process gradient.
         share = n * world / max(1, batches.global_size(i, n_order))
         ts.update(loss if share == 1 else loss * share, step)
-        stats = torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
+        stats = torch.tensor([loss.item() * n, (logits.argmax(1) == hard_targets(y)).sum().item(), n,
                               guard.code() == 143, guard.code() == 130], dtype=torch.float64)
         dist.all_reduce_sum(stats)  # also tells every rank whether any rank was signalled
         state.epoch_loss_sum += stats[0].item()
