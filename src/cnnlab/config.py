@@ -123,7 +123,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: OptimName = "sgd"  # sgd | adam | adamw
-    lr: float = 0.01
+    lr: float | Literal["auto"] = 0.01  # auto: run the learning-rate range test first (`cnnlab lr-find`), use its suggestion
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -213,6 +213,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -626,7 +628,7 @@ def validate(cfg: Config) -> None:
     if m.freeze not in ("none", "backbone"):
         _check(m.freeze.isdigit(), "model.freeze", m.freeze, "must be none, backbone or a number of stages")
 
-    _check(o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0")
+    _check(o.lr == "auto" or o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0 (or auto)")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.norm_lr_scale > 0, "optim.norm_lr_scale", o.norm_lr_scale, "must be > 0")

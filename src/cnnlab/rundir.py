@@ -32,6 +32,7 @@ METRICS = "metrics.json"        # headline metrics; its presence means "finished
 PREDICTIONS_CSV = "predictions.csv"  # one row per evaluated sample
 PREDICTIONS_NPZ = "predictions.npz"  # logits, targets
 SAMPLES = "samples.npz"         # a seeded pick of images plus the worst failures (uint8)
+GALLERY = "gallery.npz"         # a few training images per class as decoded (uint8), for the data gallery
 CHECKPOINTS = "checkpoints"     # folder: BEST, LAST
 BEST = "best.pt"
 LAST = "last.pt"
@@ -42,6 +43,9 @@ REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 TENSORBOARD = "tensorboard"     # folder
 EVALS = "evals"                 # folder: evals/<n>/ (METRICS, PREDICTIONS_*, SAMPLES) from `cnnlab eval`
+LR_FIND_CSV = "lr_find.csv"     # the learning-rate range test's curve (step, lr, loss, smoothed)
+LR_FIND_JSON = "lr_find.json"   # its suggestion, when `optim.lr: auto` chose the run's learning rate
+LR_FIND_PNG = "lr_find.png"     # `cnnlab lr-find`'s plot (in a run folder: plots/lr_find.png)
 # A study folder (runs in sub-folders) and a comparison's output folder:
 STUDY_YAML = "study.yaml"
 STUDY_JSON = "study.json"       # the study's manifest
@@ -396,6 +400,17 @@ class RunDir:
             return None, None
         with np.load(p) as z:
             return z["images"], z["index"]
+
+    @cached_property
+    def gallery(self):
+        """(images uint8 (N, C, H, W), labels, index into the training split) from gallery.npz, or None."""
+        import numpy as np
+
+        p = self.dir / GALLERY
+        if not p.is_file():
+            return None
+        with np.load(p) as z:
+            return z["images"], z["labels"], z["index"]
 
     # -- the model
     def checkpoint(self, which: str = "best") -> Path | None:

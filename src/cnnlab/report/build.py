@@ -47,6 +47,7 @@ def gather(run_dir: str | Path) -> dict:
     r["pred_rows"] = rd.predictions
     r["logits"], r["targets"] = rd.logits, rd.targets
     r["images"], r["sample_index"] = rd.samples
+    r["gallery"] = rd.gallery
     data = r["data"] or {}
     k = data.get("num_classes") or (r["logits"].shape[1] if r["logits"] is not None else 0)
     r["classes"] = list(data.get("classes") or [str(i) for i in range(k)])
@@ -57,6 +58,8 @@ def gather(run_dir: str | Path) -> dict:
     if not r["pred_rows"] and r["logits"] is not None:
         r["pred_rows"] = _rows_from_logits(r["logits"], r["targets"], r["classes"])
     r["checkpoint"] = rd.checkpoint("best")
+    r["lr_find"] = read_json(d / R.LR_FIND_JSON)  # optim.lr: auto: the range test's choice and its curve
+    r["lr_curve"] = columns(read_csv(d / R.LR_FIND_CSV)) if r["lr_find"] else {}
     return r
 
 

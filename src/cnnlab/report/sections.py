@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cnnlab import rundir as R
+from cnnlab.analysis.diagnose import flagged_classes
 from cnnlab.report import figures as F
 from cnnlab.report.fmt import facts, num, pct
 
@@ -144,7 +145,7 @@ def per_class_rows(ctx: dict) -> list[dict]:
     s = ctx["run"]["summary"]
     cm = np.asarray(s["confusion"])
     names = [r["name"] for r in s["per_class"]]
-    flagged = {f.data.get("class") for f in ctx["findings"] if f.kind in ("dead_class", "weak_class", "rare_class")}
+    flagged = flagged_classes(ctx["findings"])
     out = []
     for i, r in enumerate(s["per_class"]):
         row = cm[i].copy()
@@ -208,6 +209,15 @@ def _data(ctx: dict):
     return out
 
 
+def _lr_find_lead(ctx: dict) -> str | None:
+    found = ctx["run"].get("lr_find")
+    if not found:
+        return None
+    return (f"`optim.lr: auto`: the learning-rate range test ran first ({found.get('steps')} steps, "
+            f"{found.get('stopped')}) and chose {found.get('suggestion'):g}, a tenth of {found.get('lr_min'):.3g} "
+            f"where the smoothed loss was lowest; config.yaml records it.")
+
+
 def _model_lead(ctx: dict) -> str:
     mod = ctx["run"]["model"] or {}
     return (f"{mod.get('name', '')}: {mod.get('total_params', 0):,} parameters, "
@@ -241,6 +251,8 @@ SECTIONS: list[Section] = [
         Figure("steps", "Training loss per step", F.steps),
         Figure("grad_norms", "Gradient norms by depth", F.grad_norms),
         Figure("lr", "Learning rate", F.learning_rate))),)),
+    Section("lr_find", "Learning rate", _lr_find_lead, (Figures((
+        Figure("lr_find", "Learning-rate range test", F.lr_find),)),)),
     Section("confusion", "Confusion matrices", "On the {split} split: where the mistakes go.", (Figures((
         Figure("confusion_matrix", "Confusion matrix (counts)", F.confusion_counts),
         Figure("confusion_normalized", "Confusion matrix (share of each true class)", F.confusion_share)),
@@ -256,6 +268,8 @@ SECTIONS: list[Section] = [
             (Figures((Figure("filters", "First-layer filters", F.filters),
                       Figure("feature_maps", "Feature maps", F.feature_maps),
                       Figure("gradcam", "Grad-CAM", F.gradcam))),)),
+    Section("gallery", "Data set samples", "What the training images look like, class by class.",
+            (Figures((Figure("data_gallery", "Training images per class", F.data_gallery),)),)),
     Section("data", "Data", "Class counts per split and the normalisation used.", (_data,)),
     Section("model", "Model", _model_lead, (_model,)),
     Section("config", "Config", "The resolved config; `cnnlab train config.yaml` repeats the run.", (_config,)),

@@ -220,6 +220,8 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
         state = status[p.id] = run_state(path)
         saved = _saved_config(path) if state != "pending" else None
         diff = differences(saved, C.flatten(C.to_dict(p.cfg))) if saved is not None else []
+        if p.cfg.optim.lr == "auto":  # the run saved the rate the range test chose
+            diff = [k for k in diff if k != "optim.lr"]
         if state == "done":
             if diff:
                 say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "

@@ -81,8 +81,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _lr_find(args) -> int:
+    from cnnlab.training import lrfind
+
+    return lrfind.main(args)
+
+
 def add_parser(subparsers) -> None:
-    """Add `train` and `eval` to the main CLI's subparsers; each sets `func(args) -> exit code`."""
+    """Add `train`, `eval` and `lr-find` to the main CLI's subparsers; each sets `func(args) -> exit code`."""
     t = subparsers.add_parser("train", help="train a config (a study when it has variations/grid/repeats)")
     t.add_argument("config", nargs="?", help="the experiment YAML")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.05")
@@ -104,3 +110,17 @@ def add_parser(subparsers) -> None:
     e.add_argument("--split", metavar="SPLIT[,SPLIT]", help="evaluate on test, val and/or train (in eval mode, "
                    "unaugmented), comma-separated; default: the run's own evaluation split")
     e.set_defaults(func=_eval)
+
+    f = subparsers.add_parser("lr-find", help="the learning-rate range test: plot loss against an exponentially "
+                              "growing learning rate and suggest one",
+                              description="A short run on the training split with the learning rate growing "
+                              "from --start-lr to --end-lr; writes only lr_find.png and lr_find.csv into --out and "
+                              "prints the suggested learning rate (a tenth of where the smoothed loss was lowest).")
+    f.add_argument("config", help="the experiment YAML (a study's base config)")
+    f.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.name=adam")
+    f.add_argument("--steps", type=int, default=100, help="optimizer steps at most (default 100)")
+    f.add_argument("--start-lr", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
+    f.add_argument("--end-lr", type=float, default=10.0, help="the last learning rate (default 10)")
+    f.add_argument("--out", metavar="DIR", help="where the plot and the curve go (default: "
+                   "<output.dir>/<output.name>-lr-find)")
+    f.set_defaults(func=_lr_find)

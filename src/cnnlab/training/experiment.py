@@ -100,6 +100,30 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     np.savez_compressed(run_dir / R.SAMPLES, images=imgs.numpy(), index=index)
 
 
+GALLERY_PER_CLASS, GALLERY_BYTES = 6, 4_000_000  # at most 6 images per class, about 4 MB of pixels in all
+
+
+def save_gallery(run_dir: Path, splits: Splits, seed: int) -> None:
+    """gallery.npz: a seeded pick of a few training images per class, as decoded (no augmentation, no
+    normalisation), for the report's data gallery. As many per class as fit the byte budget (1 to 6, a divisor
+    of 6 so that the classes line up in the gallery's rows); with many classes of large images, the first ones."""
+    s, k = splits.train, len(splits.classes)
+    budget = int(np.clip(GALLERY_BYTES // (splits.channels * splits.size ** 2), 10, 160))  # images
+    per = next(n for n in (6, 3, 2, 1) if n <= max(1, min(GALLERY_PER_CLASS, budget // max(k, 1))))
+    order = np.random.default_rng(seed).permutation(len(s))
+    labels = s.labels[order]
+    index = np.concatenate([order[labels == c][:per] for c in range(min(k, max(budget // per, 10)))]
+                           + [np.zeros(0, np.int64)]).astype(np.int64)
+    if s.images is not None:
+        imgs = s.images[torch.from_numpy(index)].cpu()
+    else:
+        from cnnlab.data.base import decode
+
+        imgs = torch.stack([decode(s.files[i], splits.channels, splits.size) for i in index]) if len(index) else \
+            torch.zeros(0, splits.channels, splits.size, splits.size, dtype=torch.uint8)
+    np.savez_compressed(run_dir / R.GALLERY, images=imgs.numpy(), labels=s.labels[index], index=index)
+
+
 def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False) -> Run:
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
 
@@ -117,6 +141,16 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
+        found = None
+        if cfg.optim.lr == "auto" and resume_dir is None:  # the range test first; the run records its choice
+            from cnnlab.training import lrfind
+
+            found = lrfind.range_test(cfg, splits, device)
+            if found.suggestion is None:
+                raise T.TrainingError(f"optim.lr: auto: the learning-rate range test found no usable rate "
+                                      f"({found.stopped}); set optim.lr to a number")
+            cfg = lrfind.with_lr(cfg, found.suggestion)
+            say(f"optim.lr: auto -> {found.suggestion:g} ({lrfind.describe(found)})")
         # the run folder only once the data is there: a missing or broken data set leaves no empty folder
         if resume_dir is not None:
             run_dir = Path(resume_dir)
@@ -136,7 +170,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
-                                       say=say)
+                                       say=say, lr_found=found)
         except BaseException:
             if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
                 _remove_if_untrained(run_dir)         # empty run folder behind
@@ -144,18 +178,25 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
 
 
 def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
-                        say) -> Run:
+                        say, lr_found=None) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
     if main:
         (run_dir / R.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / R.CONFIG, C.dump_yaml(cfg))  # atomic: a kill must not leave a cut config
+        if lr_found is not None:  # optim.lr: auto: the curve and the choice, before config.yaml cites them
+            from cnnlab.training import lrfind
+
+            lrfind.write_curve(lr_found, run_dir / R.LR_FIND_CSV)
+            write_json(run_dir / R.LR_FIND_JSON, lr_found.summary())
+        write_text(run_dir / R.CONFIG, config_text(cfg, run_dir))  # atomic: a kill must not leave a cut config
         env = start_env(run_dir, cfg, str(device))
         write_json(run_dir / R.ENV, env)  # "started" when the run starts; completed at the end
         write_json(run_dir / R.DATA, data_summary(splits, cfg))
         if not (resume and (run_dir / R.SPLITS).is_file()):  # (a resumed run's split was checked: the same)
             save_splits(splits, run_dir / R.SPLITS)
+        if not (run_dir / R.GALLERY).is_file():
+            save_gallery(run_dir, splits, cfg.train.seed)
         say(f"run folder: {run_dir}")
         say(f"data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val"
             f"{f' / {len(splits.test)} test' if splits.test is not None else ''}, {len(splits.classes)} classes, "
@@ -186,6 +227,25 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             _report(run_dir, say)
     dist.barrier()
     return RunDir(run_dir, config=cfg, metrics=metrics)
+
+
+def config_text(cfg: C.Config, run_dir: Path) -> str:
+    """config.yaml: the resolved config; when `optim.lr: auto` chose the learning rate, its line says so."""
+    text = C.dump_yaml(cfg)
+    if not (run_dir / R.LR_FIND_JSON).is_file():
+        return text
+    head, sep, rest = text.partition("\noptim:\n")
+    line = f"  lr: {yaml_number(cfg.optim.lr)}\n"
+    if sep and line in rest:
+        rest = rest.replace(line, line[:-1] + f"  # optim.lr: auto, chosen by the learning-rate range test "
+                                              f"({R.LR_FIND_JSON})\n", 1)
+    return head + sep + rest
+
+
+def yaml_number(v: float) -> str:
+    import yaml
+
+    return yaml.safe_dump(v).splitlines()[0]
 
 
 def dry_build(cfg: C.Config, splits: Splits) -> None:
