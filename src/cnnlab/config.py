@@ -41,8 +41,12 @@ PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's
 LoaderKind = Literal["auto", "memory", "stream"]
 ValFrom = Literal["random", "last"]  # validation: stratified random, or the last N images in order
 InitScheme = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"]
-OptimName = Literal["sgd", "adam", "adamw"]
-ScheduleName = Literal["none", "step", "cosine", "onecycle"]
+# the optimizers with their own config keys (momentum, nesterov, betas); optim.name also takes any
+# torch.optim optimizer by its class name (RMSprop, Adagrad, NAdam, ...), checked where it is built
+OptimName = Literal["sgd", "adam", "adamw", "rmsprop"]
+ScheduleName = Literal["none", "step", "cosine", "onecycle", "plateau"]
+Sampler = Literal["shuffle", "balanced"]  # data.sampler: a permutation per epoch, or class-balanced draws
+ClassWeights = Literal["none", "balanced"]
 Anneal = Literal["cos", "linear"]
 Monitor = Literal["val_acc", "val_loss"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
@@ -101,6 +105,8 @@ class DataConfig:
     std: tuple[float, ...] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: LoaderKind = "auto"  # auto | memory | stream: memory = decoded uint8 cache, stream = DataLoader
+    # shuffle: every image once per epoch; balanced: as many draws, with replacement, each class equally likely
+    sampler: Sampler = "shuffle"
     num_workers: int = 0  # DataLoader workers on the stream path
     download: bool = True  # fetch official files when missing (never in tests)
     check: bool = True  # run the fast data checks before step 0
@@ -122,7 +128,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: OptimName = "sgd"  # sgd | adam | adamw
+    name: str = "sgd"  # sgd | adam | adamw | rmsprop | any torch.optim class name (Adagrad, NAdam, ...)
+    args: dict = field(default_factory=dict)  # further keyword arguments of the optimizer (eps, alpha, ...)
     lr: float | Literal["auto"] = 0.01  # auto: run the learning-rate range test first (`cnnlab lr-find`), use its suggestion
     momentum: float = 0.9
     nesterov: bool = False
@@ -138,10 +145,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: ScheduleName = "none"  # none | step | cosine | onecycle
+    name: ScheduleName = "none"  # none | step | cosine | onecycle | plateau
     step_size: int = 1  # epochs between decays (step)
-    gamma: float = 0.1  # decay factor (step)
-    warmup_epochs: float = 0.0  # linear warm-up (cosine)
+    gamma: float = 0.1  # decay factor (step; plateau: the factor on a plateau)
+    patience: int = 2  # plateau: epochs without improvement of train.monitor before the rate is cut
+    warmup_epochs: float = 0.0  # linear warm-up before any schedule (onecycle: unused, it has pct_start)
     min_lr: float = 0.0  # floor (cosine)
     pct_start: float = 0.25  # onecycle: share of training spent warming up to optim.lr
     div_factor: float = 25.0  # onecycle: starts at optim.lr / div_factor
@@ -159,6 +167,12 @@ class EarlyStopConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    norm: float | None = None  # rescale the gradient when its global L2 norm exceeds this
+    value: float | None = None  # clamp every gradient element to [-value, value]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -168,6 +182,11 @@ class TrainConfig:
     monitor: Monitor = "val_acc"  # val_acc | val_loss: picks the best epoch
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     label_smoothing: float = 0.0
+    # weighted cross-entropy: none | balanced (n / (classes * count), scikit-learn's) | a list, one per class
+    class_weights: ClassWeights | tuple[float, ...] = "none"
+    accumulate: int = 1  # micro-batches of train.batch_size per optimizer step (gradient accumulation)
+    clip_grad: ClipConfig = field(default_factory=ClipConfig)  # {norm: x} or {value: x}
+    calibrate: bool = False  # fit a temperature on the validation split after training
     log_every: int = 20  # steps between training-loss rows in steps.csv
     limit_batches: int | None = None  # debugging: at most this many batches per epoch
     amp: Amp = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
@@ -593,6 +612,33 @@ def _check(cond: bool, key: str, value: Any, what: str) -> None:
         raise ConfigError(f"{key}={value!r}: {what}")
 
 
+# torch.optim classes that cannot run in a plain training step: LBFGS needs a closure, SparseAdam sparse gradients
+UNSUPPORTED_OPTIMIZERS = ("LBFGS", "SparseAdam")
+
+
+def torch_optimizers() -> dict[str, str]:
+    """The choices of optim.name beyond OptimName: {lower-case name: class name} of every torch.optim optimizer
+    a training step can run. Imports torch.optim, so only called for a name outside OptimName."""
+    import torch.optim
+
+    return {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+            and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"
+            and n not in UNSUPPORTED_OPTIMIZERS}
+
+
+def _check_optimizer_name(name: str) -> None:
+    if name in typing.get_args(OptimName):
+        return
+    known = torch_optimizers()
+    if name.lower() in known:
+        return
+    own = list(typing.get_args(OptimName))
+    close = difflib.get_close_matches(name.lower(), own + list(known), n=1, cutoff=0.5)
+    hint = f" Did you mean {(known.get(close[0], close[0]))!r}?" if close else ""
+    raise ConfigError(f"optim.name={name!r} is not one of {', '.join(own)} or a torch.optim optimizer "
+                      f"({', '.join(sorted(known.values(), key=str.lower))}).{hint}")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Data-set and model names are checked where they are
     built (data/catalog.py, models/build.py; experiment.check_names runs both before any work)."""
@@ -628,6 +674,7 @@ def validate(cfg: Config) -> None:
     if m.freeze not in ("none", "backbone"):
         _check(m.freeze.isdigit(), "model.freeze", m.freeze, "must be none, backbone or a number of stages")
 
+    _check_optimizer_name(o.name)
     _check(o.lr == "auto" or o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0 (or auto)")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -639,6 +686,7 @@ def validate(cfg: Config) -> None:
     _check(s.step_size > 0, "schedule.step_size", s.step_size, "must be > 0")
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must be in (0, 1]")
     _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _check(s.patience >= 0, "schedule.patience", s.patience, "must be >= 0")
     _check(0 < s.pct_start < 1, "schedule.pct_start", s.pct_start, "must be in (0, 1)")
     _check(s.div_factor >= 1, "schedule.div_factor", s.div_factor, "must be >= 1")
     _check(s.final_div_factor >= 1, "schedule.final_div_factor", s.final_div_factor, "must be >= 1")
@@ -652,6 +700,15 @@ def validate(cfg: Config) -> None:
            t.early_stop.patience, "must be > 0 (or null for off)")
     _check(t.early_stop.min_delta >= 0, "train.early_stop.min_delta", t.early_stop.min_delta, "must be >= 0")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+    if isinstance(t.class_weights, tuple):
+        _check(len(t.class_weights) > 0 and all(w >= 0 for w in t.class_weights) and any(t.class_weights),
+               "train.class_weights", list(t.class_weights), "every weight must be >= 0, and not all 0")
+    _check(t.accumulate > 0, "train.accumulate", t.accumulate, "must be >= 1 (micro-batches per optimizer step)")
+    c = t.clip_grad
+    _check(c.norm is None or c.value is None, "train.clip_grad", {"norm": c.norm, "value": c.value},
+           "clip by norm or by value, not both")
+    for key, v in (("train.clip_grad.norm", c.norm), ("train.clip_grad.value", c.value)):
+        _check(v is None or v > 0, key, v, "must be > 0 (or null for off)")
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _check(t.limit_batches is None or t.limit_batches > 0, "train.limit_batches", t.limit_batches, "must be > 0")
     _check(t.ema is None or 0 < t.ema < 1, "train.ema", t.ema, "the EMA decay must be in (0, 1)")

@@ -17,11 +17,19 @@ from cnnlab.data.augment import apply_policies, has_policies
 from cnnlab.data.base import DataFileError, ImageSet, decode
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a permutation that depends only on (seed, epoch), so a run
-    resumed mid-epoch, or split across ranks, sees exactly the same order."""
+def epoch_order(n: int, seed: int, epoch: int, *, balance=None) -> torch.Tensor:
+    """The sample order of one epoch, a function of (seed, epoch) only, so a run resumed mid-epoch, or split
+    across ranks (each takes its slice of every global batch of this one list), sees exactly the same order.
+    Both data paths (in memory and DataLoader) take their batches from it.
+
+    Default: a permutation. `balance` (the training labels, `data.sampler: balanced`): n draws with
+    replacement, each image weighted 1 / its class's count, so every class is equally likely per draw."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
+    if balance is None:
+        return torch.randperm(n, generator=g)
+    y = torch.as_tensor(balance, dtype=torch.int64)
+    w = (1.0 / torch.bincount(y).double())[y]
+    return torch.multinomial(w, n, replacement=True, generator=g)
 
 
 _PAD_MODES = {"constant": "constant", "edge": "replicate", "reflect": "reflect"}  # torchvision's names -> F.pad's
