@@ -193,3 +193,86 @@ def test_duplicates_from_data_json_and_healthy_run():
             "val_loss": 2 * np.exp(-e / 3) + 0.05, "val_acc": 0.97 - 0.9 * np.exp(-e / 2)}
     found = dg.diagnose(good, _summary_from_cm(np.diag([30] * 5)), data_info={"findings": []})
     assert found[0].severity == "ok" and not [x for x in found if x.severity in ("error", "warning")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Both ends (issue 18, item 8): a model stopped early is underfitting, not healthy; its unpredicted classes
+# are a model still learning, not five label-mapping bugs; a class far below the others is weak
+
+
+def _cm(recalls, support=100, seed=0) -> np.ndarray:
+    """A confusion matrix with these recalls; each class's mistakes spread at random over the others."""
+    rng = np.random.default_rng(seed)
+    k = len(recalls)
+    cm = np.zeros((k, k), int)
+    for i, r in enumerate(recalls):
+        cm[i, i] = round(r * support)
+        others = [j for j in range(k) if j != i]
+        cm[i, others] += rng.multinomial(support - cm[i, i], np.ones(k - 1) / (k - 1))
+    return cm
+
+
+def test_one_epoch_at_low_training_accuracy_is_underfitting():
+    one = {"epoch": [1], "train_loss": [1.9], "train_acc": [0.31], "val_loss": [1.7], "val_acc": [0.38]}
+    found = dg.diagnose(one, None)
+    under = [f for f in found if f.kind == "underfitting"]
+    assert under and "31.0%" in under[0].text and "1 epoch" in under[0].text
+    assert "healthy" not in [f.kind for f in found]
+
+
+def test_a_class_at_18_percent_recall_among_classes_at_25_to_60_is_weak():
+    recalls = [0.45, 0.55, 0.18, 0.25, 0.30, 0.35, 0.60, 0.45, 0.60, 0.50]  # one epoch of CIFAR-10: widely spread
+    weak = [f for f in dg.diagnose(None, _summary_from_cm(_cm(recalls))) if f.kind == "weak_class"]
+    assert [f.data["class"] for f in weak] == ["c2"] and "18.0%" in weak[0].text
+    # the same shares on 10 images each are within noise of the others: not flagged
+    few = [f for f in dg.diagnose(None, _summary_from_cm(_cm([0.4, 0.6, 0.2, 0.3, 0.3, 0.4, 0.6, 0.4, 0.6, 0.5],
+                                                            support=10))) if f.kind == "weak_class"]
+    assert few == []
+
+
+def test_classes_unpredicted_by_a_model_still_learning_are_not_label_bugs():
+    cm = np.zeros((10, 10), int)  # five classes never predicted: all images go to the first five
+    cm[:5, :5] = 4
+    cm[:5, :5] += np.diag([12, 8, 10, 6, 8])  # 40 images each, 40-50% right
+    cm[5:, :5] = 8
+    history = {"epoch": [1, 2], "train_loss": [2.2, 1.9], "train_acc": [0.15, 0.3], "val_acc": [0.2, 0.32]}
+    found = dg.diagnose(history, _summary_from_cm(cm))
+    assert not [f for f in found if f.kind == "dead_class" or f.severity == "error"]
+    (young,) = [f for f in found if f.kind == "unlearnt_classes"]
+    assert young.data["never"] == ["c5", "c6", "c7", "c8", "c9"] and "not evidence of a label-mapping bug" in young.text
+    assert "5 of 10 classes are (almost) never predicted" in young.text and "30.0%" in young.text
+    # one class never predicted while the others are learnt (and the training images fitted): a label bug
+    bug = _cm([0.9] * 10, support=40)
+    bug[:, 4] += bug[:, 3]
+    bug[:, 3] = 0
+    history = {"epoch": [1, 2], "train_loss": [1.0, 0.3], "train_acc": [0.7, 0.93]}
+    dead = [f for f in dg.diagnose(history, _summary_from_cm(bug)) if f.kind == "dead_class"]
+    assert [(f.data["class"], f.severity) for f in dead] == [("c3", "error")]
+    # ... but not when that model has not fitted its own training images
+    found = dg.diagnose({**history, "train_acc": [0.2, 0.35]}, _summary_from_cm(bug))
+    assert not [f for f in found if f.kind == "dead_class"] and "training accuracy reached only 35.0%" in \
+        next(f for f in found if f.kind == "unlearnt_classes").text
+
+
+def test_a_real_one_epoch_run_is_underfitting_and_still_learning_not_mislabelled(tmp_path):
+    import cnnlab
+    from cnnlab import rundir as R
+    from cnnlab.report import build
+
+    tree = {"data": {"name": "digits", "val_split": 0.15, "test_split": 0.2},
+            "model": {"name": "layers", "layers": [{"conv": {"out": 8, "k": 3, "padding": 1}}, "relu",
+                                                   {"maxpool": 2}, "flatten", {"linear": "classes"}]},
+            "optim": {"name": "adam", "lr": 0.003},
+            "train": {"epochs": 1, "batch_size": 64, "seed": 1, "progress": "off", "threads": 1, "limit_batches": 8},
+            "output": {"report": False, "tensorboard": False, "name": "one", "dir": str(tmp_path)}}
+    run = cnnlab.train(tree, quiet=True)
+    rd = R.RunDir(run.dir)
+    train_acc = rd.history_columns["train_acc"]
+    never = [c["name"] for c, n in zip(rd.metrics["test"]["per_class"], np.asarray(rd.metrics["test"]["confusion"]).sum(0))
+             if n == 0]
+    assert len(train_acc) == 1 and train_acc[0] < 0.5 and never  # what this run is here to show
+    found = build.findings(build.gather(run.dir))
+    kinds = [f.kind for f in found]
+    assert "underfitting" in kinds and "healthy" not in kinds
+    assert "dead_class" not in kinds and not [f for f in found if f.severity == "error"]
+    assert next(f for f in found if f.kind == "unlearnt_classes").data["never"] == never

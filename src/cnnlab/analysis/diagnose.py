@@ -143,11 +143,14 @@ def _names(summary: dict) -> list[str]:
     return [r["name"] for r in summary["per_class"]]
 
 
-def _dead_classes(summary: dict) -> list[Finding]:
+def _dead_classes(summary: dict, history: dict | None = None) -> list[Finding]:
+    """Never-predicted classes as label-mapping bugs when the evidence is there (failures.unlearnt), else one
+    'still learning' warning; almost-never-predicted classes."""
     cm = np.asarray(summary["confusion"])
     names = _names(summary)
     support, predicted = cm.sum(1), cm.sum(0)
-    out = []
+    young = failures.unlearnt(summary, history)
+    out = [failures.unlearnt_finding(young)] if young else []
     for i, name in enumerate(names):
         if support[i] == 0:
             continue
@@ -156,6 +159,8 @@ def _dead_classes(summary: dict) -> list[Finding]:
         j = int(np.argmax(row))
         went = (f"its {support[i]} images went to other classes, most often '{names[j]}' ({cm[i, j]})"
                 if cm[i, j] > 0 else f"it has {support[i]} images")
+        if young and i in young["indices"]:
+            continue
         if predicted[i] == 0:
             others = [cm[j, j] / support[j] for j in range(len(names)) if j != i and support[j]]
             went += (f"; the other classes are learnt ({_pct(float(np.mean(others)))} of their images right on "
@@ -211,6 +216,11 @@ def _confusions(summary: dict) -> list[Finding]:
 
 
 def _weak_classes(summary: dict, skip: set[int]) -> list[Finding]:
+    """Classes far below the others: an outlier (under the median of the others by more than 20 points and 3
+    robust spreads), or under half the others' median recall with its own 95% Wilson interval below that
+    median (a class at 18% among classes at 40-50% after an epoch)."""
+    from cnnlab.analysis.stats import proportion_ci
+
     acc = np.array([r["accuracy"] for r in summary["per_class"]])
     sup = np.array([r["support"] for r in summary["per_class"]])
     names = _names(summary)
@@ -225,7 +235,9 @@ def _weak_classes(summary: dict, skip: set[int]) -> list[Finding]:
         others = acc[ok & (np.arange(len(acc)) != i)]
         med = float(np.median(others))
         spread = 1.4826 * float(np.median(np.abs(others - med)))
-        if acc[i] >= med - max(0.2, 3 * spread):
+        outlier = acc[i] < med - max(0.2, 3 * spread)
+        halved = acc[i] < 0.5 * med and proportion_ci(round(acc[i] * sup[i]), int(sup[i]))[1] < med
+        if not (outlier or halved):
             break  # sorted ascending: no weaker class below
         row = cm[i].copy()
         row[i] = -1
@@ -249,7 +261,7 @@ def _weak_classes(summary: dict, skip: set[int]) -> list[Finding]:
 def _underfitting(history: dict, num_classes: int) -> list[Finding]:
     tl, ta, va = _arr(history, "train_loss"), _arr(history, "train_acc"), _arr(history, "val_acc")
     out = []
-    if tl is None or len(tl) < 2 or not np.all(np.isfinite(tl)):
+    if tl is None or len(tl) < 1 or not np.all(np.isfinite(tl)):
         return out
     drop = (tl[0] - tl.min()) / abs(tl[0]) if tl[0] else 0.0
     chance = 1.0 / max(num_classes, 1)
@@ -266,8 +278,9 @@ def _underfitting(history: dict, num_classes: int) -> list[Finding]:
     elif best_train is not None and best_train < max(0.6, 2 * chance) and (va is None or best_train <= np.nanmax(va) + 0.05):
         out.append(Finding(
             "warning", "underfitting", "Underfitting: low training accuracy",
-            f"Training accuracy never passed {_pct(best_train)}, and validation accuracy is as high: the model "
-            "cannot yet fit even the training images.",
+            f"Training accuracy never passed {_pct(best_train)}"
+            + (f" in its {len(tl)} epoch{'' if len(tl) == 1 else 's'}" if len(tl) < 5 else "")
+            + ", and validation accuracy is as high: the model cannot yet fit even the training images.",
             "Train longer, use a larger model or a higher learning rate, or reduce regularisation "
             "(dropout, weight decay, heavy augmentation).", {"best_train_acc": best_train}))
     if va is not None and len(va) >= 3 and np.all(np.isfinite(va)) and int(np.argmax(va)) == len(va) - 1 \
@@ -361,6 +374,17 @@ def _calibration(summary: dict) -> list[Finding]:
                     "scaling on the validation split.", {"ece": ece})]
 
 
+def flagged_classes(findings) -> set[str]:
+    """The class names the findings single out (never or rarely predicted, weak, not yet learnt)."""
+    out = set()
+    for f in findings:
+        if f.kind in ("dead_class", "weak_class", "rare_class"):
+            out.add(f.data.get("class"))
+        elif f.kind == "unlearnt_classes":
+            out.update(f.data.get("classes", []))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -382,9 +406,9 @@ def diagnose(history: dict | None, summary: dict | None, *, steps: dict | None =
         out.append(failures.collapse_finding(collapsed, grads))
         out += _calibration(summary)
     elif summary:
-        dead = _dead_classes(summary)
+        dead = _dead_classes(summary, history)
         out += dead
-        out += _weak_classes(summary, {f.data["index"] for f in dead})
+        out += _weak_classes(summary, {i for f in dead for i in f.data.get("indices") or [f.data["index"]]})
         out += _confusions(summary)
         out += _calibration(summary)
     out += _data(data_info)

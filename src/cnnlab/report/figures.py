@@ -85,6 +85,26 @@ def normalise(images: np.ndarray, data: dict):
 
 
 # ----------------------------------------------------------------------------------------------
+# The data
+
+
+def data_gallery(d: Drawing):
+    from cnnlab.report import plots_data as P
+
+    g = d.run.get("gallery")
+    if g is None or not len(g[0]):
+        return None
+    images, labels, _ = g
+    classes = d.run["classes"]
+    shown = len(set(labels.tolist()))
+    per = max(int((labels == c).sum()) for c in set(labels.tolist()))
+    return Drawn(P.data_gallery(images, labels, classes),
+                 f"{per} training image{'s' if per > 1 else ''} of each class, picked at random (seeded), as the "
+                 "model reads them before normalisation and augmentation"
+                 + (f"; the first {shown} of {len(classes)} classes." if shown < len(classes) else "."))
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -175,7 +195,7 @@ def per_class(d: Drawing):
     summ = d.run["summary"]
     if not summ:
         return None
-    flagged = {f.data.get("class") for f in d.findings if f.kind in ("dead_class", "weak_class", "rare_class")}
+    flagged = dg.flagged_classes(d.findings)
     return Drawn(P.per_class_accuracy(summ["per_class"], highlight=flagged),
                  "Share of each class's images classified right; red bars are flagged in the diagnostics.")
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cnnlab import rundir as R
+from cnnlab.analysis.diagnose import flagged_classes
 from cnnlab.report import figures as F
 from cnnlab.report.fmt import facts, num, pct
 
@@ -144,7 +145,7 @@ def per_class_rows(ctx: dict) -> list[dict]:
     s = ctx["run"]["summary"]
     cm = np.asarray(s["confusion"])
     names = [r["name"] for r in s["per_class"]]
-    flagged = {f.data.get("class") for f in ctx["findings"] if f.kind in ("dead_class", "weak_class", "rare_class")}
+    flagged = flagged_classes(ctx["findings"])
     out = []
     for i, r in enumerate(s["per_class"]):
         row = cm[i].copy()
@@ -267,6 +268,8 @@ SECTIONS: list[Section] = [
             (Figures((Figure("filters", "First-layer filters", F.filters),
                       Figure("feature_maps", "Feature maps", F.feature_maps),
                       Figure("gradcam", "Grad-CAM", F.gradcam))),)),
+    Section("gallery", "Data set samples", "What the training images look like, class by class.",
+            (Figures((Figure("data_gallery", "Training images per class", F.data_gallery),)),)),
     Section("data", "Data", "Class counts per split and the normalisation used.", (_data,)),
     Section("model", "Model", _model_lead, (_model,)),
     Section("config", "Config", "The resolved config; `cnnlab train config.yaml` repeats the run.", (_config,)),

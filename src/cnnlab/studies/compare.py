@@ -103,6 +103,14 @@ def _values(g: Group, key: str) -> list[float]:
     return [float(v) for v in map(get, g.runs) if v is not None]
 
 
+def onset_epoch(run: RunDir) -> int | None:
+    """The epoch from which the run overfits, by the diagnostics' rule (diagnose.overfitting_onset), or None."""
+    from cnnlab.analysis.diagnose import overfitting_onset
+
+    o = overfitting_onset(run.history_columns)
+    return None if o is None else o["epoch"]
+
+
 def correct_by_id(run: RunDir) -> dict[str, tuple[int, bool]]:
     """id -> (target, classified right) from predictions.csv."""
     return {r["id"]: (int(r["target"]), r["target"] == r["pred"]) for r in run.predictions}
@@ -180,6 +188,7 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
         pc = np.mean([[c["accuracy"] for c in r.metrics["test"]["per_class"]] for r in g.runs], axis=0)
         out["groups"].append({"name": g.name, "seeds": [r.seed for r in g.runs], "dirs": [str(r.dir) for r in g.runs],
                               "stats": {k: S.describe(_values(g, k)) for k, _ in METRICS},
+                              "overfit_onset": [onset_epoch(r) for r in g.runs],
                               "per_class_acc": pc.tolist()})
     tests = [(g, test_pair(bg, g)) for g in groups if g.name != base]
     valid = [t for _, t in tests if t["test"]]

@@ -24,6 +24,7 @@ from cnnlab.rundir import MARKER, RunDir, made_by_cnnlab, write_json, write_text
 from cnnlab.data.loader import check_augment
 from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
+from cnnlab.training.loss import class_weights
 from cnnlab.training.resume import check_same_data, finished, folder_lock
 
 
@@ -100,6 +101,30 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     np.savez_compressed(run_dir / R.SAMPLES, images=imgs.numpy(), index=index)
 
 
+GALLERY_PER_CLASS, GALLERY_BYTES = 6, 4_000_000  # at most 6 images per class, about 4 MB of pixels in all
+
+
+def save_gallery(run_dir: Path, splits: Splits, seed: int) -> None:
+    """gallery.npz: a seeded pick of a few training images per class, as decoded (no augmentation, no
+    normalisation), for the report's data gallery. As many per class as fit the byte budget (1 to 6, a divisor
+    of 6 so that the classes line up in the gallery's rows); with many classes of large images, the first ones."""
+    s, k = splits.train, len(splits.classes)
+    budget = int(np.clip(GALLERY_BYTES // (splits.channels * splits.size ** 2), 10, 160))  # images
+    per = next(n for n in (6, 3, 2, 1) if n <= max(1, min(GALLERY_PER_CLASS, budget // max(k, 1))))
+    order = np.random.default_rng(seed).permutation(len(s))
+    labels = s.labels[order]
+    index = np.concatenate([order[labels == c][:per] for c in range(min(k, max(budget // per, 10)))]
+                           + [np.zeros(0, np.int64)]).astype(np.int64)
+    if s.images is not None:
+        imgs = s.images[torch.from_numpy(index)].cpu()
+    else:
+        from cnnlab.data.base import decode
+
+        imgs = torch.stack([decode(s.files[i], splits.channels, splits.size) for i in index]) if len(index) else \
+            torch.zeros(0, splits.channels, splits.size, splits.size, dtype=torch.uint8)
+    np.savez_compressed(run_dir / R.GALLERY, images=imgs.numpy(), labels=s.labels[index], index=index)
+
+
 def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False,
         on_epoch=None) -> Run:
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
@@ -118,6 +143,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
+        class_weights(cfg, splits.train.labels, splits.classes)  # one weight per class: refused before the folder
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         found = None
         if cfg.optim.lr == "auto" and resume_dir is None:  # the range test first; the run records its choice
@@ -173,6 +199,8 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
         write_json(run_dir / R.DATA, data_summary(splits, cfg))
         if not (resume and (run_dir / R.SPLITS).is_file()):  # (a resumed run's split was checked: the same)
             save_splits(splits, run_dir / R.SPLITS)
+        if not (run_dir / R.GALLERY).is_file():
+            save_gallery(run_dir, splits, cfg.train.seed)
         say(f"run folder: {run_dir}")
         say(f"data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val"
             f"{f' / {len(splits.test)} test' if splits.test is not None else ''}, {len(splits.classes)} classes, "
@@ -269,9 +297,11 @@ def check_names(cfg: C.Config) -> None:
     models/build), with "did you mean", naming data.name / model.name (config.py checks values only)."""
     from cnnlab.data.catalog import check_name as check_data
     from cnnlab.models.build import check_name as check_model
+    from cnnlab.training.optim import check as check_optimizer
 
     check_data(cfg.data.name)
     check_model(cfg.model.name)
+    check_optimizer(cfg.optim)
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:
