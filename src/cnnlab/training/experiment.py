@@ -318,15 +318,9 @@ def with_weight_defaults(cfg: C.Config) -> C.Config:
 
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
-    try:
-        from cnnlab.analysis.metrics import summary
-        test = summary(logits.numpy(), targets.numpy(), splits.classes)
-    except ImportError:  # pragma: no cover - metrics module absent
-        from sklearn.metrics import confusion_matrix
+    from cnnlab.analysis.metrics import summary
 
-        test = {"accuracy": float((logits.argmax(1) == targets).float().mean()),
-                "loss": float(F.cross_entropy(logits, targets)),
-                "confusion_matrix": confusion_matrix(targets, logits.argmax(1), labels=range(len(splits.classes))).tolist()}
+    test = summary(logits.numpy(), targets.numpy(), splits.classes)
     hist = state.history
     best_row = next((r for r in hist if r["epoch"] == state.best_epoch), hist[-1] if hist else {})
     return {"best_epoch": state.best_epoch, "monitor": cfg.train.monitor,
