@@ -126,8 +126,10 @@ def save_gallery(run_dir: Path, splits: Splits, seed: int) -> None:
     np.savez_compressed(run_dir / R.GALLERY, images=imgs.numpy(), labels=s.labels[index], index=index)
 
 
-def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False) -> Run:
+def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False,
+        on_epoch=None) -> Run:
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
+    `on_epoch`: loop.fit's per-epoch callback (a search trial's pruning).
 
     `device` comes from `cnnlab.process.setup(cfg)`, called once by the entry point (CLI, `cnnlab.train`).
     """
@@ -173,7 +175,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
-                                       say=say, lr_found=found)
+                                       say=say, lr_found=found, on_epoch=on_epoch)
         except BaseException:
             if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
                 _remove_if_untrained(run_dir)         # empty run folder behind
@@ -181,7 +183,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
 
 
 def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
-                        say, lr_found=None) -> Run:
+                        say, lr_found=None, on_epoch=None) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
@@ -206,7 +208,7 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
         for note in splits.notes:
             say(f"note: {note}")
-    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume)
+    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume, on_epoch=on_epoch)
     if main:
         env = {**environment(cfg, str(device)), **{k: env[k] for k in ("started", "resumed") if k in env}}
         env["train_seconds"] = round(state.train_seconds, 3)  # every session of the run, resumes included
@@ -323,20 +325,15 @@ def with_weight_defaults(cfg: C.Config) -> C.Config:
 
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
-    try:
-        from cnnlab.analysis.metrics import summary
-        test = summary(logits.numpy(), targets.numpy(), splits.classes)
-    except ImportError:  # pragma: no cover - metrics module absent
-        from sklearn.metrics import confusion_matrix
+    from cnnlab.analysis.metrics import summary
 
-        test = {"accuracy": float((logits.argmax(1) == targets).float().mean()),
-                "loss": float(F.cross_entropy(logits, targets)),
-                "confusion_matrix": confusion_matrix(targets, logits.argmax(1), labels=range(len(splits.classes))).tolist()}
+    test = summary(logits.numpy(), targets.numpy(), splits.classes)
     hist = state.history
     best_row = next((r for r in hist if r["epoch"] == state.best_epoch), hist[-1] if hist else {})
     return {"best_epoch": state.best_epoch, "monitor": cfg.train.monitor,
             "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"),
             "epochs_run": state.epoch, "stopped_early": state.stopped_early, "steps": state.step,
+            **({"stopped_by": state.stopped_by} if state.stopped_by else {}),
             "eval_split": splits.eval_split, "test": test}
 
 

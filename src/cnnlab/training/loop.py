@@ -39,6 +39,7 @@ from cnnlab import dist
 from cnnlab.training import loss as loss_mod
 from cnnlab.training import runlog
 from cnnlab.config import Config
+from cnnlab.data.augment import hard_targets, mix_batch
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
@@ -102,6 +103,7 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     limit = min(batches.num_batches(n_order), t.limit_batches or batches.num_batches(n_order))
     w_dev = weights.to(ts.device) if weights is not None else None
     i = state.batch_in_epoch  # checkpoints are taken between optimizer steps: i starts a step
+    num_classes = len(batches.s.classes)
     for x, y, _ in batches.iterate(order, start_batch=state.batch_in_epoch):
         if i >= limit:
             break
@@ -117,6 +119,7 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
         offset = sum(sizes[:j]) + (batches.local_offset(i, n_order) if world > 1 else 0)
         x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=sum(sizes)))  # (B, C, H, W)
+        x, y = mix_batch(x, y, cfg.data.augment, gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft targets
         sync = not distributed or i == last or not hasattr(ddp, "no_sync")
         with contextlib.nullcontext() if sync else ddp.no_sync():
             with torch.autocast(ts.device.type, dtype=ts.amp, enabled=ts.amp is not None):
@@ -134,7 +137,8 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
             # DDP averages gradients over ranks: x world, so the sum over ranks and micro-batches / denom is
             # the gradient of the step's weighted-mean loss, whatever the slices' sizes
             ts.backward(total * (world / denom), first=j == 0)
-        sums += torch.tensor([total.item(), (logits.argmax(1) == y).sum().item(), y.shape[0]], dtype=torch.float64)
+        sums += torch.tensor([total.item(), (logits.argmax(1) == hard_targets(y)).sum().item(), y.shape[0]],
+                             dtype=torch.float64)
         i += 1
         if i <= last:
             continue
@@ -225,8 +229,12 @@ def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
 
 
 def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
-        resume: bool = False) -> tuple[nn.Module, State]:
+        resume: bool = False, on_epoch=None) -> tuple[nn.Module, State]:
     """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`.
+
+    `on_epoch(epoch, row) -> str | None` (rank 0) is called after each epoch's evaluation with its history
+    row; a text returned stops training there, as early stopping does, the text saying why (a search's
+    pruner: studies/search.py). It is called before the epoch's checkpoint, so a resumed run keeps the stop.
 
     With `resume`, continue exactly from checkpoints/last.pt (or from the start when the run was
     stopped before its first checkpoint): the rows of history.csv/steps.csv written after that
@@ -341,6 +349,11 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     state.bad_epochs += 1
                     if t.early_stop.patience is not None and state.bad_epochs >= t.early_stop.patience:
                         state.stopped_early = True
+                if on_epoch is not None and not state.stopped_early:
+                    reason = on_epoch(state.epoch, row) if main else None
+                    reason = dist.broadcast_object(reason) if distributed else reason
+                    if reason:
+                        state.stopped_early, state.stopped_by = True, str(reason)
                 if main:
                     runlog.append_row(run_dir / R.HISTORY, {k: runlog.fmt(v) for k, v in row.items()})
                     if tb is not None:
@@ -361,7 +374,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
             if tb is not None:
                 tb.close()
     ts.tick()
-    if state.stopped_early and main:
+    if state.stopped_by and main:
+        print(f"stopped after epoch {state.epoch}: {state.stopped_by}", flush=True)
+    elif state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
               f"{t.early_stop.patience} epoch{'' if t.early_stop.patience == 1 else 's'} (best epoch "
               f"{state.best_epoch})", flush=True)
