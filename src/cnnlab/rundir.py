@@ -29,6 +29,7 @@ HISTORY = "history.csv"         # one row per epoch
 STEPS = "steps.csv"             # one row per logged step
 GRADS = "grads.csv"             # per-layer gradient norms at the logging interval
 METRICS = "metrics.json"        # headline metrics; its presence means "finished"
+CALIBRATION = "calibration.json"  # the temperature fitted on the validation split (train.calibrate, `cnnlab calibrate`)
 PREDICTIONS_CSV = "predictions.csv"  # one row per evaluated sample
 PREDICTIONS_NPZ = "predictions.npz"  # logits, targets
 SAMPLES = "samples.npz"         # a seeded pick of images plus the worst failures (uint8)
@@ -56,6 +57,7 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "study.html"
 COMPARISON_MD = "study.md"
 
+HISTORY_CLIPPED = "clipped"     # history.csv's column: the share of the epoch's optimizer steps that clipped (train.clip_grad)
 HISTORY_TMP = tuple(f".{n}.tmp" for n in (HISTORY, STEPS, GRADS))  # what a kill while rewriting the logs leaves
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
 TEXT_COLS = {"id", "target_name", "pred_name"}

@@ -24,6 +24,7 @@ from cnnlab.rundir import MARKER, RunDir, made_by_cnnlab, write_json, write_text
 from cnnlab.data.loader import check_augment
 from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
+from cnnlab.training.loss import class_weights
 from cnnlab.training.resume import check_same_data, finished, folder_lock
 
 
@@ -140,6 +141,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
+        class_weights(cfg, splits.train.labels, splits.classes)  # one weight per class: refused before the folder
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         found = None
         if cfg.optim.lr == "auto" and resume_dir is None:  # the range test first; the run records its choice
@@ -293,9 +295,11 @@ def check_names(cfg: C.Config) -> None:
     models/build), with "did you mean", naming data.name / model.name (config.py checks values only)."""
     from cnnlab.data.catalog import check_name as check_data
     from cnnlab.models.build import check_name as check_model
+    from cnnlab.training.optim import check as check_optimizer
 
     check_data(cfg.data.name)
     check_model(cfg.model.name)
+    check_optimizer(cfg.optim)
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:
@@ -312,15 +316,9 @@ def with_weight_defaults(cfg: C.Config) -> C.Config:
 
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
-    try:
-        from cnnlab.analysis.metrics import summary
-        test = summary(logits.numpy(), targets.numpy(), splits.classes)
-    except ImportError:  # pragma: no cover - metrics module absent
-        from sklearn.metrics import confusion_matrix
+    from cnnlab.analysis.metrics import summary
 
-        test = {"accuracy": float((logits.argmax(1) == targets).float().mean()),
-                "loss": float(F.cross_entropy(logits, targets)),
-                "confusion_matrix": confusion_matrix(targets, logits.argmax(1), labels=range(len(splits.classes))).tolist()}
+    test = summary(logits.numpy(), targets.numpy(), splits.classes)
     hist = state.history
     best_row = next((r for r in hist if r["epoch"] == state.best_epoch), hist[-1] if hist else {})
     return {"best_epoch": state.best_epoch, "monitor": cfg.train.monitor,
