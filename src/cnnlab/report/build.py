@@ -58,6 +58,7 @@ def gather(run_dir: str | Path) -> dict:
     if not r["pred_rows"] and r["logits"] is not None:
         r["pred_rows"] = _rows_from_logits(r["logits"], r["targets"], r["classes"])
     r["checkpoint"] = rd.checkpoint("best")
+    r["calibration"] = rd.calibration
     r["lr_find"] = read_json(d / R.LR_FIND_JSON)  # optim.lr: auto: the range test's choice and its curve
     r["lr_curve"] = columns(read_csv(d / R.LR_FIND_CSV)) if r["lr_find"] else {}
     return r
@@ -79,7 +80,8 @@ def _rows_from_logits(logits, targets, classes) -> list[dict]:
 def findings(run: dict) -> list[dg.Finding]:
     best = (run["metrics"] or {}).get("best_epoch")
     return dg.diagnose(run["history"] or None, run["summary"], steps=run["steps"] or None,
-                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None)
+                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None,
+                       config=run["rundir"].config_dict if run.get("rundir") is not None else None)
 
 
 def write_failures(run: dict, path: Path) -> int:

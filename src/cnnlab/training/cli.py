@@ -4,6 +4,7 @@ Torch and the training code are imported inside the handlers, so `cnnlab --help`
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -30,7 +31,7 @@ def _train(args) -> int:
         return 0
     if args.variation:
         return _one_variation(cfg, args.variation)
-    if cfg.variations or cfg.grid or cfg.repeats > 1:
+    if cfg.variations or cfg.grid or cfg.repeats > 1 or cfg.search:
         from cnnlab.studies import study
 
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
@@ -41,8 +42,15 @@ def _train(args) -> int:
     from cnnlab import process
     from cnnlab.training import experiment
 
+    hook = None
+    if args.search_trial:  # a trial of a search run by `--jobs N`: report every epoch to the search's storage
+        import json
+
+        from cnnlab.studies import search
+
+        hook = search.epoch_hook(json.loads(args.search_trial))
     device = process.setup(cfg)
-    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
+    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None, on_epoch=hook)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 
@@ -86,6 +94,7 @@ def add_parser(subparsers) -> None:
                         "or process when --jobs > 1)")
     t.add_argument("--variation", metavar="NAME", help="studies: train only this variation (into the study's folder)")
     t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
+    t.add_argument("--search-trial", help=argparse.SUPPRESS)  # set by a search's --jobs executor (studies/search.py)
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
