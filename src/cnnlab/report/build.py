@@ -172,7 +172,7 @@ def write_tensorboard(run_dir: str | Path, log_dir: str | Path | None = None) ->
             tb.scalars({f"epoch/{k}": h[k][i] for k in h if k != "epoch"}, ep)
         s = run["steps"]
         for i, st in enumerate(s.get("step", [])):
-            tb.scalars({"step/loss": s["loss"][i], "step/lr": s.get("lr", [None] * (i + 1))[i]}, st)
+            tb.scalars({f"step/{k}": s[k][i] for k in ("loss", "acc", "lr") if k in s}, st)
         summ = run["summary"]
         if summ:
             last = int(h["epoch"][-1]) if h.get("epoch") else 0
