@@ -225,6 +225,91 @@ class Config:
     grid: dict = field(default_factory=dict)
     repeats: int = 1
     baseline: str | None = None
+    # a hyperparameter search over the runs of a study (SearchConfig below; studies/search.py), {} = none
+    search: dict = field(default_factory=dict)
+
+
+SamplerName = Literal["tpe", "random", "grid"]
+PrunerName = Literal["none", "median", "halving"]
+Direction = Literal["auto", "maximize", "minimize"]
+SPACE_KINDS = ("loguniform", "uniform", "int", "categorical")  # `search.space.<dotted key>: {<kind>: ...}`
+EPOCH_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")  # history.csv columns, known every epoch
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`search:` in a study config: which settings to try (`space`), how many trials, what to optimise, and
+    how (Optuna's samplers and pruners). Each trial is a run folder of the study (studies/search.py)."""
+
+    space: dict = field(default_factory=dict)  # dotted key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} |
+    # {int: [lo, hi], step: 1, log: false} | {categorical: [a, b, ...]} (a plain list is categorical too)
+    trials: int = 20
+    objective: str = "val_acc"  # a history.csv column at the best epoch (val_acc, val_loss, train_acc,
+    # train_loss) or a metrics.json number (best_val_acc, test.accuracy, test.macro.f1, ...)
+    direction: Direction = "auto"  # auto: minimize a loss or an error (ece), else maximize
+    sampler: SamplerName = "tpe"  # tpe | random | grid (every combination of categorical values)
+    pruner: PrunerName = "none"  # none | median | halving (successive halving), on the per-epoch objective
+    startup_trials: int = 5  # median: trials finished before any is pruned
+    warmup_epochs: int = 0  # median: epochs every trial runs before it can be pruned
+    reduction_factor: int = 3  # halving: a trial goes on past a rung when in the best 1/reduction_factor
+    seed: int | None = None  # the sampler's seed; null = train.seed
+    storage: str | None = None  # null: <study>/search.journal; a journal file, or a database URL
+    # (sqlite:///x.db, postgresql://...) every node reaches, for --executor ray across machines
+
+
+def search_config(cfg: Config) -> SearchConfig | None:
+    """The study's search (validated, errors naming `search.<key>`), or None when it has none."""
+    if not cfg.search:
+        return None
+    s = _build(SearchConfig, cfg.search, "search")
+    _check(bool(s.space), "search.space", s.space, "name at least one setting to search over")
+    for key, spec in s.space.items():
+        _check_space(str(key), spec)
+    _check(s.trials > 0, "search.trials", s.trials, "must be > 0")
+    _check(s.objective in EPOCH_METRICS or s.objective in ("best_val_acc", "best_val_loss")
+           or s.objective.startswith("test."), "search.objective", s.objective,
+           f"one of {', '.join(EPOCH_METRICS)}, best_val_acc, best_val_loss or test.<metric> (e.g. test.accuracy)")
+    _check(s.pruner == "none" or s.objective in EPOCH_METRICS, "search.pruner", s.pruner,
+           f"a pruner judges a trial by its objective every epoch: use one of {', '.join(EPOCH_METRICS)} as "
+           "search.objective, or pruner: none")
+    _check(s.sampler != "grid" or all(isinstance(v, list) or "categorical" in (v or {}) for v in s.space.values()),
+           "search.sampler", s.sampler, "grid needs every search.space entry to be a list of values (categorical)")
+    _check(s.startup_trials >= 0, "search.startup_trials", s.startup_trials, "must be >= 0")
+    _check(s.warmup_epochs >= 0, "search.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _check(s.reduction_factor >= 2, "search.reduction_factor", s.reduction_factor, "must be >= 2")
+    return s
+
+
+def _check_space(key: str, spec: Any) -> None:
+    where = f"search.space.{key}"
+    _check(bool(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key)), where, spec,
+           "the key must be a dotted config key such as optim.lr or data.augment.cutout")
+    _check(key.split(".")[0] not in ("output", "search", "variations", "grid", "repeats", "baseline"), where, spec,
+           "output, search and study keys cannot be searched")
+    if isinstance(spec, list):
+        spec = {"categorical": spec}
+    _check(isinstance(spec, dict) and len([k for k in spec if k in SPACE_KINDS]) == 1, where, spec,
+           f"give one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-4, 1e-1]}}")
+    kind = next(k for k in spec if k in SPACE_KINDS)
+    extra = set(spec) - {kind, "step", "log"}
+    _check(not extra, where, spec, f"unknown option(s) {', '.join(map(str, extra))} (only step and log)")
+    values = spec[kind]
+    if kind == "categorical":
+        _check(isinstance(values, list) and len(values) > 0, where, spec, "categorical needs a non-empty list")
+        _check(all(v is None or isinstance(v, (bool, int, float, str)) for v in values), where, spec,
+               "categorical values must be numbers, text, true/false or null")
+        return
+    _check(isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) and not
+           isinstance(v, bool) and math.isfinite(v) for v in values), where, spec, f"{kind} needs [low, high]")
+    lo, hi = values
+    _check(lo < hi, where, spec, "low must be below high")
+    _check(kind != "loguniform" or lo > 0, where, spec, "loguniform needs low > 0")
+    if kind == "int":
+        _check(all(float(v).is_integer() for v in values), where, spec, "int needs whole numbers")
+    step = spec.get("step")
+    _check(step is None or (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0), where,
+           spec, "step must be a number > 0")
+    _check("log" not in spec or isinstance(spec["log"], bool), where, spec, "log must be true or false")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,6 +801,7 @@ def validate(cfg: Config) -> None:
            t.checkpoint_every_steps, "must be > 0")
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
     _check(cfg.repeats > 0, "repeats", cfg.repeats, "must be > 0")
+    search_config(cfg)
     for name, ov in cfg.variations.items():
         _check(isinstance(ov, dict) or ov is None, f"variations.{name}", ov, "must be a mapping of key: value")
     for key, vals in cfg.grid.items():

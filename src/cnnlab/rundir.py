@@ -53,6 +53,13 @@ STUDY_JSON = "study.json"       # the study's manifest
 LOCK = ".lock"                  # flock'ed while a process trains the run (or runs the study)
 STUDY_CONFIGS = "configs"
 STUDY_LOGS = "logs"
+SEARCH_JOURNAL = "search.journal"  # a search's Optuna storage (journal file), unless search.storage names one
+SEARCH_JSON = "search.json"     # every trial: state, objective, parameters, per-epoch values; the importances
+SEARCH_CSV = "search.csv"       # the trials table, best first
+SEARCH_HTML = "search.html"
+SEARCH_MD = "search.md"
+BEST_YAML = "best.yaml"         # a ready config with the best trial's settings
+SEARCH_REPEATS = "repeats"      # folder: with `repeats`, a study of the best settings and the baseline over seeds
 COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "study.html"
 COMPARISON_MD = "study.md"
@@ -338,6 +345,16 @@ class RunDir:
     @cached_property
     def metrics(self) -> dict | None:
         return read_json(self.dir / METRICS)
+
+    @cached_property
+    def calibration(self) -> dict | None:
+        """calibration.json: the temperature fitted on the validation split, with ECE/NLL before and after."""
+        return read_json(self.dir / CALIBRATION)
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by for calibrated probabilities (1.0 when the run was not calibrated)."""
+        return float((self.calibration or {}).get("temperature") or 1.0)
 
     @cached_property
     def findings(self) -> list | None:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from cnnlab.config import ConfigError, DataConfig
 from cnnlab.data.catalog import DATASETS
@@ -76,6 +75,8 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     counts = np.bincount(labels)
     stratify = labels if (counts[counts > 0].min() >= 2 and k >= len(counts[counts > 0])
                           and n - k >= len(counts[counts > 0])) else None
+    from sklearn.model_selection import train_test_split  # here: ~1 s of import that most commands never need
+
     keep, held = train_test_split(idx, test_size=k, random_state=seed, shuffle=True, stratify=stratify)
     return np.sort(keep), np.sort(held)
 

@@ -2,7 +2,7 @@
 `Drawing`) returning `Drawn(figure, caption)` or None when the files do not allow it. sections.py says which
 section shows which figure under which title; build.py draws them all into plots/.
 
-Imports plots.py / plots_model.py (matplotlib, torch) only inside the draw functions."""
+Imports plots.py / plots_images.py / plots_model.py (matplotlib, torch) only inside the draw functions."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,7 +89,7 @@ def normalise(images: np.ndarray, data: dict):
 
 
 def data_gallery(d: Drawing):
-    from cnnlab.report import plots_data as P
+    from cnnlab.report import plots_images as P
 
     g = d.run.get("gallery")
     if g is None or not len(g[0]):
@@ -210,8 +210,21 @@ def reliability(d: Drawing):
                  f"Expected calibration error {summ['ece']:.3f} (15 bins)." if summ else "")
 
 
-def failures(d: Drawing):
+def reliability_calibrated(d: Drawing):
     from cnnlab.report import plots as P
+
+    run, cal = d.run, d.run.get("calibration")
+    if run["logits"] is None or not cal:
+        return None
+    t = float(cal["temperature"])
+    ece = M.expected_calibration_error(run["logits"] / t, run["targets"])
+    return Drawn(P.reliability(M.calibration_bins(run["logits"] / t, run["targets"])),
+                 f"After temperature scaling (logits / {t:.3f}, fitted on the validation split): expected "
+                 f"calibration error {ece:.3f}.")
+
+
+def failures(d: Drawing):
+    from cnnlab.report import plots_images as P
 
     images, rows = d.samples
     if images is None:
@@ -226,7 +239,7 @@ def failures(d: Drawing):
 
 
 def predictions(d: Drawing):
-    from cnnlab.report import plots as P
+    from cnnlab.report import plots_images as P
 
     images, rows = d.samples
     if images is None:

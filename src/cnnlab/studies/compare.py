@@ -21,7 +21,7 @@ from cnnlab.studies import report as pages
 from cnnlab.studies.report import METRICS
 
 ALPHA = 0.05
-STUDY_KEYS = ("variations", "grid", "repeats", "baseline")  # a study config's own keys
+STUDY_KEYS = ("variations", "grid", "repeats", "baseline", "search")  # a study config's own keys
 IGNORED = ("output.", "train.progress", "train.threads")  # keys that may differ without changing a run's result
 COMPARE_IGNORED = IGNORED + STUDY_KEYS  # what compare never lists as "what differs"
 LABELS = {"model.batchnorm": "batch norm", "optim.weight_decay": "weight decay (L2)", "model.dropout": "dropout",

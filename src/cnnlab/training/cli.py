@@ -4,6 +4,7 @@ Torch and the training code are imported inside the handlers, so `cnnlab --help`
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -30,7 +31,7 @@ def _train(args) -> int:
         return 0
     if args.variation:
         return _one_variation(cfg, args.variation)
-    if cfg.variations or cfg.grid or cfg.repeats > 1:
+    if cfg.variations or cfg.grid or cfg.repeats > 1 or cfg.search:
         from cnnlab.studies import study
 
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
@@ -41,8 +42,15 @@ def _train(args) -> int:
     from cnnlab import process
     from cnnlab.training import experiment
 
+    hook = None
+    if args.search_trial:  # a trial of a search run by `--jobs N`: report every epoch to the search's storage
+        import json
+
+        from cnnlab.studies import search
+
+        hook = search.epoch_hook(json.loads(args.search_trial))
     device = process.setup(cfg)
-    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
+    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None, on_epoch=hook)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 
@@ -50,25 +58,11 @@ def _train(args) -> int:
 def _one_variation(cfg, name: str) -> int:
     """`cnnlab train STUDY --variation NAME`: that variation's run(s) alone, in the folder the whole study
     would give them (a later run of the study finds them done)."""
-    from cnnlab import config as C
-    from cnnlab import dist
+    from cnnlab import dist, process
     from cnnlab.studies import study
     from cnnlab.training import experiment
 
-    if not (cfg.variations or cfg.grid or cfg.repeats > 1):
-        raise C.ConfigError(f"--variation {name!r}: the config is not a study (it has no variations, grid or repeats)")
-    planned = study.plan(cfg)
-    chosen = [p for p in planned if p.variation == name]
-    if not chosen:
-        import difflib
-
-        names = list(dict.fromkeys(p.variation for p in planned))
-        close = difflib.get_close_matches(name, names, n=1)
-        raise C.ConfigError(f"--variation {name!r} is not a variation of this study."
-                            + (f" Did you mean {close[0]!r}?" if close else "") + f" Variations: {', '.join(names)}")
-    from cnnlab import process
-
-    for p in chosen:
+    for p in study.variation(cfg, name):
         experiment.run(p.cfg, device=process.setup(p.cfg))
     dist.shutdown()
     return 0
@@ -100,6 +94,7 @@ def add_parser(subparsers) -> None:
                         "or process when --jobs > 1)")
     t.add_argument("--variation", metavar="NAME", help="studies: train only this variation (into the study's folder)")
     t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
+    t.add_argument("--search-trial", help=argparse.SUPPRESS)  # set by a search's --jobs executor (studies/search.py)
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")

@@ -24,6 +24,7 @@ from cnnlab.rundir import MARKER, RunDir, made_by_cnnlab, write_json, write_text
 from cnnlab.data.loader import check_augment
 from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
+from cnnlab.training import calibrate
 from cnnlab.training.loss import class_weights
 from cnnlab.training.resume import check_same_data, finished, folder_lock
 
@@ -125,8 +126,10 @@ def save_gallery(run_dir: Path, splits: Splits, seed: int) -> None:
     np.savez_compressed(run_dir / R.GALLERY, images=imgs.numpy(), labels=s.labels[index], index=index)
 
 
-def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False) -> Run:
+def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False,
+        on_epoch=None) -> Run:
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
+    `on_epoch`: loop.fit's per-epoch callback (a search trial's pruning).
 
     `device` comes from `cnnlab.process.setup(cfg)`, called once by the entry point (CLI, `cnnlab.train`).
     """
@@ -172,7 +175,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
-                                       say=say, lr_found=found)
+                                       say=say, lr_found=found, on_epoch=on_epoch)
         except BaseException:
             if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
                 _remove_if_untrained(run_dir)         # empty run folder behind
@@ -180,7 +183,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
 
 
 def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
-                        say, lr_found=None) -> Run:
+                        say, lr_found=None, on_epoch=None) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
@@ -205,7 +208,7 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
             f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
         for note in splits.notes:
             say(f"note: {note}")
-    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume)
+    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume, on_epoch=on_epoch)
     if main:
         env = {**environment(cfg, str(device)), **{k: env[k] for k in ("started", "resumed") if k in env}}
         env["train_seconds"] = round(state.train_seconds, 3)  # every session of the run, resumes included
@@ -215,12 +218,18 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
 
     # evaluate the best checkpoint on the test split (val where there is none)
     best = ckpt.load(run_dir / R.CHECKPOINTS / R.BEST) if (run_dir / R.CHECKPOINTS / R.BEST).exists() else None
-    logits, targets = T.evaluate_weights(cfg, splits, best["model"] if best else T._unwrap(model).state_dict(), device)
+    weights = best["model"] if best else T._unwrap(model).state_dict()
+    logits, targets = T.evaluate_weights(cfg, splits, weights, device)
+    calibrated = calibrate.fit(cfg, splits, weights, device, logits, targets) if cfg.train.calibrate else None
     metrics = {}
     if main:
         save_predictions(run_dir, splits, logits, targets, cfg.train.seed)
         metrics = headline(cfg, state, splits, logits, targets)
-        write_json(run_dir / R.METRICS, metrics)
+        if calibrated is not None:  # calibration.json, then metrics.json with it
+            calibrate.save(run_dir, calibrated, metrics)
+            say(f"calibration: {calibrate.describe(calibrated)}")
+        else:
+            write_json(run_dir / R.METRICS, metrics)
         test = metrics["test"]
         where = "test" if splits.eval_split == "test" else "validation (no test split)"
         say(f"best epoch {state.best_epoch}: val acc {metrics['best_val_acc']:.4f}; "
@@ -316,20 +325,15 @@ def with_weight_defaults(cfg: C.Config) -> C.Config:
 
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
-    try:
-        from cnnlab.analysis.metrics import summary
-        test = summary(logits.numpy(), targets.numpy(), splits.classes)
-    except ImportError:  # pragma: no cover - metrics module absent
-        from sklearn.metrics import confusion_matrix
+    from cnnlab.analysis.metrics import summary
 
-        test = {"accuracy": float((logits.argmax(1) == targets).float().mean()),
-                "loss": float(F.cross_entropy(logits, targets)),
-                "confusion_matrix": confusion_matrix(targets, logits.argmax(1), labels=range(len(splits.classes))).tolist()}
+    test = summary(logits.numpy(), targets.numpy(), splits.classes)
     hist = state.history
     best_row = next((r for r in hist if r["epoch"] == state.best_epoch), hist[-1] if hist else {})
     return {"best_epoch": state.best_epoch, "monitor": cfg.train.monitor,
             "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"),
             "epochs_run": state.epoch, "stopped_early": state.stopped_early, "steps": state.step,
+            **({"stopped_by": state.stopped_by} if state.stopped_by else {}),
             "eval_split": splits.eval_split, "test": test}
 
 

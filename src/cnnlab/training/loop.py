@@ -229,8 +229,12 @@ def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
 
 
 def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
-        resume: bool = False) -> tuple[nn.Module, State]:
+        resume: bool = False, on_epoch=None) -> tuple[nn.Module, State]:
     """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`.
+
+    `on_epoch(epoch, row) -> str | None` (rank 0) is called after each epoch's evaluation with its history
+    row; a text returned stops training there, as early stopping does, the text saying why (a search's
+    pruner: studies/search.py). It is called before the epoch's checkpoint, so a resumed run keeps the stop.
 
     With `resume`, continue exactly from checkpoints/last.pt (or from the start when the run was
     stopped before its first checkpoint): the rows of history.csv/steps.csv written after that
@@ -314,7 +318,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                             runlog.append_row(run_dir / R.GRADS, {"step": step, "epoch": state.epoch + 1,
                                                                   **{k: runlog.fmt(v) for k, v in norms.items()}})
                         if tb is not None:
-                            tb.scalars({"step/loss": loss, "step/lr": ts.lr()}, step)
+                            tb.scalars({"step/loss": loss, "step/acc": acc, "step/lr": ts.lr()}, step)
                     if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                         ts.save_last(last)
                     if stop is not None:
@@ -345,6 +349,11 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     state.bad_epochs += 1
                     if t.early_stop.patience is not None and state.bad_epochs >= t.early_stop.patience:
                         state.stopped_early = True
+                if on_epoch is not None and not state.stopped_early:
+                    reason = on_epoch(state.epoch, row) if main else None
+                    reason = dist.broadcast_object(reason) if distributed else reason
+                    if reason:
+                        state.stopped_early, state.stopped_by = True, str(reason)
                 if main:
                     runlog.append_row(run_dir / R.HISTORY, {k: runlog.fmt(v) for k, v in row.items()})
                     if tb is not None:
@@ -365,7 +374,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
             if tb is not None:
                 tb.close()
     ts.tick()
-    if state.stopped_early and main:
+    if state.stopped_by and main:
+        print(f"stopped after epoch {state.epoch}: {state.stopped_by}", flush=True)
+    elif state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
               f"{t.early_stop.patience} epoch{'' if t.early_stop.patience == 1 else 's'} (best epoch "
               f"{state.best_epoch})", flush=True)

@@ -42,6 +42,7 @@ class State:
     best_metric: float | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
+    stopped_by: str | None = None  # why, when not by train.early_stop: e.g. a search's pruner (fit's on_epoch)
     epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch
     epoch_correct: int = 0
     epoch_seen: int = 0
