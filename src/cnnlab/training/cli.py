@@ -28,14 +28,20 @@ def _train(args) -> int:
     if args.print_config:
         print(C.dump_yaml(cfg), end="")
         return 0
+    if args.fresh and not (cfg.variations or cfg.grid or cfg.repeats > 1):
+        raise C.ConfigError("--fresh: the config is not a study (no variations, grid or repeats); a single run "
+                            "starts afresh under a new output.name")
     if args.variation:
+        if args.fresh:
+            raise C.ConfigError("--fresh trains the whole study again; leave out --variation (or delete that "
+                                "variation's run folder to train it again)")
         return _one_variation(cfg, args.variation)
     if cfg.variations or cfg.grid or cfg.repeats > 1:
         from cnnlab.studies import study
 
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
         study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
-                        executor=executor, address=args.ray_address)
+                        executor=executor, address=args.ray_address, fresh=args.fresh)
         dist.shutdown()
         return 0
     from cnnlab import process
@@ -100,6 +106,8 @@ def add_parser(subparsers) -> None:
                         "or process when --jobs > 1)")
     t.add_argument("--variation", metavar="NAME", help="studies: train only this variation (into the study's folder)")
     t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
+    t.add_argument("--fresh", action="store_true", help="studies: delete the study's runs and train them all again "
+                   "(needed when finished runs were trained with other settings)")
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")
