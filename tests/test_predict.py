@@ -195,9 +195,9 @@ def test_batches_stream_lazily(runs):
     calls = []
     real = I.load_one
 
-    def counting(ref, channels, size):
+    def counting(ref, channels, size, *resize):
         calls.append(ref)
-        return real(ref, channels, size)
+        return real(ref, channels, size, *resize)
 
     I.load_one, saved = counting, I.load_one
     try:

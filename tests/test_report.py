@@ -90,6 +90,9 @@ def make_run(root: Path, name: str = "toy", *, shift: tuple[int, int] | None = N
     wrong = [int(i) for i in np.argsort(-loss) if pred[i] != targets[i] and i not in pick][:12]
     idx = np.array(pick + wrong, dtype=np.int64)
     np.savez(run / "samples.npz", images=imgs[te][idx], index=idx)
+    tr = split["train"]
+    gidx = np.concatenate([np.flatnonzero(labels[tr] == c)[:6] for c in range(10)]).astype(np.int64)
+    np.savez(run / "gallery.npz", images=imgs[tr][gidx], labels=labels[tr][gidx], index=gidx)
 
     e = np.arange(1, 13)
     tl = 2.2 * np.exp(-e / 3) + 0.04
@@ -137,11 +140,11 @@ def built(tmp_path_factory):
 def test_report_has_every_section(built):
     run, path = built
     page = path.read_text()
-    for sid in ("diagnostics", "curves", "confusion", "classes", "failures", "predictions", "inside", "data",
-                "model", "config", "environment"):
+    for sid in ("diagnostics", "curves", "confusion", "classes", "failures", "predictions", "inside", "gallery",
+                "data", "model", "config", "environment"):
         assert f'id="{sid}"' in page, sid
     for name in ("curves", "steps", "confusion_matrix", "confusion_normalized", "per_class", "reliability",
-                 "failures", "predictions", "filters", "feature_maps", "gradcam"):
+                 "failures", "predictions", "filters", "feature_maps", "gradcam", "data_gallery"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
     # self-contained: no external references of any kind, no scripts
     assert not re.search(r'(src|href)="(?!data:|#)', page)
@@ -272,15 +275,15 @@ def test_planted_label_bug_is_named(tmp_path):
 def test_missing_optional_files(built, tmp_path):
     run = tmp_path / "bare"
     shutil.copytree(built[0], run)
-    for p in ("samples.npz", "steps.csv", "model.json", "env.json", "predictions.csv"):
+    for p in ("samples.npz", "steps.csv", "model.json", "env.json", "predictions.csv", "gallery.npz"):
         (run / p).unlink()
     shutil.rmtree(run / "checkpoints")
     page = report.build(run).read_text()
     for sid in ("failures", "diagnostics", "confusion", "classes"):
         assert f'id="{sid}"' in page, sid
-    for sid in ("predictions", "inside", "model", "environment"):
+    for sid in ("predictions", "inside", "model", "environment", "gallery"):
         assert f'id="{sid}"' not in page, sid
-    for name in ("gradcam", "filters", "predictions", "steps"):  # stale figures of the earlier build are gone
+    for name in ("gradcam", "filters", "predictions", "steps", "data_gallery"):  # stale figures of the earlier build are gone
         assert not (run / "plots" / f"{name}.png").exists(), name
     assert "Model figures omitted: no checkpoints/best.pt" in page
     # metrics.json and predictions.npz gone too: curves and data still make a report

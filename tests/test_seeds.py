@@ -37,12 +37,21 @@ def _params(out: str) -> int:
     ("exp4-stl10-lenet.yaml", ["model.batchnorm=true"], 62_458),              # LeNet batch norm
     ("exp5-mnistm-resnet18-cut.yaml", [], 692_106),
 ])
-def test_summary_prints_the_experiments_parameter_count(tmp_path, example, overrides, expected):
-    r = _cli("summary", str(SEEDS / example), *overrides, "data.root=" + str(tmp_path / "nothing"), cwd=tmp_path)
+def test_summary_prints_the_experiments_parameter_count(tmp_path, monkeypatch, capsys, example, overrides, expected):
+    from cnnlab import cli
+
+    monkeypatch.chdir(tmp_path)  # the command itself, in this process (one real subprocess below)
+    assert cli.main(["summary", str(SEEDS / example), *overrides, "data.root=" + str(tmp_path / "nothing")]) == 0
+    out, err = capsys.readouterr()
+    assert _params(out) == expected
+    assert "assumed 10 classes" in err  # no data set here: it says what it assumed
+    assert "--root" not in err and "--no-download" not in err  # summary has no such flags
+
+
+def test_summary_through_the_real_cli(tmp_path):
+    r = _cli("summary", str(SEEDS / "exp2-cifar10-5x5.yaml"), "data.root=" + str(tmp_path / "nothing"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert _params(r.stdout) == expected
-    assert "assumed 10 classes" in r.stderr  # no data set here: it says what it assumed
-    assert "--root" not in r.stderr and "--no-download" not in r.stderr  # summary has no such flags
+    assert _params(r.stdout) == 390_410 and "assumed 10 classes" in r.stderr
 
 
 def test_exp5_layer_list_is_resnet18_cut_after_layer2():
@@ -102,7 +111,14 @@ def test_every_seed_example_trains_one_short_epoch(tmp_path, example, coco):  # 
              "output.report=false", "output.tensorboard=false", "model.pretrained=null"]
     if cfg["data"].get("image_size") == 224:
         small.append("data.image_size=64")  # the fine-tune's 224 px costs minutes on a CPU; the recipe is the same
-    r = _cli("train", str(SEEDS / example), *small, cwd=tmp_path)
+    # a variation's own train.epochs (the 100-epoch sweeps) wins over the command line, as it should in a
+    # study: the copy run here caps it at one epoch and is otherwise the example itself
+    short = tmp_path / example
+    for ov in (cfg.get("variations") or {}).values():
+        if "train.epochs" in ov:
+            ov["train.epochs"] = 1
+    short.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = _cli("train", str(short), *small, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.parent for p in (tmp_path / "runs").rglob("metrics.json"))
     expected = len(cfg.get("variations") or {}) or 1

@@ -279,6 +279,14 @@ def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp
     assert "--fresh: deleted 2 run folder(s)" in capsys.readouterr().out
 
 
+def test_a_failed_baseline_leaves_no_report_and_the_failure_is_what_is_reported(tmp_path, capsys):
+    tree = tiny(tmp_path, variations={"main": {"model.options": {"no_such_option": 1}}, "other": {}})
+    with pytest.raises(study.StudyError, match=r"(?s)1 of 2 runs .* main: ModelConfigError"):
+        study.run_study(C.load(tree))
+    assert "no study report: the baseline main has no finished run" in capsys.readouterr().out
+    assert not (tmp_path / "st" / "study.html").exists() and (tmp_path / "st" / "other" / "metrics.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def two_studies(tmp_path_factory):
     """Two finished studies with the same variation names (st, st2), one seed each."""

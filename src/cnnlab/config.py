@@ -41,13 +41,31 @@ PaddingMode = Literal["constant", "edge", "reflect"]  # torchvision RandomCrop's
 LoaderKind = Literal["auto", "memory", "stream"]
 ValFrom = Literal["random", "last"]  # validation: stratified random, or the last N images in order
 InitScheme = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal"]
-OptimName = Literal["sgd", "adam", "adamw"]
-ScheduleName = Literal["none", "step", "cosine", "onecycle"]
+# the optimizers with their own config keys (momentum, nesterov, betas); optim.name also takes any
+# torch.optim optimizer by its class name (RMSprop, Adagrad, NAdam, ...), checked where it is built
+OptimName = Literal["sgd", "adam", "adamw", "rmsprop"]
+ScheduleName = Literal["none", "step", "cosine", "onecycle", "plateau"]
+Sampler = Literal["shuffle", "balanced"]  # data.sampler: a permutation per epoch, or class-balanced draws
+ClassWeights = Literal["none", "balanced"]
 Anneal = Literal["cos", "linear"]
 Monitor = Literal["val_acc", "val_loss"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 Switch = Literal["auto", "on", "off"]
 Progress = Literal["auto", "bar", "lines", "off"]
+ResizeMode = Literal["squash", "crop", "pad"]  # to a square: squash | shorter side + center crop | pad to square
+AutoAugmentPolicy = Literal["cifar10", "imagenet", "svhn"]  # torchvision's AutoAugmentPolicy values
+
+
+@dataclass(frozen=True)
+class ResizedCropConfig:  # torchvision's RandomResizedCrop: area share and aspect ratio of the crop
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+
+
+@dataclass(frozen=True)
+class RandAugmentConfig:  # torchvision's RandAugment
+    num_ops: int = 2
+    magnitude: int = 9  # 0..30 (31 bins)
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,16 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop back to the input size after padding by this much
     crop_padding_mode: PaddingMode = "constant"  # constant (zeros) | edge | reflect, as torchvision's RandomCrop
     cutout: int = 0  # side of a random square set to zero (0 = off)
+    # torchvision transforms v2, each image with its own draw (data/augment.py): null / 0 / false = off
+    random_resized_crop: ResizedCropConfig | None = None  # {scale: [0.08, 1], ratio: [0.75, 1.333]}
+    rotation: float = 0.0  # RandomRotation(degrees): uniform in [-rotation, rotation]
+    randaugment: RandAugmentConfig | None = None  # {num_ops: 2, magnitude: 9}
+    trivialaugment: bool = False  # TrivialAugmentWide
+    autoaugment: AutoAugmentPolicy | None = None  # cifar10 | imagenet | svhn
+    color_jitter: float | tuple[float, float, float, float] = 0.0  # brightness=contrast=saturation, or [b, c, s, hue]
+    random_erasing: float = 0.0  # RandomErasing probability (the area set to 0)
+    mixup: float = 0.0  # MixUp alpha (soft targets); with cutmix too, one of the two per batch
+    cutmix: float = 0.0  # CutMix alpha
 
 
 @dataclass(frozen=True)
@@ -68,11 +96,17 @@ class DataConfig:
     split_seed: int = 0  # seed of the val/test carving: fixed apart from train.seed, so repeats share splits
     limit_train: int | None = None  # use only this many (stratified) training images
     image_size: int | None = None  # resize to this square side (None = keep)
+    resize: ResizeMode = "squash"  # squash | crop (shorter side, then center crop) | pad (to a square, then resize)
+    # evaluation (val, test, predict): shorter side to this, then the center image_size square; null = as
+    # training (data.resize). Pretrained torchvision weights fill it from their own recipe (e.g. 256 -> 224)
+    eval_resize_size: int | None = None
     channels: int | None = None  # force 1 (grey) or 3 (RGB); None = the data set's own
     mean: tuple[float, ...] | None = None  # None = computed on the training split
     std: tuple[float, ...] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: LoaderKind = "auto"  # auto | memory | stream: memory = decoded uint8 cache, stream = DataLoader
+    # shuffle: every image once per epoch; balanced: as many draws, with replacement, each class equally likely
+    sampler: Sampler = "shuffle"
     num_workers: int = 0  # DataLoader workers on the stream path
     download: bool = True  # fetch official files when missing (never in tests)
     check: bool = True  # run the fast data checks before step 0
@@ -94,7 +128,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: OptimName = "sgd"  # sgd | adam | adamw
+    name: str = "sgd"  # sgd | adam | adamw | rmsprop | any torch.optim class name (Adagrad, NAdam, ...)
+    args: dict = field(default_factory=dict)  # further keyword arguments of the optimizer (eps, alpha, ...)
     lr: float | Literal["auto"] = 0.01  # auto: run the learning-rate range test first (`cnnlab lr-find`), use its suggestion
     momentum: float = 0.9
     nesterov: bool = False
@@ -110,10 +145,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: ScheduleName = "none"  # none | step | cosine | onecycle
+    name: ScheduleName = "none"  # none | step | cosine | onecycle | plateau
     step_size: int = 1  # epochs between decays (step)
-    gamma: float = 0.1  # decay factor (step)
-    warmup_epochs: float = 0.0  # linear warm-up (cosine)
+    gamma: float = 0.1  # decay factor (step; plateau: the factor on a plateau)
+    patience: int = 2  # plateau: epochs without improvement of train.monitor before the rate is cut
+    warmup_epochs: float = 0.0  # linear warm-up before any schedule (onecycle: unused, it has pct_start)
     min_lr: float = 0.0  # floor (cosine)
     pct_start: float = 0.25  # onecycle: share of training spent warming up to optim.lr
     div_factor: float = 25.0  # onecycle: starts at optim.lr / div_factor
@@ -131,6 +167,12 @@ class EarlyStopConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    norm: float | None = None  # rescale the gradient when its global L2 norm exceeds this
+    value: float | None = None  # clamp every gradient element to [-value, value]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
@@ -140,6 +182,11 @@ class TrainConfig:
     monitor: Monitor = "val_acc"  # val_acc | val_loss: picks the best epoch
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     label_smoothing: float = 0.0
+    # weighted cross-entropy: none | balanced (n / (classes * count), scikit-learn's) | a list, one per class
+    class_weights: ClassWeights | tuple[float, ...] = "none"
+    accumulate: int = 1  # micro-batches of train.batch_size per optimizer step (gradient accumulation)
+    clip_grad: ClipConfig = field(default_factory=ClipConfig)  # {norm: x} or {value: x}
+    calibrate: bool = False  # fit a temperature on the validation split after training
     log_every: int = 20  # steps between training-loss rows in steps.csv
     limit_batches: int | None = None  # debugging: at most this many batches per epoch
     amp: Amp = "auto"  # auto | off | bf16 | fp16 (auto = bf16 on CUDA, off on CPU)
@@ -178,6 +225,91 @@ class Config:
     grid: dict = field(default_factory=dict)
     repeats: int = 1
     baseline: str | None = None
+    # a hyperparameter search over the runs of a study (SearchConfig below; studies/search.py), {} = none
+    search: dict = field(default_factory=dict)
+
+
+SamplerName = Literal["tpe", "random", "grid"]
+PrunerName = Literal["none", "median", "halving"]
+Direction = Literal["auto", "maximize", "minimize"]
+SPACE_KINDS = ("loguniform", "uniform", "int", "categorical")  # `search.space.<dotted key>: {<kind>: ...}`
+EPOCH_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")  # history.csv columns, known every epoch
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`search:` in a study config: which settings to try (`space`), how many trials, what to optimise, and
+    how (Optuna's samplers and pruners). Each trial is a run folder of the study (studies/search.py)."""
+
+    space: dict = field(default_factory=dict)  # dotted key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} |
+    # {int: [lo, hi], step: 1, log: false} | {categorical: [a, b, ...]} (a plain list is categorical too)
+    trials: int = 20
+    objective: str = "val_acc"  # a history.csv column at the best epoch (val_acc, val_loss, train_acc,
+    # train_loss) or a metrics.json number (best_val_acc, test.accuracy, test.macro.f1, ...)
+    direction: Direction = "auto"  # auto: minimize a loss or an error (ece), else maximize
+    sampler: SamplerName = "tpe"  # tpe | random | grid (every combination of categorical values)
+    pruner: PrunerName = "none"  # none | median | halving (successive halving), on the per-epoch objective
+    startup_trials: int = 5  # median: trials finished before any is pruned
+    warmup_epochs: int = 0  # median: epochs every trial runs before it can be pruned
+    reduction_factor: int = 3  # halving: a trial goes on past a rung when in the best 1/reduction_factor
+    seed: int | None = None  # the sampler's seed; null = train.seed
+    storage: str | None = None  # null: <study>/search.journal; a journal file, or a database URL
+    # (sqlite:///x.db, postgresql://...) every node reaches, for --executor ray across machines
+
+
+def search_config(cfg: Config) -> SearchConfig | None:
+    """The study's search (validated, errors naming `search.<key>`), or None when it has none."""
+    if not cfg.search:
+        return None
+    s = _build(SearchConfig, cfg.search, "search")
+    _check(bool(s.space), "search.space", s.space, "name at least one setting to search over")
+    for key, spec in s.space.items():
+        _check_space(str(key), spec)
+    _check(s.trials > 0, "search.trials", s.trials, "must be > 0")
+    _check(s.objective in EPOCH_METRICS or s.objective in ("best_val_acc", "best_val_loss")
+           or s.objective.startswith("test."), "search.objective", s.objective,
+           f"one of {', '.join(EPOCH_METRICS)}, best_val_acc, best_val_loss or test.<metric> (e.g. test.accuracy)")
+    _check(s.pruner == "none" or s.objective in EPOCH_METRICS, "search.pruner", s.pruner,
+           f"a pruner judges a trial by its objective every epoch: use one of {', '.join(EPOCH_METRICS)} as "
+           "search.objective, or pruner: none")
+    _check(s.sampler != "grid" or all(isinstance(v, list) or "categorical" in (v or {}) for v in s.space.values()),
+           "search.sampler", s.sampler, "grid needs every search.space entry to be a list of values (categorical)")
+    _check(s.startup_trials >= 0, "search.startup_trials", s.startup_trials, "must be >= 0")
+    _check(s.warmup_epochs >= 0, "search.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _check(s.reduction_factor >= 2, "search.reduction_factor", s.reduction_factor, "must be >= 2")
+    return s
+
+
+def _check_space(key: str, spec: Any) -> None:
+    where = f"search.space.{key}"
+    _check(bool(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key)), where, spec,
+           "the key must be a dotted config key such as optim.lr or data.augment.cutout")
+    _check(key.split(".")[0] not in ("output", "search", "variations", "grid", "repeats", "baseline"), where, spec,
+           "output, search and study keys cannot be searched")
+    if isinstance(spec, list):
+        spec = {"categorical": spec}
+    _check(isinstance(spec, dict) and len([k for k in spec if k in SPACE_KINDS]) == 1, where, spec,
+           f"give one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-4, 1e-1]}}")
+    kind = next(k for k in spec if k in SPACE_KINDS)
+    extra = set(spec) - {kind, "step", "log"}
+    _check(not extra, where, spec, f"unknown option(s) {', '.join(map(str, extra))} (only step and log)")
+    values = spec[kind]
+    if kind == "categorical":
+        _check(isinstance(values, list) and len(values) > 0, where, spec, "categorical needs a non-empty list")
+        _check(all(v is None or isinstance(v, (bool, int, float, str)) for v in values), where, spec,
+               "categorical values must be numbers, text, true/false or null")
+        return
+    _check(isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) and not
+           isinstance(v, bool) and math.isfinite(v) for v in values), where, spec, f"{kind} needs [low, high]")
+    lo, hi = values
+    _check(lo < hi, where, spec, "low must be below high")
+    _check(kind != "loguniform" or lo > 0, where, spec, "loguniform needs low > 0")
+    if kind == "int":
+        _check(all(float(v).is_integer() for v in values), where, spec, "int needs whole numbers")
+    step = spec.get("step")
+    _check(step is None or (isinstance(step, (int, float)) and not isinstance(step, bool) and step > 0), where,
+           spec, "step must be a number > 0")
+    _check("log" not in spec or isinstance(spec["log"], bool), where, spec, "log must be true or false")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +345,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, opt, key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # one type besides null (`X | None`): its own message (a Literal's choices)
+            raise errors[0]
         names = " or ".join(_type_name(o) for o in options if o is not type(None))
         raise ConfigError(f"{key}: expected {names}, got {value!r}")
     if origin is Literal:
@@ -563,6 +697,33 @@ def _check(cond: bool, key: str, value: Any, what: str) -> None:
         raise ConfigError(f"{key}={value!r}: {what}")
 
 
+# torch.optim classes that cannot run in a plain training step: LBFGS needs a closure, SparseAdam sparse gradients
+UNSUPPORTED_OPTIMIZERS = ("LBFGS", "SparseAdam")
+
+
+def torch_optimizers() -> dict[str, str]:
+    """The choices of optim.name beyond OptimName: {lower-case name: class name} of every torch.optim optimizer
+    a training step can run. Imports torch.optim, so only called for a name outside OptimName."""
+    import torch.optim
+
+    return {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+            and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer"
+            and n not in UNSUPPORTED_OPTIMIZERS}
+
+
+def _check_optimizer_name(name: str) -> None:
+    if name in typing.get_args(OptimName):
+        return
+    known = torch_optimizers()
+    if name.lower() in known:
+        return
+    own = list(typing.get_args(OptimName))
+    close = difflib.get_close_matches(name.lower(), own + list(known), n=1, cutoff=0.5)
+    hint = f" Did you mean {(known.get(close[0], close[0]))!r}?" if close else ""
+    raise ConfigError(f"optim.name={name!r} is not one of {', '.join(own)} or a torch.optim optimizer "
+                      f"({', '.join(sorted(known.values(), key=str.lower))}).{hint}")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Data-set and model names are checked where they are
     built (data/catalog.py, models/build.py; experiment.check_names runs both before any work)."""
@@ -579,9 +740,15 @@ def validate(cfg: Config) -> None:
     _check(d.image_size is None or d.image_size <= MAX_IMAGE_SIDE, "data.image_size", d.image_size,
            f"at most {MAX_IMAGE_SIDE} (a {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} image is 67 M pixels per image)")
     _check(d.channels in (None, 1, 3), "data.channels", d.channels, "must be 1 or 3")
+    if d.eval_resize_size is not None:
+        _check(d.image_size is not None, "data.eval_resize_size", d.eval_resize_size,
+               "needs data.image_size (the side of the center crop)")
+        _check(d.image_size is None or d.image_size <= d.eval_resize_size <= MAX_IMAGE_SIDE, "data.eval_resize_size",
+               d.eval_resize_size, f"must be between data.image_size ({d.image_size}) and {MAX_IMAGE_SIDE}")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.augment.crop_padding >= 0, "data.augment.crop_padding", d.augment.crop_padding, "must be >= 0")
     _check(d.augment.cutout >= 0, "data.augment.cutout", d.augment.cutout, "must be >= 0")
+    _validate_augment(d.augment)
     if d.std is not None:
         _check(all(v > 0 for v in d.std), "data.std", d.std, "every std must be > 0")
     if d.mean is not None and d.std is not None:
@@ -592,6 +759,7 @@ def validate(cfg: Config) -> None:
     if m.freeze not in ("none", "backbone"):
         _check(m.freeze.isdigit(), "model.freeze", m.freeze, "must be none, backbone or a number of stages")
 
+    _check_optimizer_name(o.name)
     _check(o.lr == "auto" or o.lr > 0, "optim.lr", o.lr, "the learning rate must be > 0 (or auto)")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -603,6 +771,7 @@ def validate(cfg: Config) -> None:
     _check(s.step_size > 0, "schedule.step_size", s.step_size, "must be > 0")
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must be in (0, 1]")
     _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _check(s.patience >= 0, "schedule.patience", s.patience, "must be >= 0")
     _check(0 < s.pct_start < 1, "schedule.pct_start", s.pct_start, "must be in (0, 1)")
     _check(s.div_factor >= 1, "schedule.div_factor", s.div_factor, "must be >= 1")
     _check(s.final_div_factor >= 1, "schedule.final_div_factor", s.final_div_factor, "must be >= 1")
@@ -616,6 +785,15 @@ def validate(cfg: Config) -> None:
            t.early_stop.patience, "must be > 0 (or null for off)")
     _check(t.early_stop.min_delta >= 0, "train.early_stop.min_delta", t.early_stop.min_delta, "must be >= 0")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+    if isinstance(t.class_weights, tuple):
+        _check(len(t.class_weights) > 0 and all(w >= 0 for w in t.class_weights) and any(t.class_weights),
+               "train.class_weights", list(t.class_weights), "every weight must be >= 0, and not all 0")
+    _check(t.accumulate > 0, "train.accumulate", t.accumulate, "must be >= 1 (micro-batches per optimizer step)")
+    c = t.clip_grad
+    _check(c.norm is None or c.value is None, "train.clip_grad", {"norm": c.norm, "value": c.value},
+           "clip by norm or by value, not both")
+    for key, v in (("train.clip_grad.norm", c.norm), ("train.clip_grad.value", c.value)):
+        _check(v is None or v > 0, key, v, "must be > 0 (or null for off)")
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _check(t.limit_batches is None or t.limit_batches > 0, "train.limit_batches", t.limit_batches, "must be > 0")
     _check(t.ema is None or 0 < t.ema < 1, "train.ema", t.ema, "the EMA decay must be in (0, 1)")
@@ -623,10 +801,35 @@ def validate(cfg: Config) -> None:
            t.checkpoint_every_steps, "must be > 0")
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
     _check(cfg.repeats > 0, "repeats", cfg.repeats, "must be > 0")
+    search_config(cfg)
     for name, ov in cfg.variations.items():
         _check(isinstance(ov, dict) or ov is None, f"variations.{name}", ov, "must be a mapping of key: value")
     for key, vals in cfg.grid.items():
         _check(isinstance(vals, list) and len(vals) > 0, f"grid.{key}", vals, "must be a non-empty list")
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    k = "data.augment."
+    if a.random_resized_crop is not None:
+        sc, ra = a.random_resized_crop.scale, a.random_resized_crop.ratio
+        _check(0 < sc[0] <= sc[1] <= 1, k + "random_resized_crop.scale", list(sc), "needs 0 < low <= high <= 1")
+        _check(0 < ra[0] <= ra[1], k + "random_resized_crop.ratio", list(ra), "needs 0 < low <= high")
+    if a.randaugment is not None:
+        _check(a.randaugment.num_ops >= 0, k + "randaugment.num_ops", a.randaugment.num_ops, "must be >= 0")
+        _check(0 <= a.randaugment.magnitude <= 30, k + "randaugment.magnitude", a.randaugment.magnitude,
+               "must be in 0..30")
+    policies = [n for n, on in (("randaugment", a.randaugment is not None), ("trivialaugment", a.trivialaugment),
+                                ("autoaugment", a.autoaugment is not None)) if on]
+    if len(policies) > 1:
+        raise ConfigError(f"{k}{policies[1]}: choose one augmentation policy; {' and '.join(k + p for p in policies)} "
+                          "are both set")
+    _check(0 <= a.rotation <= 180, k + "rotation", a.rotation, "degrees in [0, 180]")
+    cj = (a.color_jitter,) * 3 if isinstance(a.color_jitter, float) else a.color_jitter
+    _check(all(v >= 0 for v in cj), k + "color_jitter", a.color_jitter, "every factor must be >= 0")
+    _check(len(cj) < 4 or cj[3] <= 0.5, k + "color_jitter", a.color_jitter, "hue must be in [0, 0.5]")
+    _check(0 <= a.random_erasing <= 1, k + "random_erasing", a.random_erasing, "a probability in [0, 1]")
+    _check(a.mixup >= 0, k + "mixup", a.mixup, "the alpha must be >= 0 (0 = off)")
+    _check(a.cutmix >= 0, k + "cutmix", a.cutmix, "the alpha must be >= 0 (0 = off)")
 
 
 def dump_yaml(cfg: Config) -> str:

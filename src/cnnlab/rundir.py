@@ -29,9 +29,11 @@ HISTORY = "history.csv"         # one row per epoch
 STEPS = "steps.csv"             # one row per logged step
 GRADS = "grads.csv"             # per-layer gradient norms at the logging interval
 METRICS = "metrics.json"        # headline metrics; its presence means "finished"
+CALIBRATION = "calibration.json"  # the temperature fitted on the validation split (train.calibrate, `cnnlab calibrate`)
 PREDICTIONS_CSV = "predictions.csv"  # one row per evaluated sample
 PREDICTIONS_NPZ = "predictions.npz"  # logits, targets
 SAMPLES = "samples.npz"         # a seeded pick of images plus the worst failures (uint8)
+GALLERY = "gallery.npz"         # a few training images per class as decoded (uint8), for the data gallery
 CHECKPOINTS = "checkpoints"     # folder: BEST, LAST
 BEST = "best.pt"
 LAST = "last.pt"
@@ -51,10 +53,17 @@ STUDY_JSON = "study.json"       # the study's manifest
 LOCK = ".lock"                  # flock'ed while a process trains the run (or runs the study)
 STUDY_CONFIGS = "configs"
 STUDY_LOGS = "logs"
+SEARCH_JOURNAL = "search.journal"  # a search's Optuna storage (journal file), unless search.storage names one
+SEARCH_JSON = "search.json"     # every trial: state, objective, parameters, per-epoch values; the importances
+SEARCH_CSV = "search.csv"       # the trials table, best first
+SEARCH_HTML = "search.html"
+SEARCH_MD = "search.md"
+BEST_YAML = "best.yaml"         # a ready config with the best trial's settings
 COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "study.html"
 COMPARISON_MD = "study.md"
 
+HISTORY_CLIPPED = "clipped"     # history.csv's column: the share of the epoch's optimizer steps that clipped (train.clip_grad)
 HISTORY_TMP = tuple(f".{n}.tmp" for n in (HISTORY, STEPS, GRADS))  # what a kill while rewriting the logs leaves
 INT_COLS = {"epoch", "step", "index", "target", "pred"}
 TEXT_COLS = {"id", "target_name", "pred_name"}
@@ -399,6 +408,17 @@ class RunDir:
             return None, None
         with np.load(p) as z:
             return z["images"], z["index"]
+
+    @cached_property
+    def gallery(self):
+        """(images uint8 (N, C, H, W), labels, index into the training split) from gallery.npz, or None."""
+        import numpy as np
+
+        p = self.dir / GALLERY
+        if not p.is_file():
+            return None
+        with np.load(p) as z:
+            return z["images"], z["labels"], z["index"]
 
     # -- the model
     def checkpoint(self, which: str = "best") -> Path | None:

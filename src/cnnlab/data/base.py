@@ -46,6 +46,8 @@ class ImageSet:
     images: torch.Tensor | None = None  # (N, C, H, W) uint8
     files: list[str] | None = None
     ids: list[str] = field(default_factory=list)
+    # how `files` are brought to the square size when decoded: (data.resize mode, shorter side for "crop")
+    resize: tuple[str, int | None] = ("squash", None)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -74,6 +76,7 @@ class ImageSet:
             images=self.images[torch.from_numpy(idx)] if self.images is not None else None,
             files=[self.files[i] for i in idx] if self.files is not None else None,
             ids=[self.ids[i] for i in idx],
+            resize=self.resize,
         )
 
 
@@ -180,21 +183,52 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def decode(ref: str, channels: int, size: int | None) -> torch.Tensor:
-    """A file as a (C, H, W) uint8 tensor, converted to `channels` and resized to `size` x `size`."""
+def eval_resize(data) -> tuple[str, int | None]:
+    """How evaluation images (val, test, predict) reach the square size, from a DataConfig: the pretrained
+    weights' shorter-side-then-center-crop when data.eval_resize_size is set, else data.resize."""
+    return ("crop", data.eval_resize_size) if getattr(data, "eval_resize_size", None) else \
+        (getattr(data, "resize", "squash"), None)
+
+
+def decode(ref: str, channels: int, size: int | None, resize: str = "squash",
+           resize_size: int | None = None) -> torch.Tensor:
+    """A file as a (C, H, W) uint8 tensor, converted to `channels` and brought to `size` x `size` (`fit`)."""
     img = open_image(ref)
     try:
-        return decode_image(img, channels, size)
+        return decode_image(img, channels, size, resize, resize_size)
     except Exception as e:  # a mode Pillow cannot convert, a failed resize
         raise DataFileError(f"{ref}: cannot convert this {img.mode} {img.size[0]}x{img.size[1]} image "
                             f"({type(e).__name__}: {e})") from None
 
 
-def decode_image(img: Image.Image, channels: int, size: int | None) -> torch.Tensor:
+def fit(img: Image.Image, size: int, resize: str = "squash", resize_size: int | None = None) -> Image.Image:
+    """An image brought to `size` x `size` (data.resize): squash = resized whole (bilinear); crop = the
+    shorter side resized to `resize_size` (default `size`), then the center `size` x `size` (torchvision's
+    Resize + CenterCrop, the pretrained weights' eval recipe); pad = padded with black to a centred square,
+    then resized. Images already `size` x `size` are kept as they are."""
+    if img.size == (size, size) and resize_size in (None, size):
+        return img
+    if resize == "squash":
+        return img.resize((size, size), Image.BILINEAR)
+    from torchvision.transforms.v2 import functional as F
+
+    if resize == "crop":
+        return F.center_crop(F.resize(img, resize_size or size, antialias=True), [size, size])
+    if resize == "pad":
+        w, h = img.size
+        side = max(w, h)
+        left, top = (side - w) // 2, (side - h) // 2
+        img = F.pad(img, [left, top, side - w - left, side - h - top], fill=0)
+        return img if side == size else img.resize((size, size), Image.BILINEAR)
+    raise ValueError(f"data.resize={resize!r} is not one of squash, crop, pad")
+
+
+def decode_image(img: Image.Image, channels: int, size: int | None, resize: str = "squash",
+                 resize_size: int | None = None) -> torch.Tensor:
     """An opened Pillow image as `decode` returns a file: (C, H, W) uint8, `channels`, `size` x `size`."""
     img = to_mode(img, channels)
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+    if size is not None:
+        img = fit(img, size, resize, resize_size)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -13,14 +13,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cnnlab.config import AugmentConfig, ConfigError
+from cnnlab.data.augment import apply_policies, has_policies
 from cnnlab.data.base import DataFileError, ImageSet, decode
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a permutation that depends only on (seed, epoch), so a run
-    resumed mid-epoch, or split across ranks, sees exactly the same order."""
+def epoch_order(n: int, seed: int, epoch: int, *, balance=None) -> torch.Tensor:
+    """The sample order of one epoch, a function of (seed, epoch) only, so a run resumed mid-epoch, or split
+    across ranks (each takes its slice of every global batch of this one list), sees exactly the same order.
+    Both data paths (in memory and DataLoader) take their batches from it.
+
+    Default: a permutation. `balance` (the training labels, `data.sampler: balanced`): n draws with
+    replacement, each image weighted 1 / its class's count, so every class is equally likely per draw."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
+    if balance is None:
+        return torch.randperm(n, generator=g)
+    y = torch.as_tensor(balance, dtype=torch.int64)
+    w = (1.0 / torch.bincount(y).double())[y]
+    return torch.multinomial(w, n, replacement=True, generator=g)
 
 
 _PAD_MODES = {"constant": "constant", "edge": "replicate", "reflect": "reflect"}  # torchvision's names -> F.pad's
@@ -36,7 +45,9 @@ def check_augment(aug: AugmentConfig, h: int, w: int) -> None:
 
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, offset: int = 0,
                   total: int | None = None) -> torch.Tensor:
-    """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image.
+    """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image, and between
+    crop and cutout the torchvision v2 policies of data/augment.py (resized crop, rotation, RandAugment |
+    TrivialAugment | AutoAugment, colour jitter, random erasing), also one draw per image.
 
     Semantics match torchvision's RandomHorizontalFlip(0.5) and RandomCrop(size, padding=p,
     padding_mode=aug.crop_padding_mode) (constant = zeros, edge, reflect), and Cutout (DeVries &
@@ -63,10 +74,13 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
         bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
         ci = torch.arange(c, device=dev).view(1, c, 1, 1)
         x = padded[bi, ci, rows, cols]  # (B, C, H, W)
-    if aug.cutout:
+    if aug.cutout:  # drawn here (the draws' order is fixed), applied last
         s = aug.cutout
         cy = torch.randint(0, h, (total,), generator=gen)[mine].to(dev).view(b, 1, 1)
         cx = torch.randint(0, w, (total,), generator=gen)[mine].to(dev).view(b, 1, 1)
+    if has_policies(aug):  # torchvision v2 policies, one draw per image (data/augment.py)
+        x = apply_policies(x, aug, gen, mine=mine, total=total)
+    if aug.cutout:
         yy = torch.arange(h, device=dev).view(1, h, 1)
         xx = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((yy >= cy - s // 2) & (yy < cy - s // 2 + s) & (xx >= cx - s // 2) & (xx < cx - s // 2 + s))
@@ -96,7 +110,7 @@ class _FileDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return decode(self.s.files[i], self.channels, self.size), int(self.s.labels[i]), i
+            return decode(self.s.files[i], self.channels, self.size, *self.s.resize), int(self.s.labels[i]), i
         except Exception as e:  # sent back as a value: raised in a worker, it would arrive as the worker's traceback
             return _Failed(str(e) if self.s.files[i] in str(e) else f"{self.s.files[i]}: {e}")
 

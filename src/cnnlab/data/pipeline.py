@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from cnnlab.config import ConfigError, DataConfig
 from cnnlab.data.catalog import DATASETS
-from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, open_image
+from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, eval_resize, open_image
 from cnnlab.data.stats import split_channels, training_stats
 from cnnlab.registry import UnknownNameError
 
@@ -76,6 +75,8 @@ def carve(labels: np.ndarray, amount: float | int, seed: int, what: str) -> tupl
     counts = np.bincount(labels)
     stratify = labels if (counts[counts > 0].min() >= 2 and k >= len(counts[counts > 0])
                           and n - k >= len(counts[counts > 0])) else None
+    from sklearn.model_selection import train_test_split  # here: ~1 s of import that most commands never need
+
     keep, held = train_test_split(idx, test_size=k, random_state=seed, shuffle=True, stratify=stratify)
     return np.sort(keep), np.sort(held)
 
@@ -90,13 +91,14 @@ def carve_last(labels: np.ndarray, amount: float | int, what: str) -> tuple[np.n
     return np.arange(n - k), np.arange(n - k, n)
 
 
-def _file_key(files: list[str], channels: int, size: int | None) -> str:
+def _file_key(files: list[str], channels: int, size: int | None, resize: tuple = ("squash", None)) -> str:
     """The cache key of decoded files: the preprocessing, and every file's path and identity: a file's size,
     mtime and ctime in nanoseconds, a zip member's size and CRC-32 from the archive's index (a content hash
     for free). Any replaced, edited or touched file changes the key."""
     from cnnlab.data.base import _open_zip, split_ref
 
-    h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}".encode())
+    geometry = "" if tuple(resize) == ("squash", None) else f"|{resize[0]}|{resize[1]}"  # squash keeps old keys
+    h = hashlib.sha256(f"v2|{channels}|{size}|{len(files)}{geometry}".encode())
     for f in files:
         if f.startswith("hf:"):  # a Hugging Face row: the split's fingerprint names its content
             from cnnlab.data import hf
@@ -200,10 +202,12 @@ def _write_cache(path: Path, images: torch.Tensor) -> None:
               "with free space to cache decoded images)", file=sys.stderr, flush=True)
 
 
-def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None) -> torch.Tensor:
-    """Decode files into one (N, C, S, S) uint8 tensor; cached on disk, keyed by the files and preprocessing,
-    each entry verified against the checksum written with it."""
-    key = _file_key(files, channels, size)
+def decode_all(files: list[str], channels: int, size: int | None, *, threads: int | None = None,
+               resize: tuple = ("squash", None)) -> torch.Tensor:
+    """Decode files into one (N, C, S, S) uint8 tensor; cached on disk, keyed by the files and preprocessing
+    (`resize`: the data.resize mode and the shorter side of "crop"), each entry verified against the
+    checksum written with it."""
+    key = _file_key(files, channels, size, resize)
     path = cache_dir() / "decoded" / f"{key}.pt"
     cached = _read_cache(path, len(files), channels, size)
     if cached is not None:
@@ -216,7 +220,7 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
     out = torch.empty(len(files), channels, *size_hw, dtype=torch.uint8)
 
     def work(i: int) -> None:
-        t = decode(files[i], channels, size)
+        t = decode(files[i], channels, size, *resize)
         if t.shape[1:] != out.shape[2:]:
             raise ValueError(f"{files[i]}: image is {t.shape[2]}x{t.shape[1]} but the first image is "
                              f"{size_hw[1]}x{size_hw[0]}; set data.image_size to resize them all")
@@ -231,7 +235,22 @@ def decode_all(files: list[str], channels: int, size: int | None, *, threads: in
     return out
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_images(images: torch.Tensor, size: int, resize: tuple = ("squash", None)) -> torch.Tensor:
+    """In-memory uint8 (N, C, H, W) brought to `size` x `size` as base.fit brings a file (squash | crop | pad)."""
+    mode, resize_size = resize
+    if images.shape[-1] == size and images.shape[-2] == size and resize_size in (None, size):
+        return images
+    if mode == "crop":
+        from torchvision.transforms.v2 import functional as F
+
+        return F.center_crop(F.resize(images, resize_size or size, antialias=True), [size, size])
+    if mode == "pad":
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = images.shape[-2:]
+        side = max(h, w)
+        left, top = (side - w) // 2, (side - h) // 2
+        images = F.pad(images, [left, top, side - w - left, side - h - top], fill=0)
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
@@ -342,14 +361,18 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
     for k, s in sets.items():
         if s is None:
             continue
+        # training images: data.resize; evaluation: the pretrained weights' resize-then-crop when set
+        geometry = eval_resize(d) if k != "train" else (d.resize, None)
         if s.images is not None:
             imgs = to_channels(s.images, channels)
             if d.image_size:
-                imgs = resize_images(imgs, d.image_size)
+                imgs = resize_images(imgs, d.image_size, geometry)
             sets[k] = ImageSet(labels=s.labels, classes=s.classes, images=imgs, ids=s.ids)
         elif memory:
             sets[k] = ImageSet(labels=s.labels, classes=s.classes, ids=s.ids,
-                               images=decode_all(s.files, channels, d.image_size))
+                               images=decode_all(s.files, channels, d.image_size, resize=geometry))
+        else:
+            sets[k] = ImageSet(labels=s.labels, classes=s.classes, ids=s.ids, files=s.files, resize=geometry)
     if memory:
         from cnnlab.data.base import _open_zip
 

@@ -143,8 +143,8 @@ def _sum_batch(p: _Partial, x: np.ndarray) -> None:
     p.n += flat.shape[0]
 
 
-def _files_partial(args: tuple[list[str], int, int | None]) -> _Partial:
-    refs, channels, size = args
+def _files_partial(args: tuple) -> _Partial:
+    refs, channels, size, (resize, resize_size) = args
     p = _Partial(np.zeros(channels, np.int64), np.zeros(channels, np.int64))
     by_shape: dict[tuple, list] = {}
     for ref in refs:
@@ -153,8 +153,8 @@ def _files_partial(args: tuple[list[str], int, int | None]) -> _Partial:
             p.modes[img.mode] += 1
             p.sizes[f"{img.size[0]}x{img.size[1]}"] += 1
             img = base.to_mode(img, channels)
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)  # as base.decode does
+            if size is not None:
+                img = base.fit(img, size, resize, resize_size)  # as base.decode does
         except Exception as e:  # reported, not fatal: `cnnlab data check` says why
             p.unreadable.append(f"{ref} ({type(e).__name__}: {e})")
             continue
@@ -199,7 +199,7 @@ def _sums(images: ImageSet, channels: int | None, size: int | None, jobs: int | 
         return _tensor_partial(x)
     channels = channels or split_channels(images)
     p = _Partial(np.zeros(channels, np.int64), np.zeros(channels, np.int64))
-    work = [(c, channels, size) for c in chunked(images.files, chunk)]
+    work = [(c, channels, size, images.resize) for c in chunked(images.files, chunk)]
     for part in pool_map(_files_partial, work, jobs, threads=threads):
         p.add(part)
     return p

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cnnlab import config as C
-from cnnlab.data.base import decode, decode_image
+from cnnlab.data.base import decode, decode_image, eval_resize
 from cnnlab.data.loader import Normalizer
 from cnnlab.errors import InputError
 
@@ -98,23 +98,24 @@ class Transform:
     """One input (path, PIL image, array, tensor) -> the run's model input: float (C, S, S), normalised.
     `pixels` stops before normalisation: uint8 (C, S, S)."""
 
-    def __init__(self, channels: int, size: int, mean, std):
-        self.channels, self.size = channels, size
+    def __init__(self, channels: int, size: int, mean, std, resize: tuple = ("squash", None)):
+        self.channels, self.size, self.resize = channels, size, tuple(resize)  # resize: base.eval_resize
         self.normalize = Normalizer(mean, std, "cpu")
 
     def pixels(self, x) -> torch.Tensor:
         if isinstance(x, (str, Path)):
-            return decode(str(x), self.channels, self.size)
+            return decode(str(x), self.channels, self.size, *self.resize)
         if isinstance(x, Image.Image):
-            return decode_image(x, self.channels, self.size)
-        return decode_image(_array_image(x), self.channels, self.size)
+            return decode_image(x, self.channels, self.size, *self.resize)
+        return decode_image(_array_image(x), self.channels, self.size, *self.resize)
 
     def __call__(self, x) -> torch.Tensor:
         return self.normalize(self.pixels(x)[None])[0]
 
     def __repr__(self) -> str:
         n = self.normalize
-        return (f"Transform(channels={self.channels}, size={self.size}, mean={(n.mean.flatten() / 255).tolist()}, "
+        return (f"Transform(channels={self.channels}, size={self.size}, resize={self.resize}, "
+                f"mean={(n.mean.flatten() / 255).tolist()}, "
                 f"std={(1 / n.inv_std.flatten() / 255).tolist()})")
 
 
@@ -170,7 +171,7 @@ class Classifier:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = loop.amp_dtype(cfg, self.device)
         self.tta = bool(cfg.train.tta_flip)
-        self.transform = Transform(run.channels, run.size, run.mean, run.std)
+        self.transform = Transform(run.channels, run.size, run.mean, run.std, eval_resize(cfg.data))
         self.normalize = Normalizer(run.mean, run.std, self.device, self.channels_last)
 
     def __repr__(self) -> str:

@@ -114,12 +114,12 @@ def _reason(ref: str, e: Exception) -> str:
     return f"unreadable image ({type(e).__name__}: {e})"
 
 
-def load_one(ref: str, channels: int, size: int) -> tuple[torch.Tensor | None, str | None, str | None]:
+def load_one(ref: str, channels: int, size: int, resize: tuple = ("squash", None)) -> tuple[torch.Tensor | None, str | None, str | None]:
     """(pixels uint8 (C, S, S), None, note) or (None, reason, None)."""
     try:
         img = open_image(ref)
         mode = img.mode
-        t = decode_image(img, channels, size)
+        t = decode_image(img, channels, size, *resize)
     except Exception as e:  # noqa: BLE001 - every unreadable file is one skipped input with its reason
         return None, _reason(ref, e), None
     note = None
@@ -130,8 +130,8 @@ def load_one(ref: str, channels: int, size: int) -> tuple[torch.Tensor | None, s
 
 
 def batches(found: Iterable[Found], *, batch_size: int, channels: int, size: int,
-            threads: int | None = None, ahead: int = 2) -> Iterator[Batch]:
-    """Decoded batches of `found`, in order; `ahead` batches are decoded while the current one is used,
+            threads: int | None = None, ahead: int = 2, resize: tuple = ("squash", None)) -> Iterator[Batch]:
+    """Decoded batches of `found` (brought to the square size by `resize`, base.eval_resize), in order; `ahead` batches are decoded while the current one is used,
     so memory holds at most (ahead + 1) batches of pixels whatever the number of inputs."""
     threads = threads or min(8, (os.cpu_count() or 2) * 2)
     it = iter(found)
@@ -142,7 +142,7 @@ def batches(found: Iterable[Found], *, batch_size: int, channels: int, size: int
             chunk = list(itertools.islice(it, batch_size))
             if not chunk:
                 return False
-            futs = [None if f.problem else pool.submit(load_one, f.ref, channels, size) for f in chunk]
+            futs = [None if f.problem else pool.submit(load_one, f.ref, channels, size, resize) for f in chunk]
             pending.append((chunk, futs))
             return True
 

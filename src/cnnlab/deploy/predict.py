@@ -33,7 +33,8 @@ def predict_stream(clf: Classifier, items, *, batch_size: int = 256, tta: bool |
     skipped = [] if skipped is None else skipped
     notes = [] if notes is None else notes
     found = I.expand(items, ignored)
-    for b in I.batches(found, batch_size=batch_size, channels=clf.run.channels, size=clf.run.size):
+    for b in I.batches(found, batch_size=batch_size, channels=clf.run.channels, size=clf.run.size,
+                         resize=clf.transform.resize):
         skipped.extend(b.skipped)
         notes.extend(b.notes)
         if not b.refs:

@@ -172,6 +172,7 @@ class InputSpec(NamedTuple):
     resize: int | None  # the square side the weights were trained at (e.g. 224); None = unknown
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    eval_resize: int | None = None  # their evaluation recipe: shorter side to this (e.g. 256), then the center crop
 
 
 def input_spec(weights: str | None, name: str = "") -> InputSpec:
@@ -179,19 +180,24 @@ def input_spec(weights: str | None, name: str = "") -> InputSpec:
     if not weights or _is_file_ref(weights) or library_of(name)[0] == "timm":
         return InputSpec(None, None, None)
     t = torchvision_weights(weights, name).transforms()  # no download: the preset only
-    crop = getattr(t, "crop_size", None)
+    crop, resize = getattr(t, "crop_size", None), getattr(t, "resize_size", None)
     return InputSpec(int(crop[0]) if crop else None, tuple(float(v) for v in getattr(t, "mean", ())) or None,
-                     tuple(float(v) for v in getattr(t, "std", ())) or None)
+                     tuple(float(v) for v in getattr(t, "std", ())) or None, int(resize[0]) if resize else None)
 
 
 def data_defaults(mcfg, dcfg) -> dict:
-    """DataConfig fields the weights ask for and the config leaves unset (None): image_size, mean/std and,
-    for RGB statistics, channels 3.
+    """DataConfig fields the weights ask for and the config leaves unset (None): image_size, mean/std,
+    for RGB statistics channels 3, and eval_resize_size, their evaluation recipe (ImageNet weights: shorter
+    side 256, center crop 224; scaled in proportion when data.image_size is set to another side).
     Use: `data = dataclasses.replace(cfg.data, **data_defaults(cfg.model, cfg.data))`."""
     spec = input_spec(mcfg.pretrained, mcfg.name)
     out: dict = {}
     if spec.resize and dcfg.image_size is None:
         out["image_size"] = spec.resize
+    size = out.get("image_size", dcfg.image_size)
+    if spec.eval_resize and dcfg.eval_resize_size is None and size:  # weights.transforms(): resize, then crop
+        out["eval_resize_size"] = max(size, round(spec.eval_resize * size / spec.resize)) if spec.resize else \
+            max(size, spec.eval_resize)
     if spec.mean and dcfg.mean is None and dcfg.std is None:
         out.update(mean=spec.mean, std=spec.std)
         if dcfg.channels is None:

@@ -47,6 +47,7 @@ def gather(run_dir: str | Path) -> dict:
     r["pred_rows"] = rd.predictions
     r["logits"], r["targets"] = rd.logits, rd.targets
     r["images"], r["sample_index"] = rd.samples
+    r["gallery"] = rd.gallery
     data = r["data"] or {}
     k = data.get("num_classes") or (r["logits"].shape[1] if r["logits"] is not None else 0)
     r["classes"] = list(data.get("classes") or [str(i) for i in range(k)])

@@ -85,6 +85,26 @@ def normalise(images: np.ndarray, data: dict):
 
 
 # ----------------------------------------------------------------------------------------------
+# The data
+
+
+def data_gallery(d: Drawing):
+    from cnnlab.report import plots_data as P
+
+    g = d.run.get("gallery")
+    if g is None or not len(g[0]):
+        return None
+    images, labels, _ = g
+    classes = d.run["classes"]
+    shown = len(set(labels.tolist()))
+    per = max(int((labels == c).sum()) for c in set(labels.tolist()))
+    return Drawn(P.data_gallery(images, labels, classes),
+                 f"{per} training image{'s' if per > 1 else ''} of each class, picked at random (seeded), as the "
+                 "model reads them before normalisation and augmentation"
+                 + (f"; the first {shown} of {len(classes)} classes." if shown < len(classes) else "."))
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 
 

@@ -49,16 +49,57 @@ def short(name: str, n: int = 14) -> str:
 # Curves
 
 
+def moving_average(y) -> tuple[np.ndarray, int] | None:
+    """A centred moving average of y (no lag, unlike an EMA) over its finite values, window ~len/25 (odd, >= 3),
+    NaN where y is; None when fewer than 15 values are finite (then the raw points say it)."""
+    y = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y)
+    if finite.sum() < 15:
+        return None
+    w = max(3, (len(y) // 25) | 1)
+    kern = np.ones(w)
+    smooth = np.convolve(np.where(finite, y, 0.0), kern, "same") / np.maximum(
+        np.convolve(finite.astype(float), kern, "same"), 1)
+    return np.where(finite, smooth, np.nan), w
+
+
+def epoch_axis(ax, epochs) -> None:
+    """Whole epochs on the x axis: every epoch ticked up to 20, integer ticks beyond; a single epoch centred
+    with room on both sides (not matplotlib's 0.945-1.055 around one point)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ep = np.unique(np.asarray(epochs, dtype=np.float64))
+    ep = ep[np.isfinite(ep)]
+    if not len(ep):
+        return
+    if len(ep) <= 20:
+        ax.set_xticks(ep, [f"{e:.0f}" for e in ep])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(ep) == 1:
+        ax.set_xlim(ep[0] - 1, ep[0] + 1)
+
+
+def value_label(ax, x: float, y: float, text: str, colour: str, *, left: bool = False) -> None:
+    """A value written beside its marker (for curves of a single epoch, where no line shows the trend)."""
+    ax.annotate(text, (x, y), xytext=(-8 if left else 8, 0), textcoords="offset points", va="center",
+                ha="right" if left else "left", color=colour, fontsize=8.5, fontweight="bold")
+
+
 def curves(history: dict, *, best_epoch: int | None = None, onset: int | None = None) -> Figure:
     """Training vs validation loss and accuracy per epoch; the best epoch and any overfitting onset marked."""
     ep = _col(history, "epoch")
+    one = ep is not None and len(ep) == 1  # a single point each: larger markers with their values written
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     for ax, what, scale in ((axes[0], "loss", 1.0), (axes[1], "acc", 100.0)):
         for split, colour in (("train", TRAIN), ("val", VAL)):
             y = _col(history, f"{split}_{what}")
             if y is not None:
-                ax.plot(ep, y * scale, color=colour, lw=1.8, marker="o", ms=3,
+                ax.plot(ep, y * scale, color=colour, lw=1.8, marker="o", ms=7 if one else 3,
                         label="training" if split == "train" else "validation")
+                if one and np.isfinite(y[0]):
+                    value_label(ax, ep[0], y[0] * scale, f"{y[0]:.3f}" if what == "loss" else f"{100 * y[0]:.1f}%",
+                                colour, left=split == "train")
         if onset is not None:
             ax.axvline(onset, color=BAD, ls="--", lw=1.2)
             ax.axvspan(onset, ep.max(), color=BAD, alpha=0.06, lw=0)
@@ -73,8 +114,8 @@ def curves(history: dict, *, best_epoch: int | None = None, onset: int | None = 
                         mec="white", zorder=5, label=f"best (epoch {best_epoch})")
         ax.set_xlabel("epoch")
         ax.set_title("Loss" if what == "loss" else "Accuracy (%)")
-        if ep is not None and len(ep) <= 20:
-            ax.set_xticks(ep)
+        if ep is not None:
+            epoch_axis(ax, ep)
     axes[1].legend(loc="lower right")
     return fig
 
@@ -90,12 +131,9 @@ def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
     ax.plot(s, loss, color=TRAIN, alpha=0.35 if len(loss) >= 15 else 1.0, lw=0.9 if len(loss) >= 15 else 1.8,
             marker="o" if len(loss) < 15 else None, ms=3, label="logged")
     finite = np.isfinite(loss)
-    if finite.sum() >= 15:  # a centred moving average: no lag, unlike an EMA
-        w = max(3, (len(loss) // 25) | 1)
-        kern = np.ones(w)
-        val = np.where(finite, loss, 0.0)
-        smooth = np.convolve(val, kern, "same") / np.maximum(np.convolve(finite.astype(float), kern, "same"), 1)
-        ax.plot(s, np.where(finite, smooth, np.nan), color=TRAIN, lw=2, label=f"smoothed ({w}-point mean)")
+    smoothed = moving_average(loss)
+    if smoothed is not None:
+        ax.plot(s, smoothed[0], color=TRAIN, lw=2, label=f"smoothed ({smoothed[1]}-point mean)")
     if finite.any():
         lo, hi = np.nanmin(loss[finite]), np.nanmax(loss[finite])
         if lo > 0 and hi / lo > 30:
@@ -110,7 +148,10 @@ def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
     acc = _col(steps, "acc")
     if acc is not None and np.isfinite(acc).any():  # the batch accuracy at the same steps, on its own axis
         axa = ax.twinx()
-        axa.plot(s, 100 * acc, color=VAL, alpha=0.8, lw=1.0, label="training accuracy (batch)")
+        acc_smooth = moving_average(acc)
+        axa.plot(s, 100 * (acc if acc_smooth is None else acc_smooth[0]), color=VAL, alpha=0.8, lw=1.2,
+                 marker="o" if len(acc) < 15 else None, ms=3,
+                 label="training accuracy (batch" + (", smoothed)" if acc_smooth is not None else ")"))
         axa.set_ylabel("accuracy (%)", color=VAL)
         axa.legend(loc="center right")
     ax.set(title="Training loss per step (grey lines: epoch boundaries)", ylabel="loss")
@@ -123,7 +164,9 @@ def step_loss(steps: dict, *, diverged_at: int | None = None) -> Figure:
 
 
 def _lr_axes(ax, x, lr, unit: str) -> None:
-    ax.plot(x, lr, color="#7c3aed", lw=1.8)
+    ax.plot(x, lr, color="#7c3aed", lw=1.8, marker="o" if len(lr) < 3 else None, ms=4)
+    if unit == "epoch":
+        epoch_axis(ax, x)
     ax.set(xlabel=unit, ylabel="learning rate", ylim=(0, max(float(np.nanmax(lr)) * 1.15, 1e-12)))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 

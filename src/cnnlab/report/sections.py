@@ -268,6 +268,8 @@ SECTIONS: list[Section] = [
             (Figures((Figure("filters", "First-layer filters", F.filters),
                       Figure("feature_maps", "Feature maps", F.feature_maps),
                       Figure("gradcam", "Grad-CAM", F.gradcam))),)),
+    Section("gallery", "Data set samples", "What the training images look like, class by class.",
+            (Figures((Figure("data_gallery", "Training images per class", F.data_gallery),)),)),
     Section("data", "Data", "Class counts per split and the normalisation used.", (_data,)),
     Section("model", "Model", _model_lead, (_model,)),
     Section("config", "Config", "The resolved config; `cnnlab train config.yaml` repeats the run.", (_config,)),

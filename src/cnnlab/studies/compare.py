@@ -22,7 +22,7 @@ from cnnlab.studies import report as pages
 from cnnlab.studies.report import METRICS, fmt_p
 
 ALPHA = 0.05
-STUDY_KEYS = ("variations", "grid", "repeats", "baseline")  # a study config's own keys
+STUDY_KEYS = ("variations", "grid", "repeats", "baseline", "search")  # a study config's own keys
 IGNORED = ("output.", "train.progress", "train.threads")  # keys that may differ without changing a run's result
 COMPARE_IGNORED = IGNORED + STUDY_KEYS  # what compare never lists as "what differs"
 LABELS = {"model.batchnorm": "batch norm", "optim.weight_decay": "weight decay (L2)", "model.dropout": "dropout",
@@ -137,6 +137,14 @@ def _values(g: Group, key: str) -> list[float]:
     return [float(v) for v in map(get, g.runs) if v is not None]
 
 
+def onset_epoch(run: RunDir) -> int | None:
+    """The epoch from which the run overfits, by the diagnostics' rule (diagnose.overfitting_onset), or None."""
+    from cnnlab.analysis.diagnose import overfitting_onset
+
+    o = overfitting_onset(run.history_columns)
+    return None if o is None else o["epoch"]
+
+
 def correct_by_id(run: RunDir) -> dict[str, tuple[int, bool]]:
     """id -> (target, classified right) from predictions.csv."""
     return {r["id"]: (int(r["target"]), r["target"] == r["pred"]) for r in run.predictions}
@@ -248,7 +256,8 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
         ci = (acc["lo"], acc["hi"]) if acc["n"] > 1 else S.proportion_ci(round(acc["mean"] * n), n)
         out["groups"].append({"name": g.name, "seeds": [r.seed for r in g.runs], "dirs": [str(r.dir) for r in g.runs],
                               "stats": st, "interval": [float(ci[0]), float(ci[1])], "n_images": int(n),
-                              "eval_split": splits[g.name], "per_class_acc": pc.tolist()})
+                              "eval_split": splits[g.name], "overfit_onset": [onset_epoch(r) for r in g.runs],
+                              "per_class_acc": pc.tolist()})
     tests = [(g, test_pair(bg, g) if seen[g.name] == seen[base] else
               {"test": None, "why": "the runs were evaluated on different images"})
              for g in groups if g.name != base]

@@ -20,14 +20,17 @@ METRICS = [("best_epoch", "best epoch"), ("best_val_acc", "best val acc"), ("tes
 # Figures (the look of plots.py)
 
 
-def fig_curves(groups):
+def fig_curves(groups, onsets: dict | None = None):
     """Train (dashed) and val (solid) loss and accuracy per epoch, one colour per group; mean over seeds with
-    the seeds' min-max band."""
-    from matplotlib.ticker import MaxNLocator
-
+    the seeds' min-max band; each single run's overfitting onset (`onsets`: name -> epoch) dotted on the loss.
+    When every run has a single epoch, each variation is a marker (square: training, circle: validation) with
+    its value, spread a little sideways so that they do not hide one another."""
     plt = P().plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.9), constrained_layout=True)
+    n_ep = max((len(r.history_columns.get("epoch") or []) for g in groups for r in g.runs), default=0)
+    one = n_ep == 1
     for i, g in enumerate(groups):
+        shift = (i - (len(groups) - 1) / 2) * min(0.12, 0.8 / len(groups)) if one else 0.0
         for ax, what, scale in ((axes[0], "loss", 1.0), (axes[1], "acc", 100.0)):
             for split, ls in (("train", "--"), ("val", "-")):
                 runs = [h for h in (r.history_columns for r in g.runs) if h.get(f"{split}_{what}")]
@@ -36,16 +39,66 @@ def fig_curves(groups):
                 ys = np.full((len(runs), max(len(h["epoch"]) for h in runs)), np.nan)  # (seeds, epochs)
                 for j, h in enumerate(runs):
                     ys[j, :len(h["epoch"])] = np.asarray(h[f"{split}_{what}"]) * scale
-                ep = np.arange(1, ys.shape[1] + 1)
-                ax.plot(ep, np.nanmean(ys, 0), ls=ls, color=_colour(i), lw=1.9 if split == "val" else 1.3,
-                        marker="o" if split == "val" else None, ms=3,
-                        label=g.name if split == "val" and what == "loss" else None)
-                if len(runs) > 1 and split == "val":
+                ep = np.arange(1, ys.shape[1] + 1) + shift
+                y = np.nanmean(ys, 0)
+                val = split == "val"
+                ax.plot(ep, y, ls=ls, color=_colour(i), lw=1.9 if val else 1.3,
+                        marker="o" if val else "s" if one else None, ms=7 if one else 3,
+                        mfc=None if val else "white", label=g.name if val and what == "loss" else None)
+                if one and np.isfinite(y[0]):
+                    P().value_label(ax, ep[0], y[0], f"{y[0]:.3f}" if what == "loss" else f"{y[0]:.1f}%",
+                                    _colour(i), left=not val)
+                if len(runs) > 1 and val:
                     ax.fill_between(ep, np.nanmin(ys, 0), np.nanmax(ys, 0), color=_colour(i), alpha=0.15, lw=0)
+            onset = (onsets or {}).get(g.name)
+            if onset is not None and what == "loss":
+                ax.axvline(onset, color=_colour(i), ls=":", lw=1.2)
             ax.set(xlabel="epoch", title="Loss" if what == "loss" else "Accuracy (%)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].plot([], [], "k-", label="validation")
-    axes[0].plot([], [], "k--", label="training")
+    for ax in axes:
+        P().epoch_axis(ax, np.arange(1, n_ep + 1))
+    axes[0].plot([], [], "k-", marker="o" if one else None, label="validation")
+    axes[0].plot([], [], "k--", marker="s" if one else None, mfc="white", label="training")
+    if onsets and any(v is not None for v in onsets.values()):
+        axes[0].plot([], [], "k:", label="overfitting onset")
+    fig.legend(loc="outside right upper", fontsize=8)
+    return fig
+
+
+def fig_steps(groups):
+    """Training loss (and batch accuracy, where logged) at every logged step (steps.csv, every
+    `train.log_every` batches), all variations on one plot: the logged values faint, a centred moving average
+    bold; a variation's seeds are averaged where they logged the same steps, else drawn one by one."""
+    plt = P().plt
+    logs = [[c for c in (R.columns(r.steps) for r in g.runs) if c.get("loss")] for g in groups]
+    if not any(logs):
+        return None
+    whats = [("loss", 1.0)] + ([("acc", 100.0)] if any(c.get("acc") for cs in logs for c in cs) else [])
+    fig, axes = plt.subplots(1, len(whats), figsize=(11 if len(whats) == 2 else 8, 3.9), constrained_layout=True,
+                             squeeze=False)
+    for ax, (what, scale) in zip(axes[0], whats):
+        lo, hi = np.inf, -np.inf
+        for i, (g, cs) in enumerate(zip(groups, logs)):
+            cs = [c for c in cs if c.get(what)]
+            if not cs:
+                continue
+            if all(c["step"] == cs[0]["step"] for c in cs):  # the seeds logged the same steps: their mean
+                series = [(np.asarray(cs[0]["step"], float), np.nanmean([np.asarray(c[what], float) for c in cs], 0))]
+            else:
+                series = [(np.asarray(c["step"], float), np.asarray(c[what], float)) for c in cs]
+            for j, (x, y) in enumerate(series):
+                y = y * scale
+                sm = P().moving_average(y)
+                ax.plot(x, y, color=_colour(i), alpha=0.25 if sm is not None else 1.0, lw=0.8 if sm is not None
+                        else 1.6, marker="o" if len(y) < 15 else None, ms=3,
+                        label=g.name if sm is None and j == 0 and what == "loss" else None)
+                if sm is not None:
+                    ax.plot(x, sm[0], color=_colour(i), lw=1.8, label=g.name if j == 0 and what == "loss" else None)
+                if np.isfinite(y).any():
+                    lo, hi = min(lo, np.nanmin(y)), max(hi, np.nanmax(y))
+        if what == "loss" and lo > 0 and hi / lo > 30:
+            ax.set_yscale("log")
+        ax.set(xlabel="step", title="Training loss per step" if what == "loss" else "Training accuracy per step "
+               "(batch, %)")
     fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
@@ -106,8 +159,11 @@ def _colour(i: int):
 
 
 def figures(res: dict, groups, out: Path) -> dict[str, Path]:
-    """study_curves.png, study_accuracy.png, study_per_class.png under `out` (those that can be drawn)."""
-    figs = {"curves": fig_curves(groups), "accuracy": fig_accuracy(res, groups), "per_class": fig_per_class(res)}
+    """study_curves.png, study_steps.png, study_accuracy.png, study_per_class.png under `out` (those that can be
+    drawn)."""
+    onsets = {g["name"]: g["overfit_onset"][0] for g in res["groups"] if len(g["overfit_onset"]) == 1}
+    figs = {"curves": fig_curves(groups, onsets), "steps": fig_steps(groups), "accuracy": fig_accuracy(res, groups),
+            "per_class": fig_per_class(res)}
     return {k: P().save(f, out / f"study_{k}.png") for k, f in figs.items() if f is not None}
 
 
@@ -140,6 +196,20 @@ def labels(res: dict) -> list[str]:
     return [{"test_acc": f"{w} acc", "test_loss": f"{w} loss"}.get(k, label) for k, label in METRICS]
 
 
+ONSET = "overfitting from"  # the results table's column of overfitting onsets, after "best epoch"
+ONSET_NOTE = ("Overfitting from: the epoch after which validation loss rose while training loss kept falling (the "
+              "rule of the run report's diagnostics); not seen: no such epoch within the epochs run.")
+
+
+def _onset_cell(onsets: list) -> tuple[str, str]:
+    """Each seed's overfitting onset epoch ("not seen" where there is none)."""
+    if all(o is None for o in onsets):
+        return "not seen", ""
+    if len(onsets) == 1:
+        return f"epoch {onsets[0]}", ""
+    return ", ".join("–" if o is None else str(o) for o in onsets), "per seed"
+
+
 def tables(res: dict) -> tuple[list, list, list, list]:
     names = [g["name"] for g in res["groups"]]
     dhead = ["setting"] + names
@@ -147,8 +217,14 @@ def tables(res: dict) -> tuple[list, list, list, list]:
              for d in res["differs"]]
     mixed = res.get("eval_splits") and not res.get("eval_split")
     rhead = ["variation", "seeds"] + ["evaluated on"] * bool(mixed) + labels(res)
-    rrows = [[g["name"], str(len(g["seeds"]))] + [g.get("eval_split", "")] * bool(mixed)
-             + [_cell(k, g["stats"][k]) for k, _ in METRICS] for g in res["groups"]]
+    at = len(rhead) - len(METRICS) + 1 + [k for k, _ in METRICS].index("best_epoch")  # after "best epoch"
+    rhead.insert(at, ONSET)
+    rrows = []
+    for g in res["groups"]:
+        row = ([g["name"], str(len(g["seeds"]))] + [g.get("eval_split", "")] * bool(mixed)
+               + [_cell(k, g["stats"][k]) for k, _ in METRICS])
+        row.insert(at, _onset_cell(g.get("overfit_onset") or [None] * len(g["seeds"])))
+        rrows.append(row)
     return dhead, drows, rhead, rrows
 
 
@@ -193,9 +269,10 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
               "", "## Results", "", "Mean ± std over seeds, [95% t-interval]." if any(len(g["seeds"]) > 1 for g in
                                                                                res["groups"]) else "One run each.", "",
               table(rhead, [[" ".join(x for x in c if x) if isinstance(c, tuple) else c for c in r] for r in rrows]),
-              ""]
+              "", ONSET_NOTE, ""]
     acc_cap = f"{split_word(res).capitalize()} accuracy"
-    for key, cap in (("accuracy", acc_cap), ("curves", "Training curves"), ("per_class", "Per-class accuracy")):
+    for key, cap in (("accuracy", acc_cap), ("curves", "Training curves"), ("steps", "Training loss per step"),
+                     ("per_class", "Per-class accuracy")):
         if key in figs:
             lines += [f"![{cap}]({os.path.relpath(figs[key], out)})", ""]
     lines += ["## Runs", ""] + [f"- {r['variation']} seed {r.get('seed')}: {r.get('status')} — "
@@ -254,13 +331,19 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
         ("differs", "What differs", "One row per setting that is not the same in every variation.",
          table(dhead, drows) if drows else "<p>Nothing: the runs share one config.</p>"),
         ("results", "Results", ("Mean ± std over seeds with the 95% t-interval below." if n_seeds > 1 else
-                                "One run per variation.") + " Train time is wall time of one run on its machine.",
+                                "One run per variation.") + " Train time is wall time of one run on its machine. "
+         + ONSET_NOTE,
          table(rhead, rrows) + img("accuracy", f"{w} accuracy of each seed (grey), the mean (diamond) and its 95% "
                                    "t-interval over the seeds." if n_seeds > 1 else f"{w} accuracy with its 95% Wilson "
                                    "interval over its images. Overlapping intervals do not rule out a real "
                                    "difference: the McNemar test above pairs the two models image by image.")),
         ("curves", "Curves", "Validation solid, training dashed; one colour per variation"
-         + ("; the band spans the seeds." if n_seeds > 1 else "."), img("curves", "Loss and accuracy per epoch.")),
+         + ("; the band spans the seeds" if n_seeds > 1 else "")
+         + ("; dotted: where a variation starts to overfit." if any(
+             len(g["overfit_onset"]) == 1 and g["overfit_onset"][0] for g in res["groups"]) else "."),
+         img("curves", "Loss and accuracy per epoch.") + img(
+             "steps", "Training loss and batch accuracy at every logged step (every <code>train.log_every</code> "
+             "batches), all variations overlaid: faint the logged values, bold a centred moving average.")),
         ("classes", "Per class", "Where each variation gains or loses against the baseline.",
          img("per_class", "Blue: better than the baseline on that class; red: worse.")),
         ("runs", "Runs", "The run folders behind these numbers.", table(["variation", "seed", "status", "folder"], [

@@ -130,10 +130,18 @@ def changed_runs(root: Path, planned: list[Planned]) -> dict[str, list[tuple[str
     for p in planned:
         if run_state(root / p.id) != "done" or (saved := _saved_config(root / p.id)) is None:
             continue
-        new = C.flatten(C.to_dict(p.cfg))
-        if diff := differences(saved, new):
+        if diff := run_differences(saved, p):
+            new = C.flatten(C.to_dict(p.cfg))
             out[p.id] = [(k, saved.get(k), new.get(k)) for k in diff]
     return out
+
+
+def run_differences(saved: dict, p: Planned) -> list[str]:
+    """The keys in which a run's saved config differs from what the study plans for it."""
+    diff = differences(saved, C.flatten(C.to_dict(p.cfg)))
+    if p.cfg.optim.lr == "auto":  # the run saved the rate the range test chose
+        diff = [k for k in diff if k != "optim.lr"]
+    return diff
 
 
 def changed_message(root: Path, changed: dict) -> str:
@@ -176,6 +184,11 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     trained by all processes together (DDP), one run after another."""
     from cnnlab import dist
 
+    if cfg.search:  # a hyperparameter search: its trials are the runs (studies/search.py)
+        from cnnlab.studies import search
+
+        return search.run_search(cfg, jobs=jobs, config_path=config_path, overrides=overrides, quiet=quiet,
+                                 executor=executor, address=address, report=report)
     main = dist.is_main()
     say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, flush=True))
     planned = plan(cfg)
@@ -216,7 +229,9 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
             for p in planned:
                 status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
             write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
-            if report and any(s == "done" for s in status.values()):
+            if report and not any(status[p.id] == "done" for p in planned if p.variation == base):
+                say(f"no study report: the baseline {base} has no finished run to compare against")
+            elif report:
                 out.report = compare.compare([root], out=root, baseline=base, say=say)
                 say(f"study report: {out.report}")
     if failures:
@@ -260,9 +275,7 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
         path = root / p.id
         state = status[p.id] = run_state(path)
         saved = _saved_config(path) if state != "pending" else None
-        diff = differences(saved, C.flatten(C.to_dict(p.cfg))) if saved is not None else []
-        if p.cfg.optim.lr == "auto":  # the run saved the rate the range test chose
-            diff = [k for k in diff if k != "optim.lr"]
+        diff = run_differences(saved, p) if saved is not None else []
         if state == "done":  # (one trained with other settings was refused by changed_runs)
             continue
         mode = "fresh"
@@ -299,8 +312,6 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
 def _lock(root: Path):
     """An exclusive lock on the study folder (the one run folders have): two processes never run one study."""
     return R.lock(root, "running the study in", StudyError)
-
-
 
 
 # `cnnlab compare` lives in studies/compare.py, its parser beside it (cli.py imports compare.add_parser).

@@ -4,6 +4,7 @@ Torch and the training code are imported inside the handlers, so `cnnlab --help`
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -28,15 +29,15 @@ def _train(args) -> int:
     if args.print_config:
         print(C.dump_yaml(cfg), end="")
         return 0
-    if args.fresh and not (cfg.variations or cfg.grid or cfg.repeats > 1):
-        raise C.ConfigError("--fresh: the config is not a study (no variations, grid or repeats); a single run "
-                            "starts afresh under a new output.name")
+    if args.fresh and not (cfg.variations or cfg.grid or cfg.repeats > 1) or args.fresh and cfg.search:
+        raise C.ConfigError("--fresh: only for a study of variations, a grid or repeats (a single run or a search "
+                            "starts afresh under a new output.name)")
     if args.variation:
         if args.fresh:
             raise C.ConfigError("--fresh trains the whole study again; leave out --variation (or delete that "
                                 "variation's run folder to train it again)")
         return _one_variation(cfg, args.variation)
-    if cfg.variations or cfg.grid or cfg.repeats > 1:
+    if cfg.variations or cfg.grid or cfg.repeats > 1 or cfg.search:
         from cnnlab.studies import study
 
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
@@ -47,8 +48,15 @@ def _train(args) -> int:
     from cnnlab import process
     from cnnlab.training import experiment
 
+    hook = None
+    if args.search_trial:  # a trial of a search run by `--jobs N`: report every epoch to the search's storage
+        import json
+
+        from cnnlab.studies import search
+
+        hook = search.epoch_hook(json.loads(args.search_trial))
     device = process.setup(cfg)
-    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None)
+    experiment.run(cfg, device=device, resume_dir=Path(args.resume) if args.resume else None, on_epoch=hook)
     dist.shutdown()  # under torchrun: leave the process group cleanly (after success only: a failed rank exits)
     return 0
 
@@ -62,7 +70,8 @@ def _one_variation(cfg, name: str) -> int:
     from cnnlab.training import experiment
 
     if not (cfg.variations or cfg.grid or cfg.repeats > 1):
-        raise C.ConfigError(f"--variation {name!r}: the config is not a study (it has no variations, grid or repeats)")
+        raise C.ConfigError(f"--variation {name!r}: the config is not a study (it has no variations, grid or repeats)"
+                            + ("; a search's trials are chosen as it goes" if cfg.search else ""))
     planned = study.plan(cfg)
     chosen = [p for p in planned if p.variation == name]
     if not chosen:
@@ -108,6 +117,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
     t.add_argument("--fresh", action="store_true", help="studies: delete the study's runs and train them all again "
                    "(needed when finished runs were trained with other settings)")
+    t.add_argument("--search-trial", help=argparse.SUPPRESS)  # set by a search's --jobs executor (studies/search.py)
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="re-evaluate a saved run's best checkpoint, optionally on other data")

@@ -24,6 +24,7 @@ from cnnlab.rundir import MARKER, RunDir, made_by_cnnlab, write_json, write_text
 from cnnlab.data.loader import check_augment
 from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
+from cnnlab.training.loss import class_weights
 from cnnlab.training.resume import check_same_data, finished, folder_lock
 
 
@@ -100,8 +101,34 @@ def save_predictions(run_dir: Path, splits: Splits, logits: torch.Tensor, target
     np.savez_compressed(run_dir / R.SAMPLES, images=imgs.numpy(), index=index)
 
 
-def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False) -> Run:
+GALLERY_PER_CLASS, GALLERY_BYTES = 6, 4_000_000  # at most 6 images per class, about 4 MB of pixels in all
+
+
+def save_gallery(run_dir: Path, splits: Splits, seed: int) -> None:
+    """gallery.npz: a seeded pick of a few training images per class, as decoded (no augmentation, no
+    normalisation), for the report's data gallery. As many per class as fit the byte budget (1 to 6, a divisor
+    of 6 so that the classes line up in the gallery's rows); with many classes of large images, the first ones."""
+    s, k = splits.train, len(splits.classes)
+    budget = int(np.clip(GALLERY_BYTES // (splits.channels * splits.size ** 2), 10, 160))  # images
+    per = next(n for n in (6, 3, 2, 1) if n <= max(1, min(GALLERY_PER_CLASS, budget // max(k, 1))))
+    order = np.random.default_rng(seed).permutation(len(s))
+    labels = s.labels[order]
+    index = np.concatenate([order[labels == c][:per] for c in range(min(k, max(budget // per, 10)))]
+                           + [np.zeros(0, np.int64)]).astype(np.int64)
+    if s.images is not None:
+        imgs = s.images[torch.from_numpy(index)].cpu()
+    else:
+        from cnnlab.data.base import decode
+
+        imgs = torch.stack([decode(s.files[i], splits.channels, splits.size) for i in index]) if len(index) else \
+            torch.zeros(0, splits.channels, splits.size, splits.size, dtype=torch.uint8)
+    np.savez_compressed(run_dir / R.GALLERY, images=imgs.numpy(), labels=s.labels[index], index=index)
+
+
+def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, quiet: bool = False,
+        on_epoch=None) -> Run:
     """Train one configuration into a new run folder (or resume `resume_dir`) and evaluate it.
+    `on_epoch`: loop.fit's per-epoch callback (a search trial's pruning).
 
     `device` comes from `cnnlab.process.setup(cfg)`, called once by the entry point (CLI, `cnnlab.train`).
     """
@@ -116,6 +143,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
         check_augment(cfg.data.augment, splits.size, splits.size)
+        class_weights(cfg, splits.train.labels, splits.classes)  # one weight per class: refused before the folder
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         found = None
         if cfg.optim.lr == "auto" and resume_dir is None:  # the range test first; the run records its choice
@@ -146,7 +174,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
-                                       say=say, lr_found=found)
+                                       say=say, lr_found=found, on_epoch=on_epoch)
         except BaseException:
             if resume_dir is None and dist.is_main():  # a failed start (device, model, weights, disk) leaves no
                 _remove_if_untrained(run_dir)         # empty run folder behind
@@ -154,7 +182,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
 
 
 def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device: torch.device, resume: bool,
-                        say, lr_found=None) -> Run:
+                        say, lr_found=None, on_epoch=None) -> Run:
     from cnnlab.training import loop as T
 
     main = dist.is_main()
@@ -171,13 +199,15 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
         write_json(run_dir / R.DATA, data_summary(splits, cfg))
         if not (resume and (run_dir / R.SPLITS).is_file()):  # (a resumed run's split was checked: the same)
             save_splits(splits, run_dir / R.SPLITS)
+        if not (run_dir / R.GALLERY).is_file():
+            save_gallery(run_dir, splits, cfg.train.seed)
         say(f"run folder: {run_dir}")
         say(f"data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val"
             f"{f' / {len(splits.test)} test' if splits.test is not None else ''}, {len(splits.classes)} classes, "
             f"{splits.channels}x{splits.size}x{splits.size}, mean {splits.mean} std {splits.std}")
         for note in splits.notes:
             say(f"note: {note}")
-    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume)
+    model, state = T.fit(cfg, run_dir, splits, device=device, resume=resume, on_epoch=on_epoch)
     if main:
         env = {**environment(cfg, str(device)), **{k: env[k] for k in ("started", "resumed") if k in env}}
         env["train_seconds"] = round(state.train_seconds, 3)  # every session of the run, resumes included
@@ -267,9 +297,11 @@ def check_names(cfg: C.Config) -> None:
     models/build), with "did you mean", naming data.name / model.name (config.py checks values only)."""
     from cnnlab.data.catalog import check_name as check_data
     from cnnlab.models.build import check_name as check_model
+    from cnnlab.training.optim import check as check_optimizer
 
     check_data(cfg.data.name)
     check_model(cfg.model.name)
+    check_optimizer(cfg.optim)
 
 
 def with_weight_defaults(cfg: C.Config) -> C.Config:
@@ -286,20 +318,15 @@ def with_weight_defaults(cfg: C.Config) -> C.Config:
 
 def headline(cfg: C.Config, state, splits: Splits, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """metrics.json: no wall times in it, so the same config and seed give a byte-identical file."""
-    try:
-        from cnnlab.analysis.metrics import summary
-        test = summary(logits.numpy(), targets.numpy(), splits.classes)
-    except ImportError:  # pragma: no cover - metrics module absent
-        from sklearn.metrics import confusion_matrix
+    from cnnlab.analysis.metrics import summary
 
-        test = {"accuracy": float((logits.argmax(1) == targets).float().mean()),
-                "loss": float(F.cross_entropy(logits, targets)),
-                "confusion_matrix": confusion_matrix(targets, logits.argmax(1), labels=range(len(splits.classes))).tolist()}
+    test = summary(logits.numpy(), targets.numpy(), splits.classes)
     hist = state.history
     best_row = next((r for r in hist if r["epoch"] == state.best_epoch), hist[-1] if hist else {})
     return {"best_epoch": state.best_epoch, "monitor": cfg.train.monitor,
             "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"),
             "epochs_run": state.epoch, "stopped_early": state.stopped_early, "steps": state.step,
+            **({"stopped_by": state.stopped_by} if state.stopped_by else {}),
             "eval_split": splits.eval_split, "test": test}
 
 

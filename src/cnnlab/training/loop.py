@@ -19,6 +19,7 @@ GPUs; on CPU/gloo each rank normalises with its own slice's statistics).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -35,8 +36,10 @@ from cnnlab import rundir as R
 from cnnlab.analysis.gradients import layer_grad_norms
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
+from cnnlab.training import loss as loss_mod
 from cnnlab.training import runlog
 from cnnlab.config import Config
+from cnnlab.data.augment import hard_targets, mix_batch
 from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
@@ -65,10 +68,6 @@ def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bo
     return bool(widths) and (device.type == "cuda" or max(widths) >= 32)
 
 
-def _loss_fn(cfg: Config):
-    return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-
-
 def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, ranks: list[int]) -> str:
     where = f" on rank {', '.join(map(str, ranks))}" if dist.active() else ""
     what = f"became {loss}" if loss is not None and not math.isfinite(loss) else "became non-finite"
@@ -80,61 +79,84 @@ def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, r
 
 
 def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, normalize, cfg: Config,
-                    guard: dist.SignalGuard) -> Iterator[tuple[int, float, float, int | None]]:
+                    guard: dist.SignalGuard, weights: torch.Tensor | None = None
+                    ) -> Iterator[tuple[int, float, float, int | None]]:
     """One pass over the training split from `ts.progress.batch_in_epoch`, updating `ts` as it goes;
     `net` is `ts.model` as the steps run it (DDP, torch.compile). Yields (step, mean loss, accuracy, stop code)
     after each optimizer step; the stop code (143 / 130) says a signal reached some rank.
 
+    An optimizer step is `train.accumulate` micro-batches of `train.batch_size` (the last step of an epoch
+    may have fewer), and is exactly one step on their union: augmentation draws are made for the whole
+    step's images and each micro-batch takes its rows (as each rank does under DDP), and every loss is
+    divided by the whole step's total (class-)weight. DDP synchronises gradients only on the last one.
     A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
     checkpoint ever holds it).
     """
     state = ts.progress
     net.train()
     hooks.after_train_mode(ts.model)
-    loss_fn = _loss_fn(cfg)
-    limit = cfg.train.limit_batches
-    seed = cfg.train.seed
+    t = cfg.train
     distributed = dist.active()
     world = batches.world if distributed else 1
+    ddp = getattr(net, "_orig_mod", net)  # torch.compile's wrapper around DDP
+    n_order, bs, per = len(order), batches.bs, t.accumulate
+    limit = min(batches.num_batches(n_order), t.limit_batches or batches.num_batches(n_order))
+    w_dev = weights.to(ts.device) if weights is not None else None
+    i = state.batch_in_epoch  # checkpoints are taken between optimizer steps: i starts a step
+    num_classes = len(batches.s.classes)
     for x, y, _ in batches.iterate(order, start_batch=state.batch_in_epoch):
-        if limit is not None and state.batch_in_epoch >= limit:
+        if i >= limit:
             break
+        first = i - i % per  # the step's micro-batches: first .. last, in global batches of the epoch
+        last = min(first + per, limit) - 1
+        j = i - first
         step = state.step + 1  # 1-based number of the step being taken
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # augmentation depends only on (seed, step)
-        i, n_order = state.batch_in_epoch, len(order)
-        # random draws for the whole global batch, this rank's rows of them: the same images as with 1 process
-        offset, total = (batches.local_offset(i, n_order), batches.global_size(i, n_order)) if world > 1 else (0, None)
-        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=total))  # (B, C, H, W) float
-        with torch.autocast(ts.device.type, dtype=ts.amp, enabled=ts.amp is not None):
-            logits = net(x)  # (B, K)
-            loss = loss_fn(logits.float(), y)
-        finite = bool(torch.isfinite(loss))
-        if distributed:  # every rank stops at the same step, naming the rank(s) that saw it
-            bad = [r for r, f in enumerate(dist.flags(not finite)) if f]
-        else:
-            bad = [] if finite else [0]
-        if bad:
-            raise NonFiniteLossError(_nonfinite_message(None if finite else loss.item(), step, state.epoch + 1,
-                                                        cfg, bad))
+        if j == 0:
+            sizes = [batches.global_size(b, n_order) for b in range(first, last + 1)]
+            denom = loss_mod.total_weight(weights, batches.labels[order[first * bs:first * bs + sum(sizes)]])
+            sums = torch.zeros(3, dtype=torch.float64)  # weighted loss sum, correct, n of the step's micro-batches
+        # augmentation depends only on (seed, step) and the image's place among the step's images (all ranks)
+        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+        offset = sum(sizes[:j]) + (batches.local_offset(i, n_order) if world > 1 else 0)
+        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=sum(sizes)))  # (B, C, H, W)
+        x, y = mix_batch(x, y, cfg.data.augment, gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft targets
+        sync = not distributed or i == last or not hasattr(ddp, "no_sync")
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with torch.autocast(ts.device.type, dtype=ts.amp, enabled=ts.amp is not None):
+                logits = net(x)  # (B, K)
+                losses = loss_mod.per_sample(logits.float(), y, w_dev, t.label_smoothing)  # (B,) weighted
+            total = losses.sum()
+            finite = bool(torch.isfinite(total))
+            if distributed:  # every rank stops at the same step, naming the rank(s) that saw it
+                bad = [r for r, f in enumerate(dist.flags(not finite)) if f]
+            else:
+                bad = [] if finite else [0]
+            if bad:
+                raise NonFiniteLossError(_nonfinite_message(None if finite else total.item(), step,
+                                                            state.epoch + 1, cfg, bad))
+            # DDP averages gradients over ranks: x world, so the sum over ranks and micro-batches / denom is
+            # the gradient of the step's weighted-mean loss, whatever the slices' sizes
+            ts.backward(total * (world / denom), first=j == 0)
+        sums += torch.tensor([total.item(), (logits.argmax(1) == hard_targets(y)).sum().item(), y.shape[0]],
+                             dtype=torch.float64)
+        i += 1
+        if i <= last:
+            continue
         lr = ts.lr()  # the rate this step uses: an epoch's rates span a range under a schedule
         state.epoch_lr = lr if state.epoch_lr is None else max(state.epoch_lr, lr)
         state.epoch_lr_min = lr if state.epoch_lr_min is None else min(state.epoch_lr_min, lr)
-        n = y.shape[0]
-        # DDP averages gradients over ranks; weight each rank's mean by its share of the global batch,
-        # so uneven slices (batch size not divisible by the world size) give the 1-process gradient.
-        share = n * world / max(1, batches.global_size(i, n_order))
-        ts.update(loss if share == 1 else loss * share, step)
-        stats = torch.tensor([loss.item() * n, (logits.argmax(1) == y).sum().item(), n,
-                              guard.code() == 143, guard.code() == 130], dtype=torch.float64)
+        ts.step(step)
+        stats = torch.cat([sums, torch.tensor([guard.code() == 143, guard.code() == 130], dtype=torch.float64)])
         dist.all_reduce_sum(stats)  # also tells every rank whether any rank was signalled
-        state.epoch_loss_sum += stats[0].item()
+        loss = stats[0].item() / denom  # the step's (weighted) mean loss, however it was split
+        seen = stats[2].item()
+        state.epoch_loss_sum += loss * seen
         state.epoch_correct += int(stats[1].item())
-        state.epoch_seen += int(stats[2].item())
+        state.epoch_seen += int(seen)
         state.step = step
-        state.batch_in_epoch += 1
+        state.batch_in_epoch = i
         stop = 143 if stats[3] > 0 else 130 if stats[4] > 0 else None
-        seen = max(1.0, stats[2].item())
-        yield step, stats[0].item() / seen, stats[1].item() / seen, stop
+        yield step, loss, stats[1].item() / max(1.0, seen), stop
 
 
 @torch.no_grad()
@@ -207,8 +229,12 @@ def checkpoint_bytes(model: nn.Module, cfg: Config) -> int:
 
 
 def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
-        resume: bool = False) -> tuple[nn.Module, State]:
+        resume: bool = False, on_epoch=None) -> tuple[nn.Module, State]:
     """Train per `cfg` on `splits`, writing checkpoints, history.csv and steps.csv into `run_dir`.
+
+    `on_epoch(epoch, row) -> str | None` (rank 0) is called after each epoch's evaluation with its history
+    row; a text returned stops training there, as early stopping does, the text saying why (a search's
+    pruner: studies/search.py). It is called before the epoch's checkpoint, so a resumed run keeps the stop.
 
     With `resume`, continue exactly from checkpoints/last.pt (or from the start when the run was
     stopped before its first checkpoint): the rows of history.csv/steps.csv written after that
@@ -237,7 +263,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = min(len(train_b), t.limit_batches or len(train_b))
+    steps_per_epoch = math.ceil(min(len(train_b), t.limit_batches or len(train_b)) / t.accumulate)  # optimizer steps
+    weights = loss_mod.class_weights(cfg, splits.train.labels, splits.classes)
+    balance = splits.train.labels if cfg.data.sampler == "balanced" else None
     ts = TrainState.build(cfg, model, steps_per_epoch=steps_per_epoch, device=device)
 
     ckdir = run_dir / R.CHECKPOINTS
@@ -272,11 +300,12 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
             while state.epoch < t.epochs and not state.stopped_early:
                 if state.batch_in_epoch == 0:
                     state.epoch_lr = state.epoch_lr_min = None
+                    state.epoch_steps = state.epoch_clipped = 0
                     state.epoch_seconds = 0.0
                 started, seconds_before = time.perf_counter(), state.epoch_seconds  # (a resumed epoch's earlier part)
-                order = epoch_order(len(splits.train), t.seed, state.epoch)  # reshuffled every epoch
+                order = epoch_order(len(splits.train), t.seed, state.epoch, balance=balance)  # new every epoch
                 for step, loss, acc, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
-                                                        guard=guard):
+                                                             guard=guard, weights=weights):
                     state.epoch_seconds = seconds_before + time.perf_counter() - started  # saved with a checkpoint
                     bar.step(step, loss)
                     if main and step % t.log_every == 0:
@@ -305,11 +334,14 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                        "train_acc": state.epoch_correct / max(1, state.epoch_seen), "val_loss": val_loss,
                        "val_acc": val_acc, "lr": state.epoch_lr if state.epoch_lr is not None else ts.lr(),
                        "seconds": seconds_before + time.perf_counter() - started}
+                if t.clip_grad.norm is not None or t.clip_grad.value is not None:  # the share of steps clipped
+                    row[R.HISTORY_CLIPPED] = state.epoch_clipped / max(1, state.epoch_steps)
                 lr_low = state.epoch_lr_min if state.epoch_lr_min is not None else row["lr"]
                 state.batch_in_epoch, state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0, 0.0, 0, 0
                 state.epoch_seconds = 0.0
                 state.history.append({k: (round(v, 4) if k == "seconds" else v) for k, v in row.items()})
                 metric = val_acc if t.monitor == "val_acc" else val_loss
+                ts.epoch_end(metric)  # a plateau schedule: after the row, so the row has the epoch's own rate
                 if _is_better(metric, state.best_metric, t.monitor, t.early_stop.min_delta):
                     state.best_metric, state.best_epoch, state.bad_epochs = metric, state.epoch, 0
                     ts.save(ckdir / R.BEST, best=True)
@@ -317,6 +349,11 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     state.bad_epochs += 1
                     if t.early_stop.patience is not None and state.bad_epochs >= t.early_stop.patience:
                         state.stopped_early = True
+                if on_epoch is not None and not state.stopped_early:
+                    reason = on_epoch(state.epoch, row) if main else None
+                    reason = dist.broadcast_object(reason) if distributed else reason
+                    if reason:
+                        state.stopped_early, state.stopped_by = True, str(reason)
                 if main:
                     runlog.append_row(run_dir / R.HISTORY, {k: runlog.fmt(v) for k, v in row.items()})
                     if tb is not None:
@@ -337,7 +374,9 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
             if tb is not None:
                 tb.close()
     ts.tick()
-    if state.stopped_early and main:
+    if state.stopped_by and main:
+        print(f"stopped after epoch {state.epoch}: {state.stopped_by}", flush=True)
+    elif state.stopped_early and main:
         print(f"stopped early after epoch {state.epoch}: no improvement of {t.monitor} for "
               f"{t.early_stop.patience} epoch{'' if t.early_stop.patience == 1 else 's'} (best epoch "
               f"{state.best_epoch})", flush=True)

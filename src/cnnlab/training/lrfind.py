@@ -90,6 +90,7 @@ def range_test(cfg: C.Config, splits, device, *, start: float = START, end: floa
     from cnnlab.data.loader import Batches, Normalizer, epoch_order
     from cnnlab.models import hooks
     from cnnlab.training import loop as T
+    from cnnlab.training.loss import class_weights
     from cnnlab.training.optim import build_optimizer
     from cnnlab.training.state import NonFiniteLossError, TrainState, amp_dtype
 
@@ -115,14 +116,16 @@ def range_test(cfg: C.Config, splits, device, *, start: float = START, end: floa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lrs[min(k, steps - 1)] / start)
     ts = TrainState(model, opt, sched, cfg=cfg, device=device, amp=amp_dtype(cfg, device))
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.active() else model
+    weights = class_weights(cfg, splits.train.labels, splits.classes)  # the run's own objective and sampling
+    balance = splits.train.labels if cfg.data.sampler == "balanced" else None
     result, epoch = LRFind(lrs=[], losses=[]), 0
     with dist.SignalGuard(dist.active()) as guard:
         try:
             while len(result.losses) < steps and not result.stopped:
                 ts.progress.batch_in_epoch = 0
-                order = epoch_order(len(splits.train), t.seed, epoch)
+                order = epoch_order(len(splits.train), t.seed, epoch, balance=balance)
                 for step, loss, _, stop in T.train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
-                                                             guard=guard):
+                                                             guard=guard, weights=weights):
                     result.lrs.append(lrs[step - 1])  # the rate this step used
                     result.losses.append(loss)
                     if stop is not None:

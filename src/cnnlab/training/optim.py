@@ -1,4 +1,6 @@
-"""Optimizers and learning-rate schedules, stepped once per training step."""
+"""Optimizers (sgd, adam, adamw, rmsprop, or any torch.optim optimizer by its class name with `optim.args`)
+and learning-rate schedules, stepped once per optimizer step; `plateau` (ReduceLROnPlateau) also once per
+epoch on the validation metric. `schedule.warmup_epochs` ramps the rate linearly before any of them."""
 from __future__ import annotations
 
 import math
@@ -33,33 +35,98 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     return groups
 
 
+# the config keys each optimizer with its own keys takes (any other: lr, weight decay and optim.args)
+_OWN_KEYS = {"sgd": lambda o: {"momentum": o.momentum, "nesterov": o.nesterov},
+             "adam": lambda o: {"betas": o.betas}, "adamw": lambda o: {"betas": o.betas}, "rmsprop": lambda o: {}}
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """torch.optim's class for optim.name (case-insensitive: rmsprop -> RMSprop); config.py has refused others."""
+    from cnnlab.config import torch_optimizers
+
+    return getattr(torch.optim, {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(name) or torch_optimizers()[name.lower()])
+
+
 def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, o)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, betas=o.betas)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+    """The optimizer over `param_groups`; `optim.args` are passed on (and win over the config's own keys)."""
+    cls = optimizer_class(o.name)
+    own = _OWN_KEYS.get(o.name.lower(), lambda o: {})(o)
+    try:
+        return cls(param_groups(model, o), **{"lr": o.lr, **own, **o.args})
+    except (TypeError, ValueError) as e:
+        import inspect
+
+        from cnnlab.config import ConfigError
+
+        takes = [p for p in inspect.signature(cls).parameters if p not in ("self", "params")]
+        raise ConfigError(f"optim.args={o.args!r}: {cls.__name__} refused them ({e}); it takes "
+                          f"{', '.join(takes)}") from None
+
+
+def check(o: OptimConfig) -> None:
+    """Build the optimizer once on a dummy parameter: bad optim.args are refused before any work."""
+    import dataclasses
+
+    build_optimizer(nn.Linear(1, 1), dataclasses.replace(o, lr=1e-3) if o.lr == "auto" else o)  # (auto: lr-find)
+
+
+def warmup_steps(s: ScheduleConfig, steps_per_epoch: int) -> int:
+    return int(s.warmup_epochs * steps_per_epoch) if s.name != "onecycle" else 0
 
 
 def lr_factor(s: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
-    """The multiplier of the base learning rate at a (0-based) step. `step` decays every `step_size`
-    whole epochs (StepLR); `cosine` anneals to `min_lr` after an optional linear warm-up."""
-    epoch = step // steps_per_epoch
-    if s.name == "none":
-        return 1.0
-    if s.name == "step":
-        return s.gamma ** (epoch // s.step_size)
-    total = epochs * steps_per_epoch
-    warm = int(s.warmup_epochs * steps_per_epoch)
+    """The multiplier of the base learning rate at a (0-based) step: a linear warm-up over
+    `warmup_epochs`, then (counted from its end, as SequentialLR does) `step` decays every `step_size`
+    whole epochs (StepLR); `cosine` anneals to `min_lr` by the end of training."""
+    warm = warmup_steps(s, steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
+    if s.name in ("none", "plateau"):
+        return 1.0
+    if s.name == "step":
+        return s.gamma ** (((step - warm) // steps_per_epoch) // s.step_size)
+    total = epochs * steps_per_epoch
     t = (step - warm) / max(1, total - warm)
     return s.min_lr + (1 - s.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class Plateau:
+    """ReduceLROnPlateau on the validation metric (`epoch_end`, once per epoch), after an optional linear
+    warm-up (torch's LinearLR, stepped per optimizer step by `step`); the warm-up's epochs do not count
+    towards a plateau. One state dict for both."""
+
+    def __init__(self, opt: torch.optim.Optimizer, s: ScheduleConfig, *, warm: int, monitor: str):
+        self.warm, self.done = warm, 0
+        self.warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warm, total_iters=warm - 1) \
+            if warm > 1 else None
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max" if monitor == "val_acc" else "min", factor=s.gamma, patience=s.patience)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.warmup is not None and self.done < self.warm:
+            self.warmup.step()
+
+    def epoch_end(self, metric: float) -> None:
+        if self.done >= self.warm and math.isfinite(metric):
+            self.plateau.step(metric)
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "plateau": self.plateau.state_dict(),
+                "warmup": self.warmup.state_dict() if self.warmup is not None else None}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.done = sd["done"]
+        self.plateau.load_state_dict(sd["plateau"])
+        if self.warmup is not None and sd.get("warmup"):
+            self.warmup.load_state_dict(sd["warmup"])
+
+
 def build_scheduler(opt: torch.optim.Optimizer, s: ScheduleConfig, o: OptimConfig, *, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+                    steps_per_epoch: int, monitor: str = "val_acc"):
+    """A per-step scheduler (`.step()` after every optimizer step); `Plateau` also has `epoch_end(metric)`."""
+    if s.name == "plateau":
+        return Plateau(opt, s, warm=warmup_steps(s, steps_per_epoch), monitor=monitor)
     if s.name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in opt.param_groups], epochs=epochs, steps_per_epoch=steps_per_epoch,

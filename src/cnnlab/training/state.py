@@ -42,11 +42,14 @@ class State:
     best_metric: float | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
+    stopped_by: str | None = None  # why, when not by train.early_stop: e.g. a search's pruner (fit's on_epoch)
     epoch_loss_sum: float = 0.0  # running sums of the interrupted epoch
     epoch_correct: int = 0
     epoch_seen: int = 0
     epoch_lr: float | None = None  # the highest learning rate of the current epoch's steps (history.csv)
     epoch_lr_min: float | None = None  # and the lowest (the progress line shows the range)
+    epoch_steps: int = 0  # optimizer steps of the current epoch, and how many of them clipped the gradient
+    epoch_clipped: int = 0
     epoch_seconds: float = 0.0  # training seconds of the current epoch before the last checkpoint
     train_seconds: float = 0.0  # seconds in `fit` over every session of the run (resumes add theirs)
     history: list = field(default_factory=list)
@@ -75,7 +78,8 @@ class TrainState:
         """Optimizer, schedule, grad scaler, EMA and lookahead for `model` (on `device`, initialised) per `cfg`."""
         t = cfg.train
         opt = build_optimizer(model, cfg.optim)
-        sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=t.epochs, steps_per_epoch=steps_per_epoch)
+        sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=t.epochs, steps_per_epoch=steps_per_epoch,
+                                monitor=t.monitor)
         amp = amp_dtype(cfg, device)
         scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
         ema = None
@@ -103,22 +107,50 @@ class TrainState:
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
-    def update(self, objective: torch.Tensor, step: int) -> None:
-        """Optimizer step number `step` (1-based) on `objective`: backward (through the grad scaler),
-        step, schedule, then the EMA and lookahead averages."""
-        self.opt.zero_grad(set_to_none=True)
+    def update(self, objective: torch.Tensor, step: int) -> bool:
+        """Optimizer step number `step` (1-based) on `objective` alone (`backward`, then `step`)."""
+        self.backward(objective, first=True)
+        return self.step(step)
+
+    def backward(self, objective: torch.Tensor, *, first: bool) -> None:
+        """Add `objective`'s gradients (through the grad scaler); `first` micro-batch of a step: zeroed before.
+        Gradients stay after the step (the loop logs their norms), so they are zeroed here."""
+        if first:
+            self.opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
+
+    def step(self, step: int) -> bool:
+        """Optimizer step number `step` (1-based) on the gradients summed by `backward`: clipped per
+        `train.clip_grad`, then step, schedule, the EMA and lookahead averages. Returns whether it clipped."""
+        clip = self.cfg.train.clip_grad
+        clipped = False
+        if clip.norm is not None or clip.value is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if clip.norm is not None:
+                clipped = bool(torch.nn.utils.clip_grad_norm_(params, clip.norm) > clip.norm)
+            else:
+                clipped = any(bool(p.grad.abs().max() > clip.value) for p in params)
+                torch.nn.utils.clip_grad_value_(params, clip.value)
         if self.scaler is not None:
-            self.scaler.scale(objective).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
-            objective.backward()
             self.opt.step()
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         if self.lookahead is not None:
             self.lookahead.step(self.model, step)
+        self.progress.epoch_steps += 1
+        self.progress.epoch_clipped += clipped
+        return clipped
+
+    def epoch_end(self, metric: float) -> None:
+        """After an epoch's validation: a schedule on the validation metric (plateau) takes it."""
+        if hasattr(self.sched, "epoch_end"):
+            self.sched.epoch_end(metric)
 
     # ---- save and resume, side by side
 

@@ -1,0 +1,185 @@
+"""Augmentation policies on whole uint8 batches through torchvision transforms v2, one random draw per image.
+
+A v2 transform called on a (B, C, H, W) batch draws its parameters once and applies them to every
+image. Here each image gets its own draw, reproducibly: image g of a global batch is augmented as
+the library's own transform does after `torch.manual_seed(seed_g)`, the seeds drawn from the step's
+generator (so results depend on (train.seed, step, g) only: the same with any world size, on resume,
+on either data path). How each kind runs on a batch:
+
+- RandAugment, TrivialAugmentWide, AutoAugment: each image's ops are drawn by the library's own
+  code (`forward` on a zero-stride stand-in of the image's shape, its `_apply_image_or_video_transform`
+  recording instead of applying); then, op by op, the images that drew the same (op, magnitude) go
+  through the library's op together as one batch: about 20-30 batched calls per op instead of B.
+- random_resized_crop, rotation, color_jitter, random_erasing: continuous parameters; the library
+  transform runs per image (about 0.1-1 ms a 32x32 image on a CPU core).
+- MixUp / CutMix: per batch by definition (one lambda, each image mixed with its neighbour):
+  v2.MixUp / v2.CutMix on the normalised float batch, returning soft (B, K) targets.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torchvision.transforms import v2
+
+from cnnlab.config import AugmentConfig
+
+SEED_HIGH = 2**62
+
+
+def per_image_seeds(gen: torch.Generator, total: int, mine: slice) -> list[int]:
+    """One seed per image of the global batch (this slice's rows), drawn from the step's generator."""
+    return torch.randint(0, SEED_HIGH, (total,), generator=gen)[mine].tolist()
+
+
+# ---- the library transforms a config asks for
+
+
+def _policy(aug: AugmentConfig) -> v2.Transform | None:
+    if aug.randaugment is not None:
+        return v2.RandAugment(num_ops=aug.randaugment.num_ops, magnitude=aug.randaugment.magnitude)
+    if aug.trivialaugment:
+        return v2.TrivialAugmentWide()
+    if aug.autoaugment is not None:
+        return v2.AutoAugment(v2.AutoAugmentPolicy(aug.autoaugment))
+    return None
+
+
+def per_image_transforms(aug: AugmentConfig, size: tuple[int, int]) -> list[tuple[str, v2.Transform]]:
+    """The transforms with continuous parameters, in the order they run, each applied image by image."""
+    out = []
+    if aug.random_resized_crop is not None:
+        r = aug.random_resized_crop
+        out.append(("random_resized_crop", v2.RandomResizedCrop(size, scale=tuple(r.scale), ratio=tuple(r.ratio),
+                                                                antialias=True)))
+    if aug.rotation:
+        out.append(("rotation", v2.RandomRotation(aug.rotation)))
+    return out
+
+
+def after_policy_transforms(aug: AugmentConfig) -> list[tuple[str, v2.Transform]]:
+    out = []
+    cj = aug.color_jitter
+    if cj:
+        b, c, s, h = (cj, cj, cj, 0.0) if isinstance(cj, float) else cj
+        out.append(("color_jitter", v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)))
+    if aug.random_erasing:
+        out.append(("random_erasing", v2.RandomErasing(p=aug.random_erasing, value=0)))
+    return out
+
+
+def library_pipeline(aug: AugmentConfig, size: tuple[int, int]) -> list[tuple[str, v2.Transform]]:
+    """Every per-image transform `apply_policies` runs, in its order (the reference for tests and the
+    benchmark's plain pipeline)."""
+    policy = _policy(aug)
+    return per_image_transforms(aug, size) + ([("policy", policy)] if policy else []) + after_policy_transforms(aug)
+
+
+# ---- per-image draws, batched application
+
+
+@lru_cache(maxsize=8)
+def _recorder_class(cls: type) -> type:
+    """`cls` (an auto-augment policy) whose op application records (op, magnitude) instead of applying."""
+
+    def record(self, image, transform_id, magnitude, interpolation, fill):
+        self.drawn.append((transform_id, magnitude))
+        return image
+
+    return type(f"Recording{cls.__name__}", (cls,), {"_apply_image_or_video_transform": record})
+
+
+def _recorder(policy: v2.Transform) -> v2.Transform:
+    rec = _recorder_class(type(policy)).__new__(_recorder_class(type(policy)))
+    rec.__dict__.update(policy.__dict__)  # the same settings (and nn.Module state) as the policy itself
+    rec.drawn = []
+    return rec
+
+
+def apply_policy(x: torch.Tensor, policy: v2.Transform, seeds: list[int]) -> torch.Tensor:
+    """`policy` (RandAugment, TrivialAugmentWide, AutoAugment) on each image of uint8 (B, C, H, W) `x` as
+    `torch.manual_seed(seeds[i]); policy(x[i])` would give, the images sharing an op run as one batch."""
+    b, c, h, w = x.shape
+    stand_in = torch.zeros((), dtype=torch.uint8).expand(c, h, w)  # the image's shape, no pixels
+    rec = _recorder(policy)
+    ops = []
+    with torch.random.fork_rng(devices=[]):
+        for s in seeds:
+            torch.manual_seed(s)
+            rec.drawn = []
+            rec(stand_in)
+            ops.append(rec.drawn)
+    x = x.clone()
+    for k in range(max((len(o) for o in ops), default=0)):
+        groups: dict[tuple[str, float], list[int]] = {}
+        for i, o in enumerate(ops):
+            if len(o) > k and o[k][0] != "Identity":
+                groups.setdefault(o[k], []).append(i)
+        for (op, magnitude), rows in groups.items():
+            idx = torch.tensor(rows, device=x.device)
+            x[idx] = policy._apply_image_or_video_transform(x[idx], op, magnitude, interpolation=policy.interpolation,
+                                                            fill=policy._fill)
+    return x
+
+
+def apply_each(x: torch.Tensor, t: v2.Transform, seeds: list[int]) -> torch.Tensor:
+    """`t` on each image of (B, C, H, W) `x` after `torch.manual_seed(seeds[i])`: the library's own transform."""
+    out = torch.empty_like(x)
+    with torch.random.fork_rng(devices=[]):
+        for i, s in enumerate(seeds):
+            torch.manual_seed(s)
+            out[i] = t(x[i])
+    return out
+
+
+def has_policies(aug: AugmentConfig) -> bool:
+    return bool(_policy(aug) is not None or aug.random_resized_crop is not None or aug.rotation
+                or aug.color_jitter or aug.random_erasing)
+
+
+def apply_policies(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, mine: slice,
+                   total: int) -> torch.Tensor:
+    """Geometry (random resized crop, rotation), the policy (RandAugment | TrivialAugmentWide | AutoAugment),
+    colour jitter and random erasing on uint8 (B, C, H, W), each image with its own draws."""
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    policy = _policy(aug)
+    for _, t in per_image_transforms(aug, size):
+        x = apply_each(x, t, per_image_seeds(gen, total, mine))
+    if policy is not None:
+        x = apply_policy(x, policy, per_image_seeds(gen, total, mine))
+    for _, t in after_policy_transforms(aug):
+        x = apply_each(x, t, per_image_seeds(gen, total, mine))
+    return x
+
+
+# ---- MixUp / CutMix
+
+
+def mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
+    """v2.MixUp / v2.CutMix (one of the two at random, as timm, when both are set), or None."""
+    ts = []
+    if aug.mixup:
+        ts.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))
+    if aug.cutmix:
+        ts.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
+    if not ts:
+        return None
+    return ts[0] if len(ts) == 1 else v2.RandomChoice(ts)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, gen: torch.Generator,
+              num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp / CutMix of a float (B, C, H, W) batch and its int64 labels -> (images, (B, K) soft targets
+    that sum to 1); unchanged when neither is set. One draw per batch, seeded from the step's generator."""
+    m = mixer(aug, num_classes)
+    if m is None or len(y) < 2:
+        return x, y
+    seed = int(torch.randint(0, SEED_HIGH, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return m(x, y)
+
+
+def hard_targets(y: torch.Tensor) -> torch.Tensor:
+    """Class indices to score accuracy against: the labels, or the largest share of a mixed (soft) target."""
+    return y if y.ndim == 1 else y.argmax(1)
