@@ -43,6 +43,13 @@ CONFIG = {
     "output": {"report": False, "name": "ddp"},
 }
 
+# The training knobs that must stay exact under torchrun, on in the 1-process vs 2-process comparison and its
+# resume: class-balanced draws (each rank its slice of one drawn order), class weights (each slice's loss over
+# the global step's total weight), and accumulation (3 micro-batches of 21 = the steps of 63 above, DDP syncing
+# only the last; 57 micro-batches = 19 steps an epoch, as 1,222 // 63).
+KNOBS = {"data.sampler": "balanced", "train.class_weights": "balanced", "train.accumulate": 3, "train.batch_size": 21,
+         "train.limit_batches": 57}
+
 PLANT = '''
 """Test-only plugin: a model that fails on one rank at its k-th training call; then the cnnlab CLI."""
 import os
@@ -116,15 +123,15 @@ def write_config(folder: Path, **over) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same config trained by 1 process (in this one) and by 2 under torchrun."""
+    """The same config (with KNOBS) trained by 1 process (in this one) and by 2 under torchrun."""
     one = tmp_path_factory.mktemp("one")
     n_threads = torch.get_num_threads()
     try:
-        assert cli.main(["train", str(write_config(one))]) == 0
+        assert cli.main(["train", str(write_config(one, **KNOBS))]) == 0
     finally:
         torch.set_num_threads(n_threads)
     two = tmp_path_factory.mktemp("two")
-    r, seconds = torchrun(["-m", "cnnlab", "train", str(write_config(two))])
+    r, seconds = torchrun(["-m", "cnnlab", "train", str(write_config(two, **KNOBS))])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     print(f"\n2-process torchrun run: {seconds:.1f} s")
     return one / "runs", two / "runs", r
@@ -232,7 +239,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(ru
     import signal
 
     _, two, _ = runs
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, **KNOBS)
     run_dir = tmp_path / "runs" / "ddp"
     last = run_dir / "checkpoints" / "last.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -148,3 +148,15 @@ def test_gallery_holds_real_training_pixels_and_is_a_report_section(study_dir, t
     page = report.build(run, sections=[s for s in SECTIONS if s.id == "gallery"]).read_text()  # that section only
     assert 'id="gallery"' in page and (run / "plots" / "data_gallery.png").is_file()
     assert "6 training images of each class" in page
+
+
+def test_tensorboard_has_the_step_accuracy_beside_the_loss(study_dir, tmp_path):
+    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = study_dir / "main"
+    logged = columns(read_csv(run / "steps.csv"))
+    for log_dir in (run / "tensorboard", report.write_tensorboard(run, tmp_path / "tb")):  # live, then replayed
+        ea = ea_mod.EventAccumulator(str(log_dir))
+        ea.Reload()
+        acc = ea.Scalars("step/acc")
+        assert [e.step for e in acc] == logged["step"]
+        np.testing.assert_allclose([e.value for e in acc], logged["acc"], atol=1e-4)

@@ -111,3 +111,23 @@ def test_cli_summary_for_a_name_and_a_config(tmp_path, capsys):
 @pytest.mark.parametrize("text, shape", [("3x32x32", (3, 32, 32)), ("32", (3, 32, 32)), ("1x28", (1, 28, 28))])
 def test_parse_shape(text, shape):
     assert models_cli.parse_shape(text) == shape
+
+
+def test_cli_summary_of_a_study_variation_without_its_data(tmp_path, capsys):
+    """#13: a study's variation by name; a data set that is not here gives one note saying what was assumed,
+    never the loader's advice for `train` (data.download, data.root), which summary does not act on."""
+    from pathlib import Path
+
+    exp4 = Path(__file__).resolve().parents[1] / "examples" / "seeds" / "exp4-stl10-lenet.yaml"
+    away = f"data.root={tmp_path / 'nothing'}"
+    assert cli.main(["summary", str(exp4), away, "--variation", "batchnorm"]) == 0
+    got = capsys.readouterr()
+    assert "total parameters:     62,458" in got.out  # LeNet with batch norm, as the experiment reports
+    notes = [ln for ln in got.err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "assumed 10 classes and input 3x32x32" in notes[0]
+    assert "data.download" not in got.err and "data.root" not in got.err and "--root" not in got.err
+    assert cli.main(["summary", str(exp4), away]) == 0
+    got = capsys.readouterr()
+    assert "total parameters:     62,006" in got.out and "--variation NAME for one of main, batchnorm, l2" in got.err
+    assert cli.main(["summary", str(exp4), away, "--variation", "batchnrom"]) == 2
+    assert "Did you mean 'batchnorm'? Variations: main, batchnorm, l2" in capsys.readouterr().err

@@ -289,3 +289,46 @@ def test_reduce_on_plateau_lowers_the_rate_when_the_metric_stalls(tmp_path):
                     "optim.lr=1e-6", "optim.momentum=0", "train.epochs=3", "train.limit_batches=2")
     assert rc == 0
     assert [float(r["lr"]) for r in history(run)] == pytest.approx([1e-6, 1e-6, 1e-7])
+
+
+# ----------------------------------------------------------------------------------------------
+# Imbalance in the report
+
+
+def _imbalanced_run():
+    from cnnlab.analysis.metrics import summary
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), [300, 100, 30])
+    logits = rng.normal(0, 1, (len(y), 3))
+    logits[np.arange(len(y)), y] += np.where(y == 2, 0.2, 3.0)  # the rare class is poorly recalled
+    classes = ["cat", "dog", "owl"]
+    data = {"counts": {"train": {"cat": 3000, "dog": 1000, "owl": 60}, "test": {"cat": 300, "dog": 100, "owl": 30}}}
+    return summary(logits, y, classes), data
+
+
+def test_imbalance_advice_names_the_config_keys_and_shows_recall_beside_the_count():
+    from cnnlab.analysis.diagnose import diagnose
+    from cnnlab.report import sections as S
+
+    summ, data = _imbalanced_run()
+    found = [f for f in diagnose(None, summ, data_info=data) if f.kind == "imbalance"]
+    assert len(found) == 1 and found[0].severity == "warning"
+    f = found[0]
+    owl = next(r for r in summ["per_class"] if r["name"] == "owl")
+    assert "'owl' 60 images" in f.text and f"recall {100 * owl['recall']:.1f}%" in f.text and "50x" in f.text
+    assert "train.class_weights=balanced" in f.next and "data.sampler=balanced" in f.next
+    # a run that already used them is told so, not told to try them
+    used = diagnose(None, summ, data_info=data, config={"train": {"class_weights": "balanced"}})
+    f2 = next(x for x in used if x.kind == "imbalance")
+    assert "already used train.class_weights=balanced" in f2.next and f2.severity == "info"
+    # balanced training classes: no finding
+    even = {"counts": {"train": {"cat": 100, "dog": 90, "owl": 80}}}
+    assert not [x for x in diagnose(None, summ, data_info=even) if x.kind == "imbalance"]
+    # the report's per-class table: the training count beside each class's recall, and the keys in its note
+    ctx = {"run": {"summary": summ, "data": data}, "findings": found}
+    per = S._classes(ctx).blocks[1]
+    assert per.head[:2] == ["class", "train images"] and "recall" in per.head
+    row = next(r for r in per.rows if r[0] == "owl" or getattr(r[0], "text", None) == "owl")
+    assert row[1] == "60" and abs(row[per.head.index("recall")].value - owl["recall"]) < 1e-12
+    assert "train.class_weights=balanced" in per.note[0]

@@ -21,10 +21,11 @@ from cnnlab.models import cli as models_cli  # noqa: E402
 from cnnlab.models import explain  # noqa: E402
 from cnnlab.report import build as report_build  # noqa: E402
 from cnnlab.studies import compare  # noqa: E402
+from cnnlab.training import calibrate  # noqa: E402
 from cnnlab.training import cli as training_cli  # noqa: E402
 
 # the order of `cnnlab --help`
-COMMANDS = (training_cli, deploy_cli, report_build, data_cli, models_cli, explain, compare)
+COMMANDS = (training_cli, calibrate, deploy_cli, report_build, data_cli, models_cli, explain, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

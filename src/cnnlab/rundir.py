@@ -346,6 +346,16 @@ class RunDir:
         return read_json(self.dir / METRICS)
 
     @cached_property
+    def calibration(self) -> dict | None:
+        """calibration.json: the temperature fitted on the validation split, with ECE/NLL before and after."""
+        return read_json(self.dir / CALIBRATION)
+
+    @property
+    def temperature(self) -> float:
+        """What the logits are divided by for calibrated probabilities (1.0 when the run was not calibrated)."""
+        return float((self.calibration or {}).get("temperature") or 1.0)
+
+    @cached_property
     def findings(self) -> list | None:
         return read_json(self.dir / FINDINGS, list)
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cnnlab.analysis import failures
+from cnnlab.analysis import failures, imbalance
 
 MARGIN = 3.0
 SEVERITIES = ("error", "warning", "ok", "info")  # the order findings are shown in
@@ -178,8 +178,8 @@ def _dead_classes(summary: dict, history: dict | None = None) -> list[Finding]:
             out.append(Finding(
                 "warning", "rare_class", f"Class '{name}' is almost never predicted",
                 f"The model labels only {predicted[i]} images '{name}' although {support[i]} are; {went}.",
-                "Check this class's labels and its share of the training set; class weights or resampling "
-                "help when it is rare.", {"class": name, "index": i, "support": int(support[i]),
+                "Check this class's labels and its share of the training set (the Per-class table's train images); "
+                f"when it is rare, try {imbalance.KEYS}.", {"class": name, "index": i, "support": int(support[i]),
                                           "predicted": int(predicted[i])}))
     return out
 
@@ -370,8 +370,8 @@ def _calibration(summary: dict) -> list[Finding]:
     return [Finding("info", "calibration", f"Confidence is poorly calibrated (ECE {ece:.3f})",
                     f"On average the model's confidence and its accuracy differ by {_pct(ece)} (expected "
                     "calibration error over 15 bins); see the reliability diagram.",
-                    "If probabilities matter, try label smoothing (train.label_smoothing: 0.1) or temperature "
-                    "scaling on the validation split.", {"ece": ece})]
+                    "If probabilities matter, fit a temperature on the validation split (train.calibrate: true, "
+                    "or cnnlab calibrate RUN), or try label smoothing (train.label_smoothing: 0.1).", {"ece": ece})]
 
 
 def flagged_classes(findings) -> set[str]:
@@ -389,11 +389,12 @@ def flagged_classes(findings) -> set[str]:
 
 
 def diagnose(history: dict | None, summary: dict | None, *, steps: dict | None = None,
-             data_info: dict | None = None, best_epoch: int | None = None, grads: dict | None = None) -> list[Finding]:
+             data_info: dict | None = None, best_epoch: int | None = None, grads: dict | None = None,
+             config: dict | None = None) -> list[Finding]:
     """All findings for a run, most severe first.
 
     history / steps / grads: columns of history.csv / steps.csv / grads.csv as {name: sequence};
-    summary: metrics.summary(...).
+    summary: metrics.summary(...); config: config.yaml as a mapping (which settings the run used).
     """
     out: list[Finding] = []
     out += _divergence(steps, history)
@@ -411,6 +412,7 @@ def diagnose(history: dict | None, summary: dict | None, *, steps: dict | None =
         out += _weak_classes(summary, {i for f in dead for i in f.data.get("indices") or [f.data["index"]]})
         out += _confusions(summary)
         out += _calibration(summary)
+    out += imbalance.findings(summary, data_info, config)
     out += _data(data_info)
     if not any(f.severity in ("error", "warning") for f in out):
         out.insert(0, Finding("ok", "healthy", "No problems found",

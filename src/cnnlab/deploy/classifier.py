@@ -3,7 +3,8 @@
 The model is rebuilt from the run's config and checkpoint; inputs get the run's own evaluation
 preprocessing (the data pipeline's decode: mode -> channels, bilinear resize to the run's input size;
 then its Normalizer with the run's mean/std), so a file predicted here scores exactly as it did in the
-run's predictions.csv. Inputs: paths (also `archive.zip::member`), PIL images, numpy arrays, tensors.
+run's predictions.csv (with a calibrated run, `cnnlab calibrate`, the probabilities are softmax(logits / T)
+with the run's temperature; predictions.csv keeps the raw ones). Inputs: paths (also `archive.zip::member`), PIL images, numpy arrays, tensors.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class RunFacts:
     checkpoint: str  # best | last
     epoch: int | None
     env: dict
+    temperature: float = 1.0  # from calibration.json (train.calibrate / `cnnlab calibrate`): probabilities = softmax(logits / T)
 
 
 def read_run(run_dir: str | Path, checkpoint: str = "best") -> RunFacts:
@@ -65,7 +67,8 @@ def read_run(run_dir: str | Path, checkpoint: str = "best") -> RunFacts:
     env = run.env or {}
     return RunFacts(dir=run_dir, config=cfg, classes=list(data["classes"]), channels=int(data["in_channels"]),
                     size=int(data["input_size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                    weights=c["model"], checkpoint=checkpoint, epoch=(c.get("state") or {}).get("epoch"), env=env)
+                    weights=c["model"], checkpoint=checkpoint, epoch=(c.get("state") or {}).get("epoch"), env=env,
+                    temperature=run.temperature if checkpoint == "best" else 1.0)  # fitted to the best checkpoint
 
 
 def build_model(run: RunFacts) -> torch.nn.Module:
@@ -189,6 +192,11 @@ class Classifier:
                 out = 0.5 * (out + self.model(x.flip(3)).float())
         return out.float().cpu()
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits -> class probabilities: softmax(logits / T), T the run's fitted temperature (1 when the
+        run was not calibrated). The predicted class is the same either way; only the confidences change."""
+        return (logits / self.run.temperature).softmax(1)
+
     def _pixels(self, items: list) -> torch.Tensor:
         if not items:
             return torch.zeros(0, self.run.channels, self.run.size, self.run.size, dtype=torch.uint8)
@@ -200,7 +208,7 @@ class Classifier:
         items = [x] if single else list(x)
         out = []
         for i in range(0, len(items), batch_size):
-            out.append(self.logits(self._pixels(items[i:i + batch_size]), tta=tta).softmax(1))
+            out.append(self.probabilities(self.logits(self._pixels(items[i:i + batch_size]), tta=tta)))
         probs = torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
         return probs[0] if single else probs
 

@@ -39,7 +39,7 @@ def predict_stream(clf: Classifier, items, *, batch_size: int = 256, tta: bool |
         notes.extend(b.notes)
         if not b.refs:
             continue
-        probs = clf.logits(b.pixels, tta=tta).softmax(1)
+        probs = clf.probabilities(clf.logits(b.pixels, tta=tta))  # calibrated when the run has a temperature
         if on_batch is not None:
             on_batch(b.refs, b.pixels, probs)
         yield from zip(b.refs, probs)

@@ -39,6 +39,9 @@ def _data_shape(cfg) -> tuple[int | None, int | None, int | None, str | None]:
         from cnnlab.data.pipeline import open_source
 
         src = open_source(cfg.data.name, root=cfg.data.root, download=False, options=cfg.data.options)
+    except FileNotFoundError:  # the loader's advice (data.download, data.root) is for train, not for summary
+        return None, None, None, (f"data set {cfg.data.name!r} not found on this machine (summary reads only local "
+                                  "files, it never downloads)")
     except Exception as e:  # noqa: BLE001 - any data-set failure just means "use the defaults"
         return None, None, None, f"data set {cfg.data.name!r} not read ({str(e).splitlines()[0] if str(e) else e!r})"
     images = src.train.images
@@ -46,8 +49,10 @@ def _data_shape(cfg) -> tuple[int | None, int | None, int | None, str | None]:
             int(images.shape[-1]) if images is not None else None, None)
 
 
-def build_for_summary(target: str, overrides: list[str], input_text: str | None, classes: int | None):
-    """(model, (C, H, W), title, notes) for a model name or a config file, as the trainer would build it."""
+def build_for_summary(target: str, overrides: list[str], input_text: str | None, classes: int | None,
+                      variation: str | None = None):
+    """(model, (C, H, W), title, notes) for a model name or a config file (a study's: its base config, or
+    `variation`'s), as the trainer would build it."""
     from cnnlab import config as C
     from cnnlab.models import build_model, transfer
     from cnnlab.models._registry import library_of
@@ -57,14 +62,21 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
     notes = []
     is_file = target.endswith((".yaml", ".yml")) or Path(target).is_file()
     cfg = C.load(target if is_file else {"model": {"name": target}}, overrides)
+    if variation is not None:
+        from cnnlab.studies.study import variation as pick
+
+        cfg = pick(cfg, variation)[0].cfg
+    elif cfg.variations or cfg.grid:
+        from cnnlab.studies.study import groups
+
+        notes.append(f"a study: the model of its base config; --variation NAME for one of "
+                     f"{', '.join(n for n, _ in groups(cfg))}")
     check_name(cfg.model.name)  # model.name='nett1': ... Did you mean 'net1'?
     c, h, w = default_input(cfg.model.name)
     n_classes = classes
+    why = None
     if is_file:
         n, ch, size, why = _data_shape(cfg)
-        if why:
-            notes.append(why + "; using the model's default input and 10 classes unless --input/--classes "
-                         "say otherwise")
         n_classes = n_classes or n
         c = cfg.data.channels or ch or c
         h = w = cfg.data.image_size or size or h
@@ -75,9 +87,12 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
                      "(set data.image_size to override)")
     if input_text:
         c, h, w = parse_shape(input_text)
-    if n_classes is None:
-        notes.append("assumed 10 classes" + (" (the data set could not be read)" if is_file else
-                                             " (a model name gives none)") + "; --classes N to change")
+    if why:  # one note saying what was used instead (the loader's advice names train's keys: not for summary)
+        assumed = ([] if classes else ["10 classes"]) + ([] if input_text else [f"input {c}x{h}x{w}"])
+        change = ([] if classes else ["--classes N"]) + ([] if input_text else ["--input CxHxW"])
+        notes.append(why + (f"; assumed {' and '.join(assumed)} ({', '.join(change)} to change)" if assumed else ""))
+    elif n_classes is None:
+        notes.append("assumed 10 classes (a model name gives none); --classes N to change")
     n_classes = n_classes or 10
     mcfg = cfg.model
     if mcfg.pretrained and library_of(mcfg.name)[0] != "timm":  # shapes and counts do not depend on the values
@@ -91,7 +106,8 @@ def build_for_summary(target: str, overrides: list[str], input_text: str | None,
 def _summary(args) -> int:
     from cnnlab.models.summary import summarize
 
-    model, shape, title, notes = build_for_summary(args.target, args.overrides, args.input, args.classes)
+    model, shape, title, notes = build_for_summary(args.target, args.overrides, args.input, args.classes,
+                                                   args.variation)
     s = summarize(model, shape, name=title)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -108,5 +124,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.padding=1 model.batchnorm=true")
     s.add_argument("--input", help="input shape CxHxW, e.g. 3x32x32 (default: the model's or the data set's)")
     s.add_argument("--classes", type=int, help="number of classes (default: the data set's, else 10)")
+    s.add_argument("--variation", metavar="NAME", help="a study config: the model of this variation (default: the "
+                   "base config's)")
     s.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
     s.set_defaults(func=_summary)

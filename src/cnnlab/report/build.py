@@ -58,6 +58,7 @@ def gather(run_dir: str | Path) -> dict:
     if not r["pred_rows"] and r["logits"] is not None:
         r["pred_rows"] = _rows_from_logits(r["logits"], r["targets"], r["classes"])
     r["checkpoint"] = rd.checkpoint("best")
+    r["calibration"] = rd.calibration
     r["lr_find"] = read_json(d / R.LR_FIND_JSON)  # optim.lr: auto: the range test's choice and its curve
     r["lr_curve"] = columns(read_csv(d / R.LR_FIND_CSV)) if r["lr_find"] else {}
     return r
@@ -79,7 +80,8 @@ def _rows_from_logits(logits, targets, classes) -> list[dict]:
 def findings(run: dict) -> list[dg.Finding]:
     best = (run["metrics"] or {}).get("best_epoch")
     return dg.diagnose(run["history"] or None, run["summary"], steps=run["steps"] or None,
-                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None)
+                       data_info=run["data"], best_epoch=best, grads=run.get("grads") or None,
+                       config=run["rundir"].config_dict if run.get("rundir") is not None else None)
 
 
 def write_failures(run: dict, path: Path) -> int:
@@ -170,7 +172,7 @@ def write_tensorboard(run_dir: str | Path, log_dir: str | Path | None = None) ->
             tb.scalars({f"epoch/{k}": h[k][i] for k in h if k != "epoch"}, ep)
         s = run["steps"]
         for i, st in enumerate(s.get("step", [])):
-            tb.scalars({"step/loss": s["loss"][i], "step/lr": s.get("lr", [None] * (i + 1))[i]}, st)
+            tb.scalars({f"step/{k}": s[k][i] for k in ("loss", "acc", "lr") if k in s}, st)
         summ = run["summary"]
         if summ:
             last = int(h["epoch"][-1]) if h.get("epoch") else 0

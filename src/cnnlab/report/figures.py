@@ -210,6 +210,19 @@ def reliability(d: Drawing):
                  f"Expected calibration error {summ['ece']:.3f} (15 bins)." if summ else "")
 
 
+def reliability_calibrated(d: Drawing):
+    from cnnlab.report import plots as P
+
+    run, cal = d.run, d.run.get("calibration")
+    if run["logits"] is None or not cal:
+        return None
+    t = float(cal["temperature"])
+    ece = M.expected_calibration_error(run["logits"] / t, run["targets"])
+    return Drawn(P.reliability(M.calibration_bins(run["logits"] / t, run["targets"])),
+                 f"After temperature scaling (logits / {t:.3f}, fitted on the validation split): expected "
+                 f"calibration error {ece:.3f}.")
+
+
 def failures(d: Drawing):
     from cnnlab.report import plots as P
 

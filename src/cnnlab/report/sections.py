@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cnnlab import rundir as R
+from cnnlab.analysis import imbalance
 from cnnlab.analysis.diagnose import flagged_classes
 from cnnlab.report import figures as F
 from cnnlab.report.fmt import facts, num, pct
@@ -167,11 +168,44 @@ def _classes(ctx: dict):
              for a in ("macro", "weighted")]
     report = Table(["class", "precision", "recall", "F1", "support"], rows, {1, 2, 3, 4}, {0}, totals=3,
                    title="Classification report", scroll=True)
-    per = Table(["class", "images", "predicted", "correct", "accuracy", "mistaken for"],
-                [[Flagged(r["name"]) if r["flagged"] else r["name"], f"{r['support']:,}", f"{r['predicted']:,}",
-                  f"{r['correct']:,}", Bar(r["accuracy"], r["flagged"]), r["confused"]] for r in per_class_rows(ctx)],
-                {1, 2, 3}, {4}, title="Per class, hardest first", scroll=True)
+    # the training images of each class beside its recall (= accuracy here): a rare class's lag shows at a glance
+    train = imbalance.train_counts(ctx["run"]["data"])
+    head = ["class"] + (["train images"] if train else []) + ["images", "predicted", "correct", "recall",
+                                                               "mistaken for"]
+    rows = [[Flagged(r["name"]) if r["flagged"] else r["name"]] + ([f"{train.get(r['name'], 0):,}"] if train else [])
+            + [f"{r['support']:,}", f"{r['predicted']:,}", f"{r['correct']:,}", Bar(r["accuracy"], r["flagged"]),
+               r["confused"]] for r in per_class_rows(ctx)]
+    o = 1 if train else 0
+    per = Table(head, rows, set(range(1, 4 + o)), {4 + o}, title="Per class, hardest first", scroll=True,
+                note=[f"Imbalanced training classes: try {imbalance.KEYS}."] if _imbalanced(ctx) else None)
     return Columns([report, per])
+
+
+def _imbalanced(ctx: dict) -> bool:
+    return any(f.kind == "imbalance" and not f.data.get("used") for f in ctx["findings"])
+
+
+def _calibration_lead(ctx: dict) -> str:
+    split = facts(ctx)["split"]
+    if ctx["run"].get("calibration"):
+        return (f"On the {split} split: how far confidence and accuracy agree, before and after dividing the logits "
+                "by a temperature fitted on the validation split (`cnnlab.load` and `cnnlab predict` apply it).")
+    return (f"On the {split} split: how far confidence and accuracy agree. `train.calibrate: true` (or `cnnlab "
+            "calibrate RUN`) fits a temperature on the validation split.")
+
+
+def _calibration(ctx: dict):
+    cal = ctx["run"].get("calibration")
+    if not cal:
+        return None
+    split = cal.get("split", "evaluated")
+    items = {"temperature": f"{cal['temperature']:.4f}",
+             f"ECE on {split}": f"{num(cal['ece_before'], '.4f')} → {num(cal['ece_after'], '.4f')}",
+             f"NLL on {split}": f"{num(cal['nll_before'], '.4f')} → {num(cal['nll_after'], '.4f')}",
+             "fitted on": f"validation ({(cal.get('val') or {}).get('n', 0):,} images)"}
+    if cal.get("same_split"):
+        items["note"] = "no test split: fitted and measured on the same images (optimistic)"
+    return KeyValues(items, title="Temperature scaling")
 
 
 def _failures_table(ctx: dict, top: int = 15):
@@ -258,8 +292,11 @@ SECTIONS: list[Section] = [
         Figure("confusion_normalized", "Confusion matrix (share of each true class)", F.confusion_share)),
         pair=True),)),
     Section("classes", "Per-class results", "Precision, recall and F1 per class, as scikit-learn reports them.", (
-        _classes, Figures((Figure("per_class", "Accuracy per class", F.per_class),
-                           Figure("reliability", "Calibration", F.reliability)), pair=True))),
+        _classes, Figures((Figure("per_class", "Accuracy per class", F.per_class),)))),
+    Section("calibration", "Calibration", _calibration_lead, (_calibration, Figures((
+        Figure("reliability", "Reliability", F.reliability),
+        Figure("reliability_calibrated", "Reliability after temperature scaling", F.reliability_calibrated)),
+        pair=True))),
     Section("failures", "Failures", "The mistakes with the highest loss: confidently wrong, or far from the right "
             "class.", (Figures((Figure("failures", "Failures", F.failures),)), _failures_table)),
     Section("predictions", "Predictions", "A sample of images with what the model says.",

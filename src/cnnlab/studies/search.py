@@ -6,7 +6,7 @@ stops the run where the pruner says. Only this process asks for trials, so there
 `search.trials` of them; a killed search resumes from the storage (finished trials kept, an interrupted
 one resumed from its last.pt, or re-run). Before each ask the sampler is seeded with (seed + trial number),
 so a resumed inline search asks exactly what an uninterrupted one would. Results: search.json, search.csv
-(the trials table), best.yaml, study.json, and the pages (studies/search_report.py).
+(the trials table), best.yaml, study.json and the pages, written by studies/search_report.py.
 
 Imports config, rundir, studies.study (folders, lock, spawning runs, Ray); optuna and training inside functions."""
 from __future__ import annotations
@@ -364,7 +364,7 @@ def run_search(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, 
         say(f"search {root}: {total_trials(s)} trials ({s.sampler} sampler, {s.pruner} pruner, {direction(s)} "
             f"{s.objective}); {done} done, {trials.total} to run")
         EXECUTORS[kind](trials, jobs=jobs, quiet=quiet, say=say, address=address)
-        summary = write_results(root, cfg, s, study, config_path, overrides)
+        summary = search_report.write_results(root, cfg, s, study, config_path, overrides)
         out = S.Study(dir=root, config=cfg, runs=[], status={t["name"]: t["state"] for t in summary["trials"]})
         if report:
             out.report = search_report.write(root, summary)
@@ -378,67 +378,3 @@ def run_search(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, 
         raise S.StudyError(f"{len(trials.failures)} trial(s) of {root} failed:\n{lines}\nFix the cause and run the "
                            "same command again: finished trials are kept, failed ones are tried anew.")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Results: search.json, search.csv, best.yaml, study.json
-
-
-def write_results(root: Path, cfg: C.Config, s: C.SearchConfig, study, config_path, overrides) -> dict:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        name, state = TRIAL.format(t.number), STATES.get(t.state.name, t.state.name.lower())
-        path = root / name
-        m = R.read_json(path / R.METRICS) if (path / R.METRICS).is_file() else None
-        env = R.read_json(path / R.ENV) if (path / R.ENV).is_file() else None
-        rows.append({"number": t.number, "name": name, "state": state, "params": dict(t.params),
-                     "value": objective_of(path, s) if m else None, "epochs": (m or {}).get("epochs_run"),
-                     "pruned_at": t.last_step if state == "pruned" else None,
-                     "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-                     "seconds": (env or {}).get("train_seconds"), "dir": name})
-    sign = -1 if direction(s) == "maximize" else 1
-    done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
-    best = min(done, key=lambda r: (sign * r["value"], r["number"])) if done else None
-    summary = {"name": root.name, "objective": s.objective, "direction": direction(s), "sampler": s.sampler,
-               "pruner": s.pruner, "trials_planned": total_trials(s), "space": s.space,
-               "best": best and {k: best[k] for k in ("number", "name", "value", "params")},
-               "importances": importances(study), "trials": rows}
-    R.write_json(root / R.SEARCH_JSON, summary)
-    ordered = sorted(rows, key=lambda r: (r["value"] is None, sign * (r["value"] or 0), r["number"]))
-    keys = list(s.space)
-    R.write_csv(root / R.SEARCH_CSV, ["rank", "trial", "state", s.objective, "epochs", *keys, "seconds"],
-                [[i + 1, r["name"], r["state"], "" if r["value"] is None else repr(r["value"]), r["epochs"] or "",
-                  *[fmt_value(r["params"].get(k)) if k in r["params"] else "" for k in keys],
-                  "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for i, r in enumerate(ordered)])
-    if best:
-        tree = base_tree(cfg)
-        best_cfg = C.load(tree, {**best["params"], "output.name": f"{root.name}-best"})
-        R.write_text(root / R.BEST_YAML, f"# the best trial of {root} ({best['name']}, {s.objective} "
-                                         f"{best['value']:.4f}); `cnnlab train {root / R.BEST_YAML}` runs it\n"
-                     + C.dump_yaml(best_cfg))
-    _write_manifest(root, cfg, rows, best, config_path, overrides)
-    return summary
-
-
-def importances(study) -> dict:
-    """Optuna's parameter importances (fANOVA) over the complete trials; {} when they cannot say."""
-    optuna = _optuna()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-    except (RuntimeError, ValueError, ZeroDivisionError):
-        return {}
-
-
-def _write_manifest(root: Path, cfg: C.Config, rows: list, best, config_path, overrides) -> None:
-    """study.json with one variation per trial, so `cnnlab compare` reads a search like any study."""
-    variations = [{"name": r["name"], "overrides": r["params"], "config": None,
-                   "runs": [{"seed": cfg.train.seed, "dir": r["name"],
-                             "status": "done" if (root / r["name"] / R.METRICS).is_file() else r["state"]}]}
-                  for r in rows]
-    R.write_json(root / R.STUDY_JSON, {
-        "name": root.name, "baseline": best["name"] if best else None, "repeats": 1, "seeds": [cfg.train.seed],
-        "grid": {}, "search": True, "source": {"config": str(config_path) if config_path else None,
-                                               "overrides": list(overrides or [])},
-        "complete": all(r["state"] in ("complete", "pruned") for r in rows), "variations": variations})

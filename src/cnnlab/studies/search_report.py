@@ -1,19 +1,91 @@
-"""The pages of a hyperparameter search (studies/search.py): the trials table sorted by the objective (pruned
+"""The results of a hyperparameter search (studies/search.py): search.json, search.csv (the trials table),
+best.yaml, study.json (for `cnnlab compare`); and its pages: the trials table sorted by the objective (pruned
 and failed trials marked), the objective against the trial number, Optuna's parameter importances, a slice
 plot per parameter and the per-epoch objective of every trial (where the pruner stopped each), as static
 PNGs in the look of report/plots.py; search.md and a self-contained search.html, drawn from search.json.
 
-Imports rundir, studies.compare (formatting), report.plots / report.html (style) inside functions."""
+Imports config, rundir, studies.search (names, the objective), studies.compare (formatting); report.plots /
+report.html (style) and optuna inside functions."""
 from __future__ import annotations
 
 import base64
 import os
+import warnings
 from html import escape as e
 from pathlib import Path
 
-
+from cnnlab import config as C
 from cnnlab import rundir as R
+from cnnlab.studies import search as SE
 from cnnlab.studies.compare import fmt_value
+
+# ----------------------------------------------------------------------------------------------
+# Results: search.json, search.csv, best.yaml, study.json (drawn by the pages below)
+
+
+def write_results(root: Path, cfg: C.Config, s: C.SearchConfig, study, config_path, overrides) -> dict:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        name, state = SE.TRIAL.format(t.number), SE.STATES.get(t.state.name, t.state.name.lower())
+        path = root / name
+        m = R.read_json(path / R.METRICS) if (path / R.METRICS).is_file() else None
+        env = R.read_json(path / R.ENV) if (path / R.ENV).is_file() else None
+        rows.append({"number": t.number, "name": name, "state": state, "params": dict(t.params),
+                     "value": SE.objective_of(path, s) if m else None, "epochs": (m or {}).get("epochs_run"),
+                     "pruned_at": t.last_step if state == "pruned" else None,
+                     "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                     "seconds": (env or {}).get("train_seconds"), "dir": name})
+    sign = -1 if SE.direction(s) == "maximize" else 1
+    done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
+    best = min(done, key=lambda r: (sign * r["value"], r["number"])) if done else None
+    summary = {"name": root.name, "objective": s.objective, "direction": SE.direction(s), "sampler": s.sampler,
+               "pruner": s.pruner, "trials_planned": SE.total_trials(s), "space": s.space,
+               "best": best and {k: best[k] for k in ("number", "name", "value", "params")},
+               "importances": importances(study), "trials": rows}
+    R.write_json(root / R.SEARCH_JSON, summary)
+    ordered = sorted(rows, key=lambda r: (r["value"] is None, sign * (r["value"] or 0), r["number"]))
+    keys = list(s.space)
+    R.write_csv(root / R.SEARCH_CSV, ["rank", "trial", "state", s.objective, "epochs", *keys, "seconds"],
+                [[i + 1, r["name"], r["state"], "" if r["value"] is None else repr(r["value"]), r["epochs"] or "",
+                  *[fmt_value(r["params"].get(k)) if k in r["params"] else "" for k in keys],
+                  "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for i, r in enumerate(ordered)])
+    if best:
+        tree = SE.base_tree(cfg)
+        best_cfg = C.load(tree, {**best["params"], "output.name": f"{root.name}-best"})
+        R.write_text(root / R.BEST_YAML, f"# the best trial of {root} ({best['name']}, {s.objective} "
+                                         f"{best['value']:.4f}); `cnnlab train {root / R.BEST_YAML}` runs it\n"
+                     + C.dump_yaml(best_cfg))
+    _write_manifest(root, cfg, rows, best, config_path, overrides)
+    return summary
+
+
+def importances(study) -> dict:
+    """Optuna's parameter importances (fANOVA) over the complete trials; {} when they cannot say."""
+    optuna = SE._optuna()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return {}
+
+
+def _write_manifest(root: Path, cfg: C.Config, rows: list, best, config_path, overrides) -> None:
+    """study.json with one variation per trial, so `cnnlab compare` reads a search like any study."""
+    variations = [{"name": r["name"], "overrides": r["params"], "config": None,
+                   "runs": [{"seed": cfg.train.seed, "dir": r["name"],
+                             "status": "done" if (root / r["name"] / R.METRICS).is_file() else r["state"]}]}
+                  for r in rows]
+    R.write_json(root / R.STUDY_JSON, {
+        "name": root.name, "baseline": best["name"] if best else None, "repeats": 1, "seeds": [cfg.train.seed],
+        "grid": {}, "search": True, "source": {"config": str(config_path) if config_path else None,
+                                               "overrides": list(overrides or [])},
+        "complete": all(r["state"] in ("complete", "pruned") for r in rows), "variations": variations})
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures and pages
+
 
 STATE_STYLE = {"complete": ("o", None), "pruned": ("x", "#94a3b8"), "failed": ("s", "#dc2626")}
 
@@ -201,11 +273,20 @@ def html_page(summary: dict, figs: dict, out: Path) -> str:
             f'lab</span></div><div class="run">{e(summary["name"])}</div><a href="#trials">Trials</a>'
             f'<a href="#figures">Figures</a></nav><main><header class="hero" id="top"><div class="eyebrow">cnnlab '
             f'search</div><h1>{e(summary["name"])}</h1><p class="sub">{e(_lead(summary))}</p>{best}</header>'
-            f'<section id="trials"><h2>Trials</h2><p class="lead">Best first; pruned and failed trials greyed.</p>'
+            f'<section id="trials"><h2>Trials</h2><p class="lead">Best first; pruned and failed trials greyed; click a heading to sort by it.</p>'
             f'<div class="card" style="overflow-x:auto"><table><thead><tr>{th}</tr></thead><tbody>{rows}</tbody>'
             f'</table></div></section><section id="figures"><h2>Figures</h2>{imgs}</section>'
             f'<footer>Drawn from {R.SEARCH_JSON} and the trials\' run folders; nothing was retrained.</footer>'
-            f'</main></div></body></html>\n')
+            f'</main></div><script>{SORT_JS}</script></body></html>\n')
+
+
+# a click on a column's heading sorts the trials table by it (numbers as numbers; a second click reverses)
+SORT_JS = """document.querySelectorAll('#trials th').forEach((th, i) => { th.style.cursor = 'pointer';
+th.title = 'sort by this column'; th.onclick = () => { const body = th.closest('table').tBodies[0];
+const key = r => { const t = r.cells[i].innerText.trim(), n = parseFloat(t); return isNaN(n) ? t : n; };
+const rows = [...body.rows], dir = th.dataset.dir = th.dataset.dir === '1' ? '-1' : '1';
+rows.sort((a, b) => { const x = key(a), y = key(b); return (x > y ? 1 : x < y ? -1 : 0) * dir; });
+rows.forEach(r => body.appendChild(r)); }; });"""
 
 
 def write(root: Path, summary: dict | None = None) -> Path:

@@ -114,6 +114,23 @@ def plan(cfg: C.Config) -> list[Planned]:
     return out
 
 
+def variation(cfg: C.Config, name: str, flag: str = "--variation") -> list[Planned]:
+    """The planned run(s) of one variation (one per seed); refused, naming the variations, when there is none."""
+    if not (cfg.variations or cfg.grid or cfg.repeats > 1):
+        raise C.ConfigError(f"{flag} {name!r}: the config is not a study (it has no variations, grid or repeats)"
+                            + ("; a search's trials are chosen as it goes" if cfg.search else ""))
+    planned = plan(cfg)
+    chosen = [p for p in planned if p.variation == name]
+    if not chosen:
+        import difflib
+
+        names = list(dict.fromkeys(p.variation for p in planned))
+        close = difflib.get_close_matches(name, names, n=1)
+        raise C.ConfigError(f"{flag} {name!r} is not a variation of this study."
+                            + (f" Did you mean {close[0]!r}?" if close else "") + f" Variations: {', '.join(names)}")
+    return chosen
+
+
 def differences(a: dict, b: dict) -> list[str]:
     """Dotted keys whose values differ between two flat config dicts (ignoring IGNORED)."""
     return [k for k in sorted(set(a) | set(b)) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]

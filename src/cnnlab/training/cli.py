@@ -64,26 +64,11 @@ def _train(args) -> int:
 def _one_variation(cfg, name: str) -> int:
     """`cnnlab train STUDY --variation NAME`: that variation's run(s) alone, in the folder the whole study
     would give them (a later run of the study finds them done)."""
-    from cnnlab import config as C
-    from cnnlab import dist
+    from cnnlab import dist, process
     from cnnlab.studies import study
     from cnnlab.training import experiment
 
-    if not (cfg.variations or cfg.grid or cfg.repeats > 1):
-        raise C.ConfigError(f"--variation {name!r}: the config is not a study (it has no variations, grid or repeats)"
-                            + ("; a search's trials are chosen as it goes" if cfg.search else ""))
-    planned = study.plan(cfg)
-    chosen = [p for p in planned if p.variation == name]
-    if not chosen:
-        import difflib
-
-        names = list(dict.fromkeys(p.variation for p in planned))
-        close = difflib.get_close_matches(name, names, n=1)
-        raise C.ConfigError(f"--variation {name!r} is not a variation of this study."
-                            + (f" Did you mean {close[0]!r}?" if close else "") + f" Variations: {', '.join(names)}")
-    from cnnlab import process
-
-    for p in chosen:
+    for p in study.variation(cfg, name):
         experiment.run(p.cfg, device=process.setup(p.cfg))
     dist.shutdown()
     return 0

@@ -24,6 +24,7 @@ from cnnlab.rundir import MARKER, RunDir, made_by_cnnlab, write_json, write_text
 from cnnlab.data.loader import check_augment
 from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
+from cnnlab.training import calibrate
 from cnnlab.training.loss import class_weights
 from cnnlab.training.resume import check_same_data, finished, folder_lock
 
@@ -217,12 +218,18 @@ def _train_and_evaluate(cfg: C.Config, run_dir: Path, splits: Splits, *, device:
 
     # evaluate the best checkpoint on the test split (val where there is none)
     best = ckpt.load(run_dir / R.CHECKPOINTS / R.BEST) if (run_dir / R.CHECKPOINTS / R.BEST).exists() else None
-    logits, targets = T.evaluate_weights(cfg, splits, best["model"] if best else T._unwrap(model).state_dict(), device)
+    weights = best["model"] if best else T._unwrap(model).state_dict()
+    logits, targets = T.evaluate_weights(cfg, splits, weights, device)
+    calibrated = calibrate.fit(cfg, splits, weights, device, logits, targets) if cfg.train.calibrate else None
     metrics = {}
     if main:
         save_predictions(run_dir, splits, logits, targets, cfg.train.seed)
         metrics = headline(cfg, state, splits, logits, targets)
-        write_json(run_dir / R.METRICS, metrics)
+        if calibrated is not None:  # calibration.json, then metrics.json with it
+            calibrate.save(run_dir, calibrated, metrics)
+            say(f"calibration: {calibrate.describe(calibrated)}")
+        else:
+            write_json(run_dir / R.METRICS, metrics)
         test = metrics["test"]
         where = "test" if splits.eval_split == "test" else "validation (no test split)"
         say(f"best epoch {state.best_epoch}: val acc {metrics['best_val_acc']:.4f}; "

@@ -318,7 +318,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                             runlog.append_row(run_dir / R.GRADS, {"step": step, "epoch": state.epoch + 1,
                                                                   **{k: runlog.fmt(v) for k, v in norms.items()}})
                         if tb is not None:
-                            tb.scalars({"step/loss": loss, "step/lr": ts.lr()}, step)
+                            tb.scalars({"step/loss": loss, "step/acc": acc, "step/lr": ts.lr()}, step)
                     if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                         ts.save_last(last)
                     if stop is not None:

@@ -1,7 +1,8 @@
 """TensorBoard scalars, written live by the training loop (rank 0) when tensorboard is installed.
 
-`tensorboard --logdir runs` then shows step/loss, step/lr and epoch/{train,val}_{loss,acc} while a run
-trains; `cnnlab report RUN --tensorboard` replays a finished run's CSV files into the same tags.
+`tensorboard --logdir runs` then shows step/loss, step/acc (the batch accuracy), step/lr and
+epoch/{train,val}_{loss,acc} while a run trains; `cnnlab report RUN --tensorboard` replays a finished run's
+CSV files into the same tags.
 """
 from __future__ import annotations
 
