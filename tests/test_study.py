@@ -276,7 +276,20 @@ def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp
     assert cli.main(["train", str(path), "optim.lr=0.05", "--fresh"]) == 0
     assert C.load(root / "main" / "config.yaml").optim.lr == 0.05 and C.load(root / "study.yaml").optim.lr == 0.05
     assert C.load(root / "slow" / "config.yaml").optim.lr == 0.001
-    assert "--fresh: deleted 2 run folder(s)" in capsys.readouterr().out
+    assert "deleted 2 run folder(s)" in capsys.readouterr().out
+
+
+def test_retrain_changed_trains_again_only_the_runs_whose_settings_moved(tmp_path):
+    """(a search's repeats of its best settings, which move as the search goes on)"""
+    tree = tiny(tmp_path, variations={"baseline": {}, "best": {"optim.lr": 0.003}})
+    study.run_study(C.load(tree), quiet=True, report=False)
+    kept = mtimes(tmp_path / "st" / "baseline")
+    tree["variations"]["best"] = {"optim.lr": 0.02}
+    with pytest.raises(study.ChangedStudyError, match="best: optim.lr=0.003"):
+        study.run_study(C.load(tree), quiet=True, report=False)
+    study.run_study(C.load(tree), quiet=True, report=False, retrain_changed=True)
+    assert mtimes(tmp_path / "st" / "baseline") == kept
+    assert C.load(tmp_path / "st" / "best" / "config.yaml").optim.lr == 0.02
 
 
 def test_a_failed_baseline_leaves_no_report_and_the_failure_is_what_is_reported(tmp_path, capsys):

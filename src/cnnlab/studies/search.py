@@ -334,7 +334,7 @@ def run_repeats(cfg: C.Config, root: Path, best: dict, *, jobs: int, executor: s
             "baseline": "baseline"}
     tree["output"] = {**tree["output"], "dir": str(root), "name": R.SEARCH_REPEATS}
     say(f"the best settings ({best['name']}) and the baseline over {cfg.repeats} seeds: {root / R.SEARCH_REPEATS}")
-    S.run_study(C.load(tree), jobs=jobs, executor=executor, address=address, quiet=quiet)
+    S.run_study(C.load(tree), jobs=jobs, executor=executor, address=address, quiet=quiet, retrain_changed=True)
     comp = R.read_json(root / R.SEARCH_REPEATS / R.COMPARISON_JSON) or {}
     c = next(iter(comp.get("comparisons") or []), {})
     return {"dir": R.SEARCH_REPEATS, "seeds": cfg.repeats, **(c.get("text") or {})}

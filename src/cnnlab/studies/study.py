@@ -190,12 +190,14 @@ def _saved_config(path: Path) -> dict | None:
 
 
 def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, overrides=None, quiet: bool = False,
-              executor: str = "auto", address: str | None = None, report: bool = True, fresh: bool = False) -> Study:
+              executor: str = "auto", address: str | None = None, report: bool = True, fresh: bool = False,
+              retrain_changed: bool = False) -> Study:
     """Train every missing run of a study (finished ones are kept untouched), then write study.json and the
     study report, and print each variation's verdict against the baseline. executor: auto (inline for
     jobs=1, else process) | inline | process | ray. Finished runs trained with other settings than this
     config gives them are refused (`changed_runs`), before anything is written, unless `fresh`: then every
-    run of the study is deleted and trained again.
+    run of the study is deleted and trained again, or `retrain_changed` (a search's repeats of its best
+    settings, which move as the search goes on): then those runs alone are.
 
     Under torchrun every process runs this: rank 0 plans, locks and writes the study files; each run is
     trained by all processes together (DDP), one run after another."""
@@ -225,13 +227,14 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     if main:
         _check_study_folder(root)
     changed = {} if fresh else changed_runs(root, planned)  # on every rank: each refuses alike
-    if changed:
+    if changed and not retrain_changed:
         raise ChangedStudyError(changed_message(root, changed))
+    renew = {p.id for p in planned} if fresh else set(changed)
     if main:
         root.mkdir(parents=True, exist_ok=True)
         R.mark(root, "study")
     with _lock(root) if main else contextlib.nullcontext():
-        todo, status = (_plan_todo(root, cfg, planned, base, executor, config_path, overrides, say, fresh) if main
+        todo, status = (_plan_todo(root, cfg, planned, base, executor, config_path, overrides, say, renew) if main
                         else ([], {}))
         say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
             f"{len(planned) - len(todo)} done, {len(todo)} to run")
@@ -270,9 +273,10 @@ def _check_study_folder(root: Path) -> None:
                             "one folder per run there. Choose another output.dir or output.name; nothing was changed.")
 
 
-def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say, fresh=False) -> tuple[list, dict]:
-    """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed, and
-    with `fresh` every run folder of the study cnnlab made."""
+def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say,
+               renew: set[str] = frozenset()) -> tuple[list, dict]:
+    """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed, and so
+    is each run named in `renew` (to be trained again) when cnnlab made its folder."""
 
     foreign = [str(root / p.id) for p in planned if run_state(root / p.id) == "partial"
                and not made_by_cnnlab(root / p.id) and _saved_config(root / p.id) is None]
@@ -280,12 +284,12 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
         raise C.ConfigError(f"{', '.join(foreign)}: {'this folder is' if len(foreign) == 1 else 'these folders are'} "
                             f"where runs of this study go, but not made by cnnlab (no {MARKER} in it); nothing was "
                             "changed. Move it away, or choose another output.dir, output.name or variation name.")
-    if fresh:
-        gone = [p.id for p in planned if (root / p.id).exists() and made_by_cnnlab(root / p.id)]
-        for rid in gone:
-            shutil.rmtree(root / rid)
-        if gone:
-            say(f"--fresh: deleted {len(gone)} run folder(s) of {root} to train them again")
+    gone = [p.id for p in planned if p.id in renew and (root / p.id).exists() and made_by_cnnlab(root / p.id)]
+    for rid in gone:
+        shutil.rmtree(root / rid)
+    if gone:
+        say(f"deleted {len(gone)} run folder(s) of {root} to train them again: {', '.join(gone[:6])}"
+            + (" ..." if len(gone) > 6 else ""))
     R.write_text(root / R.STUDY_YAML, C.dump_yaml(cfg))
     todo, status = [], {}
     for p in planned:
