@@ -104,8 +104,6 @@ def test_fastnet_whitening_is_fitted_to_the_whole_training_split_even_when_store
     # issue #16 item 1: data stored class by class (the CIFAR-10 zip) whose classes differ in colour; the
     # stem was fitted to images[:5000], i.e. to the first classes only, and its channels' variances on
     # the whole set came out far from 1. Fitted to a seeded sample across the split, they are about 1.
-    from types import SimpleNamespace
-
     from cnnlab.models.fast import FastNet
     from cnnlab.training.loop import _init_sample
 
@@ -114,8 +112,8 @@ def test_fastnet_whitening_is_fitted_to_the_whole_training_split_even_when_store
                         for c in range(10)])  # 10 classes x 1,000 images, in class order, each brighter
     x = images.float() / 255
     norm = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
-    splits = SimpleNamespace(train=SimpleNamespace(images=images, __len__=None))
-    splits.train = type("Train", (), {"images": images, "__len__": lambda self: len(images)})()
+    train = type("Train", (), {"images": images, "__len__": lambda self: len(images)})()  # an in-memory split
+    splits = type("Splits", (), {"train": train})()
     sample = _init_sample(splits, None, seed=5)
     assert len(sample) == 5000 and torch.equal(sample, _init_sample(splits, None, seed=5))  # seeded
     picked = (sample.float().mean(dim=(1, 2, 3)) - 40) / 17  # the class each picked image came from
