@@ -279,6 +279,19 @@ def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp
     assert "deleted 2 run folder(s)" in capsys.readouterr().out
 
 
+def test_one_variation_again_is_kept_not_trained_beside_it_and_other_settings_are_refused(tmp_path, capsys):
+    path = _write_yaml(tmp_path, tiny(tmp_path, variations={"main": {}, "slow": {"optim.lr": 0.001}}), "st")
+    root = tmp_path / "st"
+    assert cli.main(["train", str(path), "--variation", "slow"]) == 0
+    before = mtimes(root)
+    capsys.readouterr()
+    assert cli.main(["train", str(path), "--variation", "slow"]) == 0
+    assert "slow: already trained" in capsys.readouterr().out
+    assert mtimes(root) == before and not (root / "slow-2").exists()
+    assert cli.main(["train", str(path), "--variation", "slow", "train.batch_size=64"]) == 2
+    assert "slow: train.batch_size=128 (this config: 64)" in capsys.readouterr().err and mtimes(root) == before
+
+
 def test_retrain_changed_trains_again_only_the_runs_whose_settings_moved(tmp_path):
     """(a search's repeats of its best settings, which move as the search goes on)"""
     tree = tiny(tmp_path, variations={"baseline": {}, "best": {"optim.lr": 0.003}})

@@ -263,7 +263,9 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
 
     dhead, drows, rhead, rrows = tables(res)
     lines = [f"# {title}", "", f"{res['setup']}. Baseline: **{res['baseline']}**; significance level "
-             f"{res['alpha']}.", ""] + ([f"> **The data differ.** {res['data_note']}", ""] if res.get("data_note") else [])
+             f"{res['alpha']}.", ""]
+    if res.get("data_note"):
+        lines += [f"> **The data differ.** {res['data_note']}", ""]
     lines += [f"- **{c['text']['head']}.** {c['text']['detail']}" for c in res["comparisons"]]
     lines += ["", "## What differs", "", table(dhead, drows) if drows else "Nothing: the runs share one config.",
               "", "## Results", "", "Mean ± std over seeds, [95% t-interval]." if any(len(g["seeds"]) > 1 for g in
