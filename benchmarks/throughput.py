@@ -1,7 +1,7 @@
 """Training throughput (images/s) of the CIFAR-10 four-conv net: cnnlab's data path vs the plain
 PyTorch pipeline that course code uses, same model, batch size, optimizer, fp32, measured A B A B.
 
-    python benchmarks/throughput.py [--batches 60] [--rounds 3] [--policy]
+    python benchmarks/throughput.py [--batches 60] [--rounds 3] [--policy [--data-only]]
 
 Plain pipeline: torchvision ImageFolder + Compose(RandomCrop(32, padding=4), RandomHorizontalFlip(),
 ToTensor(), Normalize()) + DataLoader(batch 128, shuffle), the better of 0 and 2 workers.
@@ -116,7 +116,8 @@ def time_data_only(splits, batch: int, batches: int) -> tuple[float, float]:
     try:
         ds = plain_loader(0, batch, policy=True).dataset
         mix = v2.MixUp(alpha=0.2, num_classes=10)
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:batch * batches].view(batches, batch)
+        n = min(len(ds), len(splits.train))
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:batch * batches].view(batches, batch)
         t0 = time.perf_counter()
         for b in idx:
             items = [ds[int(i)] for i in b]
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--policy", action="store_true", help="add RandAugment + MixUp on both sides")
+    ap.add_argument("--data-only", action="store_true", help="with --policy: only the data paths, no model")
     a = ap.parse_args()
     from cnnlab import config as C
     from cnnlab.data.pipeline import prepare
@@ -148,6 +150,11 @@ def main() -> None:
     print(f"machine: {machine()}")
     splits = prepare(C.load(None, ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000"]).data)
     extracted_cifar()
+    if a.policy and a.data_only:
+        dp, dc = time_data_only(splits, a.batch, max(4, a.batches // 4))
+        print(f"data path alone (flip, pad-crop, RandAugment, MixUp; 1 thread, no model): plain {dp:.0f} img/s, "
+              f"cnnlab {dc:.0f} img/s; ratio {dc / dp:.2f}x")
+        return
     # pick the plain pipeline's better worker count
     plain = {w: plain_loader(w, a.batch, a.policy) for w in (0, 2)}
     first = {w: time_plain(plain[w], a.batches // 2, a.policy) for w in plain}
