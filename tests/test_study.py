@@ -264,6 +264,7 @@ def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp
     assert c["verdict"] == ("no real difference" if not c["significant"] else "better" if c["diff_points"] > 0
                             else "worse")
     assert f"baseline main: {100 * g['main']['stats']['test_acc']['mean']:.2f}%" in out
+    assert f'<span class="sev">{c["verdict"]}</span>' in (root / "study.html").read_text()  # the page says the same
 
     # the same study with another learning rate: refused, naming what differs, and nothing is rewritten
     before = mtimes(root)
@@ -320,7 +321,7 @@ def two_studies(tmp_path_factory):
     for name, lr in (("st", 0.01), ("st2", 0.03)):
         tree = tiny(tmp, name=name, variations={"main": {}, "wd": {"optim.weight_decay": 0.1}})
         tree["optim"]["lr"] = lr
-        study.run_study(C.load(tree), quiet=True)
+        study.run_study(C.load(tree), quiet=True, report=name == "st")  # (st's own report is checked below)
     return tmp
 
 
