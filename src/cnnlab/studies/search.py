@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cnnlab import config as C
 from cnnlab import rundir as R
+from cnnlab.studies import executors as X
 from cnnlab.studies import study as S
 from cnnlab.studies.compare import STUDY_KEYS, fmt_value
 
@@ -285,22 +286,22 @@ def run_processes(trials: Trials, *, jobs: int, **_) -> None:
                 if mode == "done":
                     trials.finish(p)
                     continue
-                running[S.spawn(trials.root, p, mode, threads, ["--search-trial", json.dumps(hook)])] = p
+                running[X.spawn(trials.root, p, mode, threads, ["--search-trial", json.dumps(hook)])] = p
             if not running:
                 return
             time.sleep(0.2)
             for proc in [q for q in running if q.poll() is not None]:
                 p = running.pop(proc)
-                trials.finish(p, S.ended(trials.root, p, proc))
+                trials.finish(p, X.ended(trials.root, p, proc))
     except BaseException:  # Ctrl-C / SIGTERM: every trial saves a checkpoint; the next run resumes them
-        S.stop_all(running)
+        X.stop_all(running)
         raise
 
 
 def run_ray(trials: Trials, *, jobs: int, address: str | None = None, say, **_) -> None:
     """Trials as Ray tasks (workers start each trial afresh and report to the storage, which every node must
     reach: search.storage); up to --jobs at a time, by default as many as the cluster's CPUs allow."""
-    ray, started, task, threads, what = S.ray_setup(trials.total, jobs, address)
+    ray, started, task, threads, what = X.ray_setup(trials.total, jobs, address)
     slots = jobs if jobs > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
     say(f"trials on Ray: {slots} at a time ({what})")
     refs = {}
@@ -316,7 +317,7 @@ def run_ray(trials: Trials, *, jobs: int, address: str | None = None, say, **_) 
                 return
             ready, _ = ray.wait(list(refs), num_returns=1)
             p = refs.pop(ready[0])
-            trials.finish(p, S.unpack(trials.root, p, ready[0]))
+            trials.finish(p, X.unpack(trials.root, p, ready[0]))
     finally:
         if started:
             ray.shutdown()
@@ -333,7 +334,7 @@ def run_repeats(cfg: C.Config, root: Path, best: dict, *, jobs: int, executor: s
             "baseline": "baseline"}
     tree["output"] = {**tree["output"], "dir": str(root), "name": R.SEARCH_REPEATS}
     say(f"the best settings ({best['name']}) and the baseline over {cfg.repeats} seeds: {root / R.SEARCH_REPEATS}")
-    S.run_study(C.load(tree), jobs=jobs, executor=executor, address=address, quiet=quiet)
+    S.run_study(C.load(tree), jobs=jobs, executor=executor, address=address, quiet=quiet, retrain_changed=True)
     comp = R.read_json(root / R.SEARCH_REPEATS / R.COMPARISON_JSON) or {}
     c = next(iter(comp.get("comparisons") or []), {})
     return {"dir": R.SEARCH_REPEATS, "seeds": cfg.repeats, **(c.get("text") or {})}
