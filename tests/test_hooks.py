@@ -98,3 +98,30 @@ def test_fastnet_stem_is_set_from_the_data_by_the_loop(tmp_path):
     torch.manual_seed(3)
     fresh = MODELS.get("fastnet")(num_classes=10, in_channels=3, input_size=32, widths=[8, 8, 8]).whiten.weight
     assert not torch.equal(fresh[12:], -fresh[:12])  # a freshly built stem is not that
+
+
+def test_fastnet_whitening_is_fitted_to_the_whole_training_split_even_when_stored_class_by_class():
+    # issue #16 item 1: data stored class by class (the CIFAR-10 zip) whose classes differ in colour; the
+    # stem was fitted to images[:5000], i.e. to the first classes only, and its channels' variances on
+    # the whole set came out far from 1. Fitted to a seeded sample across the split, they are about 1.
+    from cnnlab.models.fast import FastNet
+    from cnnlab.training.loop import _init_sample
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([(torch.rand(1000, 3, 32, 32, generator=g) * 80 + 17 * c).to(torch.uint8)
+                        for c in range(10)])  # 10 classes x 1,000 images, in class order, each brighter
+    x = images.float() / 255
+    norm = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
+    train = type("Train", (), {"images": images, "__len__": lambda self: len(images)})()  # an in-memory split
+    splits = type("Splits", (), {"train": train})()
+    sample = _init_sample(splits, None, seed=5)
+    assert len(sample) == 5000 and torch.equal(sample, _init_sample(splits, None, seed=5))  # seeded
+    picked = (sample.float().mean(dim=(1, 2, 3)) - 40) / 17  # the class each picked image came from
+    assert torch.bincount(picked.round().clamp(0, 9).long(), minlength=10).min() > 350  # every class drawn
+    net = FastNet(10, 3, widths=(8, 8, 8))
+    sample_n = (sample.float() / 255 - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
+    net.init_from_data(sample_n)
+    with torch.no_grad():
+        second = net.whiten(norm[::4]) - net.whiten.bias[None, :, None, None]
+        var = second.pow(2).mean(dim=(0, 2, 3))[:12]  # the + filters (the - ones mirror them)
+    assert var.min() > 0.9 and var.max() < 1.1, var

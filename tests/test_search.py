@@ -192,3 +192,20 @@ def test_bad_search_settings_are_refused_by_name(tmp_path, capsys, change, messa
 
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "bad").exists()
+
+
+def test_with_repeats_the_best_settings_and_the_baseline_are_rerun_over_seeds(tmp_path):
+    t = tree(tmp_path, "rep", trials=2, pruner="none")
+    t["repeats"], t["train"]["epochs"] = 2, 1
+    study.run_study(C.load(t), quiet=True)
+    root = tmp_path / "rep"
+    best = json.loads((root / "search.json").read_text())["best"]
+    man = json.loads((root / "repeats" / "study.json").read_text())
+    assert [v["name"] for v in man["variations"]] == ["baseline", "best"] and man["seeds"] == [0, 1]
+    best_runs = [R.load_run(root / "repeats" / "best" / f"seed-{s}", finished=True) for s in (0, 1)]
+    assert all(r.config.optim.lr == best["params"]["optim.lr"] for r in best_runs)
+    assert R.load_run(root / "repeats" / "baseline" / "seed-1", finished=True).config.optim.lr == 0.01
+    comp = json.loads((root / "repeats" / "comparison.json").read_text())["comparisons"][0]
+    assert comp["name"] == "best" and comp["test"] == "paired_t"
+    assert comp["text"]["head"] in (root / "search.md").read_text()
+    assert sorted(p.name for p in root.glob("trial-*")) == ["trial-000", "trial-001"]

@@ -3,6 +3,7 @@ parallel subprocesses, Ray, the report's statistics and `cnnlab compare`."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from cnnlab import config as C
 from cnnlab.analysis import stats as S
 from cnnlab.studies import study
 from cnnlab.rundir import load_run
-from cnnlab.studies.compare import correct_by_id
+from cnnlab.studies.compare import correct_by_id, pick_baseline
 
 TINY = {
     "data": {"name": "digits", "test_split": 0.2},
@@ -238,3 +239,162 @@ def test_ray_executor_on_a_local_instance(tmp_path):
     assert C.load(root / "fast" / "config.yaml").output.dir == str(root)  # the study's path, not the worker's
     assert {p.name for p in (root / "main").iterdir()} >= {"metrics.json", "predictions.csv", "checkpoints"}
     assert json.loads((root / "comparison.json").read_text())["comparisons"][0]["test"] == "mcnemar"
+
+
+# ---- issue 18: verdicts in the terminal, a rerun with other settings, compare's folders, names and data
+
+
+def _verdicts(out: str) -> dict[str, str]:
+    """{variation: its terminal line} from what a study or compare printed."""
+    return {m.group(1): m.group(0) for m in re.finditer(r"(?m)^  (\S+):\s+\d+\.\d\d% \[.*$", out)}
+
+
+def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp_path, capsys):
+    tree = tiny(tmp_path, variations={"main": {}, "slow": {"optim.lr": 0.001}})
+    path = _write_yaml(tmp_path, tree, "st")
+    assert cli.main(["train", str(path)]) == 0
+    out, root = capsys.readouterr().out, tmp_path / "st"
+    comp = json.loads((root / "comparison.json").read_text())
+    g = {x["name"]: x for x in comp["groups"]}
+    (c,) = comp["comparisons"]
+    line = _verdicts(out)["slow"]  # its accuracy, 95% interval, difference and verdict, as compare prints them
+    lo, hi = g["slow"]["interval"]
+    assert f"{100 * g['slow']['stats']['test_acc']['mean']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]" in line
+    assert f"{c['diff_points']:+.2f} points: {c['verdict']}" in line and "McNemar" in line
+    assert c["verdict"] == ("no real difference" if not c["significant"] else "better" if c["diff_points"] > 0
+                            else "worse")
+    assert f"baseline main: {100 * g['main']['stats']['test_acc']['mean']:.2f}%" in out
+    assert f'<span class="sev">{c["verdict"]}</span>' in (root / "study.html").read_text()  # the page says the same
+
+    # the same study with another learning rate: refused, naming what differs, and nothing is rewritten
+    before = mtimes(root)
+    assert cli.main(["train", str(path), "optim.lr=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "main: optim.lr=0.01 (this config: 0.05)" in err and "slow" not in err  # slow keeps its own 0.001
+    assert "output.name=st-2" in err and "--fresh" in err and "Traceback" not in err
+    assert mtimes(root) == before
+    # --fresh: every run trained again with the new settings, the study files agree with the runs
+    assert cli.main(["train", str(path), "optim.lr=0.05", "--fresh"]) == 0
+    assert C.load(root / "main" / "config.yaml").optim.lr == 0.05 and C.load(root / "study.yaml").optim.lr == 0.05
+    assert C.load(root / "slow" / "config.yaml").optim.lr == 0.001
+    assert "deleted 2 run folder(s)" in capsys.readouterr().out
+
+
+def test_one_variation_again_is_kept_not_trained_beside_it_and_other_settings_are_refused(tmp_path, capsys):
+    path = _write_yaml(tmp_path, tiny(tmp_path, variations={"main": {}, "slow": {"optim.lr": 0.001}}), "st")
+    root = tmp_path / "st"
+    assert cli.main(["train", str(path), "--variation", "slow"]) == 0
+    before = mtimes(root)
+    capsys.readouterr()
+    assert cli.main(["train", str(path), "--variation", "slow"]) == 0
+    assert "slow: already trained" in capsys.readouterr().out
+    assert mtimes(root) == before and not (root / "slow-2").exists()
+    assert cli.main(["train", str(path), "--variation", "slow", "train.batch_size=64"]) == 2
+    assert "slow: train.batch_size=128 (this config: 64)" in capsys.readouterr().err and mtimes(root) == before
+
+
+def test_retrain_changed_trains_again_only_the_runs_whose_settings_moved(tmp_path):
+    """(a search's repeats of its best settings, which move as the search goes on)"""
+    tree = tiny(tmp_path, variations={"baseline": {}, "best": {"optim.lr": 0.003}})
+    study.run_study(C.load(tree), quiet=True, report=False)
+    kept = mtimes(tmp_path / "st" / "baseline")
+    tree["variations"]["best"] = {"optim.lr": 0.02}
+    with pytest.raises(study.ChangedStudyError, match="best: optim.lr=0.003"):
+        study.run_study(C.load(tree), quiet=True, report=False)
+    study.run_study(C.load(tree), quiet=True, report=False, retrain_changed=True)
+    assert mtimes(tmp_path / "st" / "baseline") == kept
+    assert C.load(tmp_path / "st" / "best" / "config.yaml").optim.lr == 0.02
+
+
+def test_a_failed_baseline_leaves_no_report_and_the_failure_is_what_is_reported(tmp_path, capsys):
+    tree = tiny(tmp_path, variations={"main": {"model.options": {"no_such_option": 1}}, "other": {}})
+    with pytest.raises(study.StudyError, match=r"(?s)1 of 2 runs .* main: ModelConfigError"):
+        study.run_study(C.load(tree))
+    assert "no study report: the baseline main has no finished run" in capsys.readouterr().out
+    assert not (tmp_path / "st" / "study.html").exists() and (tmp_path / "st" / "other" / "metrics.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def two_studies(tmp_path_factory):
+    """Two finished studies with the same variation names (st, st2), one seed each."""
+    tmp = tmp_path_factory.mktemp("two")
+    for name, lr in (("st", 0.01), ("st2", 0.03)):
+        tree = tiny(tmp, name=name, variations={"main": {}, "wd": {"optim.weight_decay": 0.1}})
+        tree["optim"]["lr"] = lr
+        study.run_study(C.load(tree), quiet=True, report=name == "st")  # (st's own report is checked below)
+    return tmp
+
+
+def test_compare_of_a_study_with_another_baseline_leaves_the_studys_report_alone(two_studies, capsys):
+    root = two_studies / "st"
+    own = {f: (root / f).read_bytes() for f in ("study.html", "study.md", "comparison.json")}
+    assert cli.main(["compare", str(root), "--baseline", "wd"]) == 0
+    out = capsys.readouterr().out
+    assert {f: (root / f).read_bytes() for f in own} == own
+    other = two_studies / "comparison-st-baseline-wd"
+    assert f"comparison: {other / 'study.html'}" in out and "main" in _verdicts(out)
+    assert json.loads((other / "comparison.json").read_text())["baseline"] == "wd"
+    # --out into a study folder (or a run folder) is refused before anything is written
+    assert cli.main(["compare", str(root), "--baseline", "wd", "--out", str(root)]) == 2
+    assert cli.main(["compare", str(root), str(two_studies / "st2"), "--out", str(root / "main")]) == 2
+    assert "a study folder" in capsys.readouterr().err
+    assert {f: (root / f).read_bytes() for f in own} == own and not (root / "main" / "study.html").exists()
+
+
+def test_comparing_two_studies_names_each_variation_by_its_study(two_studies, capsys):
+    a, b = two_studies / "st", two_studies / "st2"
+    assert cli.main(["compare", str(a), str(b), "--out", str(two_studies / "ab")]) == 0
+    comp = json.loads((two_studies / "ab" / "comparison.json").read_text())
+    assert [g["name"] for g in comp["groups"]] == ["st/main", "st/wd", "st2/main", "st2/wd"]
+    assert comp["baseline"] == "st/main" and set(_verdicts(capsys.readouterr().out)) == {"st/wd", "st2/main", "st2/wd"}
+    assert "| st2/main | 1 |" in (two_studies / "ab" / "study.md").read_text()
+    # a variation's bare name is the baseline when it is unambiguous; else the message lists the choices
+    assert cli.main(["compare", str(a), str(b), "--baseline", "main", "--out", str(two_studies / "ab2")]) == 2
+    assert "st/main, st2/main" in capsys.readouterr().err and not (two_studies / "ab2").exists()
+    assert pick_baseline(["st/main", "st/wd", "st2/main"], "wd") == "st/wd"
+    assert pick_baseline(["st/main", "st2/main"], "st2/main") == "st2/main"
+
+
+def test_compare_of_one_run_is_refused_and_writes_nothing(two_studies, capsys):
+    run = two_studies / "st" / "main"
+    before = sorted(p.name for p in two_studies.iterdir())
+    assert cli.main(["compare", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is one run" in err and "two or more" in err and "Traceback" not in err
+    assert sorted(p.name for p in two_studies.iterdir()) == before and not (run / "comparison.json").exists()
+    assert cli.main(["compare", str(run), str(run)]) == 2 and "given twice" in capsys.readouterr().err
+
+
+def test_runs_on_different_data_say_so_and_name_the_split_of_their_accuracy(two_studies, tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    for name, data in (("folder", {"name": "folder", "root": str(tmp_path / "imgs"), "val_split": 0.25}),
+                       ("digits-val", {"name": "digits"})):  # no test split: evaluated on the validation split
+        tree = tiny(tmp_path, name=name)
+        tree["data"] = data
+        cnnlab.train(tree, quiet=True)
+    # digits (test split) against a folder of images (val split): the header says so, nothing is tested
+    assert cli.main(["compare", str(two_studies / "st" / "main"), str(tmp_path / "folder"),
+                     "--out", str(tmp_path / "c1")]) == 0
+    out = capsys.readouterr().out
+    comp = json.loads((tmp_path / "c1" / "comparison.json").read_text())
+    assert comp["eval_splits"] == {"main": "test", "folder": "val"} and comp["eval_split"] is None
+    assert comp["comparisons"][0]["test"] is None and comp["comparisons"][0]["verdict"] == "not tested"
+    assert "different data (digits for main, folder for folder)" in comp["data_note"]
+    assert "measured on the test split for main, val split for folder" in comp["data_note"]
+    assert comp["setup"].startswith("layers on different data") and "note: The runs were evaluated on" in out
+    md = (tmp_path / "c1" / "study.md").read_text()
+    assert "**The data differ.**" in md and "| evaluated on |" in md and "test acc" not in md
+    assert "| main | 1 | test |" in md and "| folder | 1 | val |" in md
+    # two runs evaluated on validation images: the column says val, never test
+    assert cli.main(["compare", str(tmp_path / "digits-val"), str(tmp_path / "folder"),
+                     "--out", str(tmp_path / "c2")]) == 0
+    md = (tmp_path / "c2" / "study.md").read_text()
+    assert "| val acc |" in md and "test acc" not in md.lower()
+    html = (tmp_path / "c2" / "study.html").read_text()
+    assert "<th>val acc</th>" in html and "test acc" not in html.lower() and "the data differ" in html

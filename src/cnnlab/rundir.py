@@ -59,6 +59,7 @@ SEARCH_CSV = "search.csv"       # the trials table, best first
 SEARCH_HTML = "search.html"
 SEARCH_MD = "search.md"
 BEST_YAML = "best.yaml"         # a ready config with the best trial's settings
+SEARCH_REPEATS = "repeats"      # folder: with `repeats`, a study of the best settings and the baseline over seeds
 COMPARISON_JSON = "comparison.json"
 COMPARISON_HTML = "study.html"
 COMPARISON_MD = "study.md"

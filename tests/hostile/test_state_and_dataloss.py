@@ -338,12 +338,17 @@ def test_two_resumes_of_one_run_at_once(tmp_path):
 # Failed runs leave no empty run folder (item 27)
 
 
-@pytest.mark.parametrize("what", ["model", "device", "weights"])
-def test_failed_runs_leave_no_run_folder(tmp_path, what, capsys):
+@pytest.mark.parametrize("what", ["model", "device", "weights", "disk"])
+def test_failed_runs_leave_no_run_folder(tmp_path, what, capsys, monkeypatch):
     (tmp_path / "junk.pt").write_bytes(b"not a state dict")
     override = {"model": ["model.layers=[{maxpool: 16}, flatten, {linear: classes}]"],  # too big for 8x8
                 "device": ["train.device=cuda:7"],  # no such GPU
-                "weights": [f"model.pretrained={tmp_path / 'junk.pt'}"]}[what]
+                "weights": [f"model.pretrained={tmp_path / 'junk.pt'}"], "disk": []}[what]
+    if what == "disk":  # the pre-flight check finds too little room for a checkpoint once the folder exists
+        import shutil
+
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=123_456))
     cfg = write_config(tmp_path)
     runs = tmp_path / "runs"
     runs.mkdir()

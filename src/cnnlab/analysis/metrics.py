@@ -181,7 +181,7 @@ def worst_failures(targets: np.ndarray, pred: np.ndarray, losses: np.ndarray, *,
                    pairs: int = 8, per_pair: int = 8) -> np.ndarray:
     """Indices of the failures a report shows: the `overall` highest-loss ones, and the `per_pair` highest-loss
     ones of each of the `pairs` most frequent (true, predicted) pairs, the pairs that the diagnostics name
-    and the failure gallery draws (report.plots.failure_gallery: at most 8 pairs, 8 images each)."""
+    and the failure gallery draws (report.plots_images.failure_gallery: at most 8 pairs, 8 images each)."""
     wrong = np.flatnonzero(pred != targets)
     by_loss = wrong[np.argsort(-losses[wrong], kind="stable")]
     keep = [by_loss[:overall]]

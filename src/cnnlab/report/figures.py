@@ -2,7 +2,7 @@
 `Drawing`) returning `Drawn(figure, caption)` or None when the files do not allow it. sections.py says which
 section shows which figure under which title; build.py draws them all into plots/.
 
-Imports plots.py / plots_model.py (matplotlib, torch) only inside the draw functions."""
+Imports plots.py / plots_images.py / plots_model.py (matplotlib, torch) only inside the draw functions."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,7 +89,7 @@ def normalise(images: np.ndarray, data: dict):
 
 
 def data_gallery(d: Drawing):
-    from cnnlab.report import plots_data as P
+    from cnnlab.report import plots_images as P
 
     g = d.run.get("gallery")
     if g is None or not len(g[0]):
@@ -224,7 +224,7 @@ def reliability_calibrated(d: Drawing):
 
 
 def failures(d: Drawing):
-    from cnnlab.report import plots as P
+    from cnnlab.report import plots_images as P
 
     images, rows = d.samples
     if images is None:
@@ -239,7 +239,7 @@ def failures(d: Drawing):
 
 
 def predictions(d: Drawing):
-    from cnnlab.report import plots as P
+    from cnnlab.report import plots_images as P
 
     images, rows = d.samples
     if images is None:

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from cnnlab.report.plots import BAD, GOOD, INK, image_grid, short, show_image
+from cnnlab.report.plots import BAD, GOOD, INK, short
+from cnnlab.report.plots_images import image_grid, show_image
 
 
 def first_conv(model: torch.nn.Module) -> torch.nn.Conv2d | None:

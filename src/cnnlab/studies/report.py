@@ -105,21 +105,19 @@ def fig_steps(groups):
 
 def fig_accuracy(res: dict, groups):
     """Test accuracy per group: each seed (grey), the mean (diamond), its 95% t-interval over seeds, or for a
-    single run the Wilson interval over the test images."""
-    from cnnlab.analysis import stats as S
-
+    single run the Wilson interval over the test images (compare.analyze's "interval")."""
     fig, ax = P().plt.subplots(figsize=(7.5, 0.45 * len(groups) + 1.2), constrained_layout=True)
     for i, (g, st) in enumerate(zip(groups, res["groups"])):
-        y, s, n = len(groups) - 1 - i, st["stats"]["test_acc"], g.runs[0].metrics["test"]["n"]
+        y, s = len(groups) - 1 - i, st["stats"]["test_acc"]
         ax.scatter(np.array([r.metrics["test"]["accuracy"] for r in g.runs]) * 100, [y] * len(g.runs), s=14, color="#94a3b8", zorder=2)
-        lo, hi = (s["lo"], s["hi"]) if s["n"] > 1 else S.proportion_ci(round(s["mean"] * n), n)
+        lo, hi = st["interval"]
         ax.errorbar(s["mean"] * 100, y, xerr=[[100 * (s["mean"] - lo)], [100 * (hi - s["mean"])]],
                     fmt="none", ecolor=_colour(i), elinewidth=2, capsize=4, zorder=3)
         ax.plot(s["mean"] * 100, y, "D", color=_colour(i), ms=7, zorder=4)
         if g.name == res["baseline"]:
             ax.axvline(s["mean"] * 100, color=P().INK, ls=":", lw=1)
     ax.set_yticks(range(len(groups)), [g.name for g in groups][::-1])
-    ax.set(xlabel=f"{res['eval_split'] or 'test'} accuracy (%)", title="Test accuracy per variation")
+    ax.set(xlabel=f"{split_word(res)} accuracy (%)", title=f"{split_word(res).capitalize()} accuracy per variation")
     ax.margins(x=0.25, y=0.2)
     return fig
 
@@ -144,7 +142,7 @@ def fig_per_class(res: dict):
             ax.text(j, r, f"{v:+.1f}", ha="center", va="center", fontsize=8,
                     color="white" if abs(v) > 0.6 * lim else P().INK)
     fig.colorbar(im, ax=ax, label="points", shrink=0.9)
-    ax.set_title(f"Per-class test accuracy against {res['baseline']} (percentage points; "
+    ax.set_title(f"Per-class {split_word(res)} accuracy against {res['baseline']} (percentage points; "
                  f"{res['baseline']}'s own accuracy under each class)")
     return fig
 
@@ -187,6 +185,17 @@ def _cell(key: str, s: dict) -> tuple[str, str]:
     return f"{f(s['mean'])} ± {f(s['std'])}{unit}", f"[{f(max(s['lo'], 0.0))}, {f(hi)}]"
 
 
+def split_word(res: dict) -> str:
+    """What the accuracy column holds: "test", "val", or "evaluated" when the runs differ (see each row)."""
+    return res.get("eval_split") or ("evaluated" if res.get("eval_splits") else "test")
+
+
+def labels(res: dict) -> list[str]:
+    """METRICS' column names, the accuracy and loss named for the split they were measured on."""
+    w = split_word(res)
+    return [{"test_acc": f"{w} acc", "test_loss": f"{w} loss"}.get(k, label) for k, label in METRICS]
+
+
 ONSET = "overfitting from"  # the results table's column of overfitting onsets, after "best epoch"
 ONSET_NOTE = ("Overfitting from: the epoch after which validation loss rose while training loss kept falling (the "
               "rule of the run report's diagnostics); not seen: no such epoch within the epochs run.")
@@ -206,15 +215,45 @@ def tables(res: dict) -> tuple[list, list, list, list]:
     dhead = ["setting"] + names
     drows = [[d["label"] + ("" if d["label"] == d["key"] else f" ({d['key']})")] + [d["values"][n] for n in names]
              for d in res["differs"]]
-    at = 3 + [k for k, _ in METRICS].index("best_epoch")  # after "variation", "seeds" and "best epoch"
-    rhead = ["variation", "seeds"] + [label for _, label in METRICS]
+    mixed = res.get("eval_splits") and not res.get("eval_split")
+    rhead = ["variation", "seeds"] + ["evaluated on"] * bool(mixed) + labels(res)
+    at = len(rhead) - len(METRICS) + 1 + [k for k, _ in METRICS].index("best_epoch")  # after "best epoch"
     rhead.insert(at, ONSET)
     rrows = []
     for g in res["groups"]:
-        row = [g["name"], str(len(g["seeds"]))] + [_cell(k, g["stats"][k]) for k, _ in METRICS]
+        row = ([g["name"], str(len(g["seeds"]))] + [g.get("eval_split", "")] * bool(mixed)
+               + [_cell(k, g["stats"][k]) for k, _ in METRICS])
         row.insert(at, _onset_cell(g.get("overfit_onset") or [None] * len(g["seeds"])))
         rrows.append(row)
     return dhead, drows, rhead, rrows
+
+
+def terminal(res: dict) -> list[str]:
+    """The comparison in a few lines for the terminal (`cnnlab compare`, the end of a study): each variation's
+    accuracy with its 95% interval against the baseline's, and the verdict: better, worse, no real
+    difference (at the corrected significance level) or not tested."""
+    g = {x["name"]: x for x in res["groups"]}
+
+    def acc(n):
+        lo, hi = g[n]["interval"]
+        return f"{100 * g[n]['stats']['test_acc']['mean']:.2f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+    tests = {"mcnemar": "McNemar", "paired_t": "paired t", "welch_t": "Welch t"}
+    base, w = res["baseline"], split_word(res)
+    lines = [f"{res['setup']}; {w} accuracy with its 95% interval; baseline {base}: {acc(base)}"]
+    if res.get("data_note"):
+        lines.append(f"note: {res['data_note']}")
+    width = max([len(c["name"]) for c in res["comparisons"]] or [0])
+    for c in res["comparisons"]:
+        how = (f" ({tests[c['test']]}, {fmt_p(c['p_holm'])}{', Holm' if len(res['comparisons']) > 1 else ''})"
+               if c["test"] else f": {c['why']}")
+        lines.append(f"  {c['name'] + ':':<{width + 1}} {acc(c['name'])}, {c['diff_points']:+.2f} points: "
+                     f"{c['verdict']}{how}")
+    return lines
+
+
+def fmt_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else "p = 1" if p > 0.995 else f"p = {p:.2f}" if p >= 0.095 else f"p = {p:.2g}"
 
 
 def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) -> str:
@@ -225,12 +264,16 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
     dhead, drows, rhead, rrows = tables(res)
     lines = [f"# {title}", "", f"{res['setup']}. Baseline: **{res['baseline']}**; significance level "
              f"{res['alpha']}.", ""]
+    if res.get("data_note"):
+        lines += [f"> **The data differ.** {res['data_note']}", ""]
     lines += [f"- **{c['text']['head']}.** {c['text']['detail']}" for c in res["comparisons"]]
     lines += ["", "## What differs", "", table(dhead, drows) if drows else "Nothing: the runs share one config.",
               "", "## Results", "", "Mean ± std over seeds, [95% t-interval]." if any(len(g["seeds"]) > 1 for g in
                                                                                res["groups"]) else "One run each.", "",
-              table(rhead, [r[:2] + [" ".join(x for x in c if x) for c in r[2:]] for r in rrows]), "", ONSET_NOTE, ""]
-    for key, cap in (("accuracy", "Test accuracy"), ("curves", "Training curves"), ("steps", "Training loss per step"),
+              table(rhead, [[" ".join(x for x in c if x) if isinstance(c, tuple) else c for c in r] for r in rrows]),
+              "", ONSET_NOTE, ""]
+    acc_cap = f"{split_word(res).capitalize()} accuracy"
+    for key, cap in (("accuracy", acc_cap), ("curves", "Training curves"), ("steps", "Training loss per step"),
                      ("per_class", "Per-class accuracy")):
         if key in figs:
             lines += [f"![{cap}]({os.path.relpath(figs[key], out)})", ""]
@@ -276,22 +319,26 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
                 f"<figcaption>{caption}</figcaption></figure></div>")
 
     dhead, drows, rhead, rrows = tables(res)
-    verdicts = "".join(
-        f'<div class="finding" style="--c:{"#16a34a" if c.get("significant") else "#64748b"}">'
-        f'<span class="sev">{"significant" if c.get("significant") else "not significant" if c["test"] else "untested"}'
-        f'</span><h3>{e(c["text"]["head"])}</h3><p>{e(c["text"]["detail"])}</p></div>' for c in res["comparisons"])
-    n_seeds = max(len(g["seeds"]) for g in res["groups"])
+    colour = {"better": "#16a34a", "worse": "#dc2626"}
+    verdicts = "".join(  # the verdict as the terminal prints it: better, worse, no real difference, not tested
+        f'<div class="finding" style="--c:{colour.get(c.get("verdict"), "#64748b")}"><span class="sev">'
+        f'{e(c.get("verdict") or ("significant" if c.get("significant") else "not significant"))}</span>'
+        f'<h3>{e(c["text"]["head"])}</h3><p>{e(c["text"]["detail"])}</p></div>' for c in res["comparisons"])
+    n_seeds, w = max(len(g["seeds"]) for g in res["groups"]), split_word(res).capitalize()
+    note = (f'<div class="finding" style="--c:#d97706"><span class="sev">the data differ</span><h3>Not measured '
+            f'on the same images</h3><p>{e(res["data_note"])}</p></div>' if res.get("data_note") else "")
     sections = [
-        ("verdict", "Against the baseline", f"Each variation against <b>{e(res['baseline'])}</b> on test accuracy; "
-         f"significant means p &lt; {res['alpha']} after correction.", verdicts or "<p>Only one variation.</p>"),
+        ("verdict", "Against the baseline", f"Each variation against <b>{e(res['baseline'])}</b> on "
+         f"{split_word(res)} accuracy; significant means p &lt; {res['alpha']} after correction.",
+         note + (verdicts or "<p>Only one variation.</p>")),
         ("differs", "What differs", "One row per setting that is not the same in every variation.",
          table(dhead, drows) if drows else "<p>Nothing: the runs share one config.</p>"),
         ("results", "Results", ("Mean ± std over seeds with the 95% t-interval below." if n_seeds > 1 else
                                 "One run per variation.") + " Train time is wall time of one run on its machine. "
          + ONSET_NOTE,
-         table(rhead, rrows) + img("accuracy", "Test accuracy of each seed (grey), the mean (diamond) and its 95% "
-                                   "t-interval over the seeds." if n_seeds > 1 else "Test accuracy with its 95% Wilson "
-                                   "interval over the test images. Overlapping intervals do not rule out a real "
+         table(rhead, rrows) + img("accuracy", f"{w} accuracy of each seed (grey), the mean (diamond) and its 95% "
+                                   "t-interval over the seeds." if n_seeds > 1 else f"{w} accuracy with its 95% Wilson "
+                                   "interval over its images. Overlapping intervals do not rule out a real "
                                    "difference: the McNemar test above pairs the two models image by image.")),
         ("curves", "Curves", "Validation solid, training dashed; one colour per variation"
          + ("; the band spans the seeds" if n_seeds > 1 else "")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cnnlab import config as C
 from cnnlab import rundir as R
+from cnnlab.studies import executors as X
 from cnnlab.studies import study as S
 from cnnlab.studies.compare import STUDY_KEYS, fmt_value
 
@@ -128,9 +129,6 @@ def check(cfg: C.Config, s: C.SearchConfig, root: Path) -> None:
     if cfg.variations or cfg.grid:
         raise C.ConfigError("search: a search chooses its own runs; leave out variations and grid (run them as "
                             "another study)")
-    if cfg.repeats > 1:
-        raise C.ConfigError(f"repeats={cfg.repeats} with search: not supported yet; search with one seed, then "
-                            "run best.yaml with repeats")
     for key, spec in s.space.items():
         spec = {"categorical": spec} if isinstance(spec, list) else spec
         kind = next(k for k in C.SPACE_KINDS if k in spec)
@@ -288,22 +286,22 @@ def run_processes(trials: Trials, *, jobs: int, **_) -> None:
                 if mode == "done":
                     trials.finish(p)
                     continue
-                running[S.spawn(trials.root, p, mode, threads, ["--search-trial", json.dumps(hook)])] = p
+                running[X.spawn(trials.root, p, mode, threads, ["--search-trial", json.dumps(hook)])] = p
             if not running:
                 return
             time.sleep(0.2)
             for proc in [q for q in running if q.poll() is not None]:
                 p = running.pop(proc)
-                trials.finish(p, S.ended(trials.root, p, proc))
+                trials.finish(p, X.ended(trials.root, p, proc))
     except BaseException:  # Ctrl-C / SIGTERM: every trial saves a checkpoint; the next run resumes them
-        S.stop_all(running)
+        X.stop_all(running)
         raise
 
 
 def run_ray(trials: Trials, *, jobs: int, address: str | None = None, say, **_) -> None:
     """Trials as Ray tasks (workers start each trial afresh and report to the storage, which every node must
     reach: search.storage); up to --jobs at a time, by default as many as the cluster's CPUs allow."""
-    ray, started, task, threads, what = S.ray_setup(trials.total, jobs, address)
+    ray, started, task, threads, what = X.ray_setup(trials.total, jobs, address)
     slots = jobs if jobs > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
     say(f"trials on Ray: {slots} at a time ({what})")
     refs = {}
@@ -319,13 +317,27 @@ def run_ray(trials: Trials, *, jobs: int, address: str | None = None, say, **_) 
                 return
             ready, _ = ray.wait(list(refs), num_returns=1)
             p = refs.pop(ready[0])
-            trials.finish(p, S.unpack(trials.root, p, ready[0]))
+            trials.finish(p, X.unpack(trials.root, p, ready[0]))
     finally:
         if started:
             ray.shutdown()
 
 
 EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
+
+
+def run_repeats(cfg: C.Config, root: Path, best: dict, *, jobs: int, executor: str, address, quiet: bool,
+                say) -> dict:
+    """With `repeats: N`: the best trial's settings and the config's own (the baseline) each trained over N
+    seeds, as a study in <study>/repeats (resumable like any), compared with the study report's t-test."""
+    tree = {**base_tree(cfg), "variations": {"baseline": {}, "best": best["params"]}, "repeats": cfg.repeats,
+            "baseline": "baseline"}
+    tree["output"] = {**tree["output"], "dir": str(root), "name": R.SEARCH_REPEATS}
+    say(f"the best settings ({best['name']}) and the baseline over {cfg.repeats} seeds: {root / R.SEARCH_REPEATS}")
+    S.run_study(C.load(tree), jobs=jobs, executor=executor, address=address, quiet=quiet, retrain_changed=True)
+    comp = R.read_json(root / R.SEARCH_REPEATS / R.COMPARISON_JSON) or {}
+    c = next(iter(comp.get("comparisons") or []), {})
+    return {"dir": R.SEARCH_REPEATS, "seeds": cfg.repeats, **(c.get("text") or {})}
 
 
 def run_search(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, overrides=None, quiet: bool = False,
@@ -364,6 +376,10 @@ def run_search(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, 
             f"{s.objective}); {done} done, {trials.total} to run")
         EXECUTORS[kind](trials, jobs=jobs, quiet=quiet, say=say, address=address)
         summary = search_report.write_results(root, cfg, s, study, config_path, overrides)
+        if cfg.repeats > 1 and summary["best"] and not trials.failures:
+            summary["repeats"] = run_repeats(cfg, root, summary["best"], jobs=jobs, executor=kind, address=address,
+                                             quiet=quiet, say=say)
+            R.write_json(root / R.SEARCH_JSON, summary)
         out = S.Study(dir=root, config=cfg, runs=[], status={t["name"]: t["state"] for t in summary["trials"]})
         if report:
             out.report = search_report.write(root, summary)

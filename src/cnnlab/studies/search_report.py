@@ -238,9 +238,17 @@ def _lead(summary: dict) -> str:
     return text
 
 
+def _repeats(summary: dict) -> str:
+    rep = summary.get("repeats")
+    if not rep or not rep.get("head"):
+        return ""
+    return (f"Over {rep['seeds']} seeds, the best settings against the config's own (baseline): {rep['head']}. "
+            f"{rep.get('detail', '')} The runs and their report: {rep['dir']}/{R.COMPARISON_HTML}.")
+
+
 def markdown(summary: dict, figs: dict, out: Path) -> str:
     head, body = table(summary)
-    lines = [f"# Search: {summary['name']}", "", _lead(summary), "",
+    lines = [f"# Search: {summary['name']}", "", _lead(summary), "", _repeats(summary), "",
              f"Train the best settings: `cnnlab train {out / R.BEST_YAML}`." if summary.get("best") else "", "",
              "## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
@@ -272,12 +280,22 @@ def html_page(summary: dict, figs: dict, out: Path) -> str:
             f'search</title><style>{CSS}</style></head><body><div class="layout"><nav><div class="brand">cnn<span>'
             f'lab</span></div><div class="run">{e(summary["name"])}</div><a href="#trials">Trials</a>'
             f'<a href="#figures">Figures</a></nav><main><header class="hero" id="top"><div class="eyebrow">cnnlab '
-            f'search</div><h1>{e(summary["name"])}</h1><p class="sub">{e(_lead(summary))}</p>{best}</header>'
-            f'<section id="trials"><h2>Trials</h2><p class="lead">Best first; pruned and failed trials greyed.</p>'
+            f'search</div><h1>{e(summary["name"])}</h1><p class="sub">{e(_lead(summary))}</p>{best}'
+            f'{f"<p>{e(_repeats(summary))}</p>" if _repeats(summary) else ""}</header>'
+            f'<section id="trials"><h2>Trials</h2><p class="lead">Best first; pruned and failed trials greyed; click a heading to sort by it.</p>'
             f'<div class="card" style="overflow-x:auto"><table><thead><tr>{th}</tr></thead><tbody>{rows}</tbody>'
             f'</table></div></section><section id="figures"><h2>Figures</h2>{imgs}</section>'
             f'<footer>Drawn from {R.SEARCH_JSON} and the trials\' run folders; nothing was retrained.</footer>'
-            f'</main></div></body></html>\n')
+            f'</main></div><script>{SORT_JS}</script></body></html>\n')
+
+
+# a click on a column's heading sorts the trials table by it (numbers as numbers; a second click reverses)
+SORT_JS = """document.querySelectorAll('#trials th').forEach((th, i) => { th.style.cursor = 'pointer';
+th.title = 'sort by this column'; th.onclick = () => { const body = th.closest('table').tBodies[0];
+const key = r => { const t = r.cells[i].innerText.trim(), n = parseFloat(t); return isNaN(n) ? t : n; };
+const rows = [...body.rows], dir = th.dataset.dir = th.dataset.dir === '1' ? '-1' : '1';
+rows.sort((a, b) => { const x = key(a), y = key(b); return (x > y ? 1 : x < y ? -1 : 0) * dir; });
+rows.forEach(r => body.appendChild(r)); }; });"""
 
 
 def write(root: Path, summary: dict | None = None) -> Path:

@@ -1,17 +1,13 @@
 """Studies: each variation x grid point x seed of one config trained into its own fixed run folder under one
 study folder (marked by rundir as a study), with a study.json manifest; run in this process, as parallel
 subprocesses or on Ray, resumable (only what is missing runs again), then compared by studies/compare.py
-(study.html / study.md). Imports compare one way; compare never imports this module."""
+(study.html / study.md). The executors live in studies/executors.py. Imports compare one way; compare
+never imports this module."""
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +17,7 @@ from cnnlab.errors import RunError
 from cnnlab.rundir import MARKER, made_by_cnnlab
 from cnnlab.studies import compare
 from cnnlab.studies.compare import IGNORED, STUDY_KEYS, fmt_value
+from cnnlab.studies.executors import EXECUTORS
 
 
 class StudyError(RunError, RuntimeError):
@@ -139,6 +136,43 @@ def differences(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
 
 
+class ChangedStudyError(C.ConfigError):
+    """A study run again with settings that its finished runs were not trained with."""
+
+
+def changed_runs(root: Path, planned: list[Planned]) -> dict[str, list[tuple[str, object, object]]]:
+    """Finished runs whose saved config.yaml differs from what this config gives them: run id -> [(key, the
+    run's value, this config's value)]. Their numbers would sit in a report that claims the new settings."""
+    out = {}
+    for p in planned:
+        if run_state(root / p.id) != "done" or (saved := _saved_config(root / p.id)) is None:
+            continue
+        if diff := run_differences(saved, p):
+            new = C.flatten(C.to_dict(p.cfg))
+            out[p.id] = [(k, saved.get(k), new.get(k)) for k in diff]
+    return out
+
+
+def run_differences(saved: dict, p: Planned) -> list[str]:
+    """The keys in which a run's saved config differs from what the study plans for it."""
+    diff = differences(saved, C.flatten(C.to_dict(p.cfg)))
+    if p.cfg.optim.lr == "auto":  # the run saved the rate the range test chose
+        diff = [k for k in diff if k != "optim.lr"]
+    return diff
+
+
+def changed_message(root: Path, changed: dict) -> str:
+    shown = list(changed.items())[:5]
+    lines = [f"  {rid}: " + ", ".join(f"{k}={fmt_value(a)} (this config: {fmt_value(b)})" for k, a, b in diff[:3])
+             + (f" and {len(diff) - 3} more" if len(diff) > 3 else "") for rid, diff in shown]
+    more = [f"  ... and {len(changed) - 5} more runs"] if len(changed) > 5 else []
+    return "\n".join([f"{root}: {len(changed)} finished run(s) of this study were trained with other settings than "
+                      "this config gives them:", *lines, *more,
+                      f"Nothing was changed. To keep them, give the new study its own folder (output.name="
+                      f"{root.name}-2, or another output.dir); to delete them and train the whole study again with "
+                      "these settings, add --fresh."])
+
+
 def run_state(path: Path) -> str:
     """done when metrics.json exists (written after evaluation), partial when the folder exists, else pending."""
     return "done" if (path / R.METRICS).is_file() else "partial" if path.exists() else "pending"
@@ -156,9 +190,14 @@ def _saved_config(path: Path) -> dict | None:
 
 
 def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, overrides=None, quiet: bool = False,
-              executor: str = "auto", address: str | None = None, report: bool = True) -> Study:
+              executor: str = "auto", address: str | None = None, report: bool = True, fresh: bool = False,
+              retrain_changed: bool = False) -> Study:
     """Train every missing run of a study (finished ones are kept untouched), then write study.json and the
-    study report. executor: auto (inline for jobs=1, else process) | inline | process | ray.
+    study report, and print each variation's verdict against the baseline. executor: auto (inline for
+    jobs=1, else process) | inline | process | ray. Finished runs trained with other settings than this
+    config gives them are refused (`changed_runs`), before anything is written, unless `fresh`: then every
+    run of the study is deleted and trained again, or `retrain_changed` (a search's repeats of its best
+    settings, which move as the search goes on): then those runs alone are.
 
     Under torchrun every process runs this: rank 0 plans, locks and writes the study files; each run is
     trained by all processes together (DDP), one run after another."""
@@ -187,10 +226,16 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
         process.setup(cfg)  # the process group, before rank 0 plans and broadcasts
     if main:
         _check_study_folder(root)
+    changed = {} if fresh else changed_runs(root, planned)  # on every rank: each refuses alike
+    if changed and not retrain_changed:
+        raise ChangedStudyError(changed_message(root, changed))
+    renew = {p.id for p in planned} if fresh else set(changed)
+    if main:
         root.mkdir(parents=True, exist_ok=True)
         R.mark(root, "study")
     with _lock(root) if main else contextlib.nullcontext():
-        todo, status = _plan_todo(root, cfg, planned, base, executor, config_path, overrides, say) if main else ([], {})
+        todo, status = (_plan_todo(root, cfg, planned, base, executor, config_path, overrides, say, renew) if main
+                        else ([], {}))
         say(f"study {root}: {len(names)} variation(s) x {cfg.repeats} seed(s) = {len(planned)} runs; "
             f"{len(planned) - len(todo)} done, {len(todo)} to run")
         if dist.active():  # every rank trains the same runs, in the same mode
@@ -204,8 +249,10 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
             for p in planned:
                 status[p.id] = "failed" if p.id in failures else run_state(root / p.id)
             write_manifest(root, cfg, planned, base, status, failures, config_path, overrides)
-            if report and any(s == "done" for s in status.values()):
-                out.report = compare.compare([root], out=root, baseline=base)
+            if report and not any(status[p.id] == "done" for p in planned if p.variation == base):
+                say(f"no study report: the baseline {base} has no finished run to compare against")
+            elif report:
+                out.report = compare.compare([root], out=root, baseline=base, say=say)
                 say(f"study report: {out.report}")
     if failures:
         lines = "\n".join(f"  {k}: {v}" for k, v in failures.items())
@@ -226,8 +273,10 @@ def _check_study_folder(root: Path) -> None:
                             "one folder per run there. Choose another output.dir or output.name; nothing was changed.")
 
 
-def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say) -> tuple[list, dict]:
-    """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed."""
+def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides, say,
+               renew: set[str] = frozenset()) -> tuple[list, dict]:
+    """The runs still to train, each fresh or resumed; a partial run that cannot be resumed is removed, and so
+    is each run named in `renew` (to be trained again) when cnnlab made its folder."""
 
     foreign = [str(root / p.id) for p in planned if run_state(root / p.id) == "partial"
                and not made_by_cnnlab(root / p.id) and _saved_config(root / p.id) is None]
@@ -235,19 +284,20 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
         raise C.ConfigError(f"{', '.join(foreign)}: {'this folder is' if len(foreign) == 1 else 'these folders are'} "
                             f"where runs of this study go, but not made by cnnlab (no {MARKER} in it); nothing was "
                             "changed. Move it away, or choose another output.dir, output.name or variation name.")
+    gone = [p.id for p in planned if p.id in renew and (root / p.id).exists() and made_by_cnnlab(root / p.id)]
+    for rid in gone:
+        shutil.rmtree(root / rid)
+    if gone:
+        say(f"deleted {len(gone)} run folder(s) of {root} to train them again: {', '.join(gone[:6])}"
+            + (" ..." if len(gone) > 6 else ""))
     R.write_text(root / R.STUDY_YAML, C.dump_yaml(cfg))
     todo, status = [], {}
     for p in planned:
         path = root / p.id
         state = status[p.id] = run_state(path)
         saved = _saved_config(path) if state != "pending" else None
-        diff = differences(saved, C.flatten(C.to_dict(p.cfg))) if saved is not None else []
-        if p.cfg.optim.lr == "auto":  # the run saved the rate the range test chose
-            diff = [k for k in diff if k != "optim.lr"]
-        if state == "done":
-            if diff:
-                say(f"warning: {p.id} was trained with a different config ({', '.join(diff)}); "
-                    f"it is kept; delete {path} to train it again")
+        diff = run_differences(saved, p) if saved is not None else []
+        if state == "done":  # (one trained with other settings was refused by changed_runs)
             continue
         mode = "fresh"
         if state == "partial":
@@ -255,6 +305,8 @@ def _plan_todo(root: Path, cfg, planned, base, executor, config_path, overrides,
             if resumable and executor != "ray":  # (Ray workers start from scratch)
                 mode = "resume"
             elif made_by_cnnlab(path):
+                if diff:
+                    say(f"{p.id}: unfinished, started with other settings ({', '.join(diff[:4])}); starting it again")
                 shutil.rmtree(path)  # a run cnnlab started, with nothing resumable in it: start it cleanly
             else:
                 raise C.ConfigError(f"{path}: a partial run of this study that cannot be resumed, made before "
@@ -281,209 +333,6 @@ def write_manifest(root: Path, cfg, planned, base, status, failures, config_path
 def _lock(root: Path):
     """An exclusive lock on the study folder (the one run folders have): two processes never run one study."""
     return R.lock(root, "running the study in", StudyError)
-
-
-def _done_line(root: Path, p: Planned, seconds: float) -> str:
-    import json
-
-    try:
-        m = json.loads((root / p.id / R.METRICS).read_text())
-        return f"  {p.id}: test accuracy {m['test']['accuracy']:.4f} ({seconds:.0f} s)"
-    except (OSError, ValueError, KeyError):
-        return f"  {p.id}: finished ({seconds:.0f} s)"
-
-
-def run_inline(root: Path, todo, *, quiet: bool, say, **_) -> dict:
-    """One run after another in this process."""
-    from cnnlab import process
-    from cnnlab.training import experiment
-
-    failures = {}
-    for i, (p, mode) in enumerate(todo, 1):
-        say(f"[{i}/{len(todo)}] {p.id}" + (" (resuming)" if mode == "resume" else ""))
-        t0 = time.perf_counter()
-        try:
-            # each run sets up the process for its own config (a variation may change train.threads, device...)
-            experiment.run(p.cfg, device=process.setup(p.cfg), resume_dir=root / p.id if mode == "resume" else None,
-                           quiet=quiet)
-        except Exception as e:  # one broken variation must not stop the others
-            failures[p.id] = f"{type(e).__name__}: {e}"
-            say(f"  {p.id}: {failures[p.id]}")
-            continue
-        say(_done_line(root, p, time.perf_counter() - t0))
-    return failures
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the child gets SIGTERM (checkpoint, exit) when the study process dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def run_processes(root: Path, todo, *, jobs: int, say, **_) -> dict:
-    """Up to `jobs` runs at a time, each `python -m cnnlab train <config>` with cores/jobs torch threads;
-    the output of each goes to <study>/logs/<run>.log."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    queue, running, failures = list(todo), {}, {}
-    try:
-        while queue or running:
-            while queue and len(running) < jobs:
-                p, mode = queue.pop(0)
-                running[spawn(root, p, mode, threads)] = (p, time.perf_counter())
-                say(f"started {p.id}" + (" (resuming)" if mode == "resume" else "") + f" [{threads} threads]")
-            time.sleep(0.2)
-            for proc in [q for q in running if q.poll() is not None]:
-                p, t0 = running.pop(proc)
-                error = ended(root, p, proc)
-                if error is None:
-                    say(_done_line(root, p, time.perf_counter() - t0))
-                else:
-                    failures[p.id] = error
-                    say(f"  {p.id} failed ({failures[p.id]})")
-    except BaseException:  # Ctrl-C / SIGTERM of the study: let every run save a checkpoint and stop
-        stop_all(running)
-        raise
-    return failures
-
-
-def spawn(root: Path, p: Planned, mode: str, threads: int, extra: list[str] = ()) -> subprocess.Popen:
-    """`python -m cnnlab train` for one run (its config in <study>/configs/, or --resume), with `threads` torch
-    threads and its output appended to <study>/logs/<run>.log; dies with this process."""
-    (root / R.STUDY_CONFIGS).mkdir(exist_ok=True)
-    (root / R.STUDY_LOGS).mkdir(exist_ok=True)
-    slug = p.id.replace("/", "__")
-    cfg_file = root / R.STUDY_CONFIGS / f"{slug}.yaml"
-    cfg_file.write_text(C.dump_yaml(p.cfg))
-    args = ["--resume", str(root / p.id)] if mode == "resume" else [str(cfg_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with open(root / R.STUDY_LOGS / f"{slug}.log", "a") as log:
-        return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args, *extra], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-
-
-def ended(root: Path, p: Planned, proc: subprocess.Popen) -> str | None:
-    """None when the run's process succeeded, else what failed (the exit code and its log's last lines)."""
-    if proc.returncode == 0:
-        return None
-    tail = (root / R.STUDY_LOGS / f"{p.id.replace('/', '__')}.log").read_text().strip().splitlines()[-3:]
-    return f"exit code {proc.returncode}: " + " | ".join(tail)
-
-
-def stop_all(procs) -> None:
-    """SIGTERM every run's process (each saves a checkpoint and exits), then wait up to 60 s for each."""
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _ray_task(cfg_dict: dict, name: str, threads: int, trial: dict | None = None) -> bytes:  # on a Ray worker
-    """Train one run in a temporary folder on the worker; return the run folder as a .tar.gz. `trial`: a
-    search trial's storage and pruner (studies/search.py), reported to every epoch."""
-    import io
-    import tarfile
-    import tempfile
-
-    import torch
-
-    from cnnlab import process
-    from cnnlab.training import experiment
-
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # what cnnlab.threads.choose keeps when train.threads is unset
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = C.load(cfg_dict, {"output.dir": tmp, "output.name": name})
-        hook = None
-        if trial is not None:
-            from cnnlab.studies import search
-
-            hook = search.epoch_hook(trial)
-        run = experiment.run(cfg, device=process.setup(cfg), quiet=True, on_epoch=hook)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            tar.add(run.dir, arcname=name)
-        return buf.getvalue()
-
-
-def run_ray(root: Path, todo, *, jobs: int, say, address: str | None = None, **_) -> dict:
-    """Send every run to a Ray cluster (`ray.init(address)`; RAY_ADDRESS or a local instance when None) and
-    unpack each returned run folder into place. Workers need cnnlab installed and the data at data.root."""
-    ray, started, task, threads, what = ray_setup(len(todo), jobs, address)
-    refs = {task.remote(C.to_dict(p.cfg), p.id.replace("/", "__"), threads): p for p, _ in todo}
-    say(f"sent {len(refs)} runs to Ray ({what})")
-    failures = {}
-    try:
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            p = refs.pop(ready[0])
-            error = unpack(root, p, ready[0])
-            if error:
-                failures[p.id] = error
-                say(f"  {p.id} failed: {failures[p.id]}")
-                continue
-            say(_done_line(root, p, 0).replace(" (0 s)", ""))
-    finally:
-        if started:
-            ray.shutdown()
-    return failures
-
-
-def unpack(root: Path, p: Planned, ref) -> str | None:
-    """Put the run folder a Ray task returned (`ref`) in place, whole; None, or what failed."""
-    import io
-    import tarfile
-
-    import ray
-
-    try:
-        blob = ray.get(ref)
-    except Exception as e:  # a RayTaskError wraps the worker's exception
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
-    incoming = root / f".incoming-{p.id.replace('/', '__')}"
-    shutil.rmtree(incoming, ignore_errors=True)
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        tar.extractall(incoming, filter="data")
-    run_dir = incoming / p.id.replace("/", "__")
-    R.write_text(run_dir / R.CONFIG, C.dump_yaml(p.cfg))  # the study's paths, not the worker's
-    (root / p.id).parent.mkdir(parents=True, exist_ok=True)
-    if (root / p.id).exists() and not made_by_cnnlab(root / p.id):  # appeared while the run trained
-        return f"{root / p.id} was made meanwhile, not by cnnlab; the run is kept in {incoming}"
-    shutil.rmtree(root / p.id, ignore_errors=True)
-    os.replace(run_dir, root / p.id)  # appears whole, never half-unpacked
-    shutil.rmtree(incoming)
-    return None
-
-
-def ray_setup(todo_count: int, jobs: int, address: str | None):
-    """(ray, started here, the remote task, threads per run, a description) for a cluster (`ray.init(address)`;
-    RAY_ADDRESS or a local instance when None): --jobs N runs at a time, by default all at once."""
-    try:
-        import ray
-    except ImportError:
-        raise C.ConfigError("--executor ray needs Ray: pip install 'cnnlab[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=False)
-    # A run never spans nodes.
-    node_cpus = max([n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1])
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = int(max(1, min(node_cpus, cpus // (jobs if jobs > 1 else min(todo_count, cpus)))))
-    # Ray hides GPUs from a task that does not ask for one: on a cluster with GPUs each run gets a whole one
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    task = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_ray_task)
-    what = (f"{threads} CPUs{' and 1 GPU' if gpus else ''} each, {cpus} CPUs"
-            f"{f' and {gpus} GPUs' if gpus else ''} in the cluster")
-    return ray, started, task, threads, what
-
-
-EXECUTORS = {"inline": run_inline, "process": run_processes, "ray": run_ray}
 
 
 # `cnnlab compare` lives in studies/compare.py, its parser beside it (cli.py imports compare.add_parser).

@@ -29,14 +29,20 @@ def _train(args) -> int:
     if args.print_config:
         print(C.dump_yaml(cfg), end="")
         return 0
+    if args.fresh and not (cfg.variations or cfg.grid or cfg.repeats > 1) or args.fresh and cfg.search:
+        raise C.ConfigError("--fresh: only for a study of variations, a grid or repeats (a single run or a search "
+                            "starts afresh under a new output.name)")
     if args.variation:
+        if args.fresh:
+            raise C.ConfigError("--fresh trains the whole study again; leave out --variation (or delete that "
+                                "variation's run folder to train it again)")
         return _one_variation(cfg, args.variation)
     if cfg.variations or cfg.grid or cfg.repeats > 1 or cfg.search:
         from cnnlab.studies import study
 
         executor = "ray" if args.ray_address and args.executor == "auto" else args.executor
         study.run_study(cfg, jobs=args.jobs, config_path=args.config, overrides=args.overrides,
-                        executor=executor, address=args.ray_address)
+                        executor=executor, address=args.ray_address, fresh=args.fresh)
         dist.shutdown()
         return 0
     from cnnlab import process
@@ -57,12 +63,21 @@ def _train(args) -> int:
 
 def _one_variation(cfg, name: str) -> int:
     """`cnnlab train STUDY --variation NAME`: that variation's run(s) alone, in the folder the whole study
-    would give them (a later run of the study finds them done)."""
+    would give them (a later run of the study finds them done). One already trained is kept (said so), one
+    trained with other settings refused as the whole study refuses it."""
     from cnnlab import dist, process
     from cnnlab.studies import study
     from cnnlab.training import experiment
 
-    for p in study.variation(cfg, name):
+    chosen, root = study.variation(cfg, name), study.study_dir(cfg)
+    changed = study.changed_runs(root, chosen)
+    if changed:
+        raise study.ChangedStudyError(study.changed_message(root, changed))
+    for p in chosen:
+        if study.run_state(root / p.id) == "done":
+            if dist.is_main():
+                print(f"{p.id}: already trained ({root / p.id}); delete that folder to train it again")
+            continue
         experiment.run(p.cfg, device=process.setup(p.cfg))
     dist.shutdown()
     return 0
@@ -94,6 +109,8 @@ def add_parser(subparsers) -> None:
                         "or process when --jobs > 1)")
     t.add_argument("--variation", metavar="NAME", help="studies: train only this variation (into the study's folder)")
     t.add_argument("--ray-address", help="studies on Ray: the cluster address (default RAY_ADDRESS or local)")
+    t.add_argument("--fresh", action="store_true", help="studies: delete the study's runs and train them all again "
+                   "(needed when finished runs were trained with other settings)")
     t.add_argument("--search-trial", help=argparse.SUPPRESS)  # set by a search's --jobs executor (studies/search.py)
     t.set_defaults(func=_train)
 

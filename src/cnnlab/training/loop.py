@@ -256,7 +256,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
     normalize = Normalizer(splits.mean, splits.std, device, channels_last)
     model = model.to(device)
     if hooks.needs_data(model):  # e.g. fastnet's whitening stem; before EMA, SyncBatchNorm or DDP copy it
-        hooks.init_from_data(model, normalize(_init_sample(splits, train_b).to(device)))
+        hooks.init_from_data(model, normalize(_init_sample(splits, train_b, t.seed).to(device)))
     if distributed and device.type == "cuda":
         # batch statistics over the global batch, as in a 1-GPU run (SyncBatchNorm needs CUDA: on
         # CPU/gloo each rank normalises with its own slice's statistics; running stats come from rank 0)
@@ -383,11 +383,15 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
     return model, state
 
 
-def _init_sample(splits: Splits, train_b: Batches) -> torch.Tensor:
-    """Up to 5,000 training images (uint8) for `hooks.init_from_data`, in the split's order."""
+def _init_sample(splits: Splits, train_b: Batches, seed: int, k: int = 5000) -> torch.Tensor:
+    """Up to `k` training images (uint8) for `hooks.init_from_data`, drawn at random (seeded, the same on
+    every rank) from the whole training split: data stored class by class (the CIFAR-10 zip) would give
+    the first 5,000 images' classes only, and a whitening stem fitted to four of ten classes."""
+    n = len(splits.train)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(k, n)].sort().values
     if splits.train.images is not None:
-        return splits.train.images[:5000]
-    return next(iter(train_b.iterate(torch.arange(min(5000, len(splits.train))), shard=False)))[0]
+        return splits.train.images[idx]
+    return torch.cat([b[0] for b in train_b.iterate(idx, shard=False)])
 
 
 def _clean_interrupted_saves(run_dir: Path, ckdir: Path) -> None:

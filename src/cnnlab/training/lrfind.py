@@ -108,7 +108,7 @@ def range_test(cfg: C.Config, splits, device, *, start: float = START, end: floa
     channels_last = T.use_channels_last(cfg, model, device)
     normalize = Normalizer(splits.mean, splits.std, device, channels_last)
     if hooks.needs_data(model):
-        hooks.init_from_data(model, normalize(T._init_sample(splits, train_b).to(device)))
+        hooks.init_from_data(model, normalize(T._init_sample(splits, train_b, cfg.train.seed).to(device)))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     lrs = schedule(start, end, steps)
