@@ -1,12 +1,16 @@
 """Training throughput (images/s) of the CIFAR-10 four-conv net: cnnlab's data path vs the plain
 PyTorch pipeline that course code uses, same model, batch size, optimizer, fp32, measured A B A B.
 
-    python benchmarks/throughput.py [--batches 60] [--rounds 3]
+    python benchmarks/throughput.py [--batches 60] [--rounds 3] [--policy [--data-only]]
 
 Plain pipeline: torchvision ImageFolder + Compose(RandomCrop(32, padding=4), RandomHorizontalFlip(),
 ToTensor(), Normalize()) + DataLoader(batch 128, shuffle), the better of 0 and 2 workers.
 cnnlab: the decoded uint8 cache resident in memory, whole-batch flip + pad-and-crop, the real
 `training.train_one_epoch` step. Prints the ratio; absolute numbers on shared machines are noise.
+
+--policy: the same with RandAugment (2 ops, magnitude 9) + MixUp (alpha 0.2) added on both sides. Plain:
+v2.RandAugment in the per-image Compose (PIL, DataLoader workers), v2.MixUp on each batch, cross-entropy on
+the soft targets. cnnlab: data.augment.randaugment + mixup (per-image draws, ops batched; data/augment.py).
 """
 from __future__ import annotations
 
@@ -30,17 +34,25 @@ def make_model():
     return build_model(C.load(None, ["model.name=cifar_convnet"]).model, num_classes=10, in_channels=3, input_size=32)
 
 
-def plain_loader(workers: int, batch: int):
+POLICY = ["data.augment.randaugment.num_ops=2", "data.augment.randaugment.magnitude=9", "data.augment.mixup=0.2"]
+
+
+def plain_loader(workers: int, batch: int, policy: bool = False):
     import torchvision
     import torchvision.transforms as T
+    from torchvision.transforms import v2
 
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    extra = [v2.RandAugment(num_ops=2, magnitude=9)] if policy else []
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *extra, T.ToTensor(), T.Normalize(MEAN, STD)])
     ds = torchvision.datasets.ImageFolder(str(extracted_cifar()), transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)
 
 
-def time_plain(loader, batches: int) -> float:
+def time_plain(loader, batches: int, policy: bool = False) -> float:
+    from torchvision.transforms import v2
+
+    mix = v2.MixUp(alpha=0.2, num_classes=10) if policy else None
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
@@ -50,6 +62,8 @@ def time_plain(loader, batches: int) -> float:
         x, y = next(it)
         if i == 3:  # warm-up batches excluded
             t0, n = time.perf_counter(), 0
+        if mix is not None:
+            x, y = mix(x, y)  # soft (B, 10) targets
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -58,7 +72,7 @@ def time_plain(loader, batches: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def time_cnnlab(splits, batch: int, batches: int) -> float:
+def time_cnnlab(splits, batch: int, batches: int, policy: bool = False) -> float:
     from cnnlab import config as C
     from cnnlab import dist
     from cnnlab.training import loop as T
@@ -67,7 +81,7 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
 
     cfg = C.load(None, ["model.name=cifar_convnet", "data.augment.hflip=true", "data.augment.crop_padding=4",
                         f"train.batch_size={batch}", "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
-                        f"train.limit_batches={batches + 3}"])
+                        f"train.limit_batches={batches + 3}", *(POLICY if policy else [])])
     model = make_model()
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=1, steps_per_epoch=batches + 3)
@@ -87,11 +101,48 @@ def time_cnnlab(splits, batch: int, batches: int) -> float:
     return batches * batch / (marks[batches + 3] - marks[3])
 
 
+def time_data_only(splits, batch: int, batches: int) -> tuple[float, float]:
+    """img/s of the two data paths alone, one thread each, no model: plain = the per-image Compose with
+    RandAugment on decoded JPEGs + collate + v2.MixUp; cnnlab = augment_batch + normalise + mix_batch on
+    the resident uint8 tensor."""
+    from torchvision.transforms import v2
+
+    from cnnlab import config as C
+    from cnnlab.data.augment import mix_batch
+    from cnnlab.data.loader import Normalizer, augment_batch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds = plain_loader(0, batch, policy=True).dataset
+        mix = v2.MixUp(alpha=0.2, num_classes=10)
+        n = min(len(ds), len(splits.train))
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:batch * batches].view(batches, batch)
+        t0 = time.perf_counter()
+        for b in idx:
+            items = [ds[int(i)] for i in b]
+            mix(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))
+        plain = batch * batches / (time.perf_counter() - t0)
+        aug = C.load(None, ["data.augment.hflip=true", "data.augment.crop_padding=4", *POLICY]).data.augment
+        norm = Normalizer(splits.mean, splits.std, "cpu")
+        t0 = time.perf_counter()
+        for k, b in enumerate(idx):
+            g = torch.Generator().manual_seed(k)
+            x = norm(augment_batch(splits.train.images[b], aug, g))
+            mix_batch(x, torch.as_tensor(splits.train.labels[b.numpy()]), aug, g, 10)
+        ours = batch * batches / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return plain, ours
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--policy", action="store_true", help="add RandAugment + MixUp on both sides")
+    ap.add_argument("--data-only", action="store_true", help="with --policy: only the data paths, no model")
     a = ap.parse_args()
     from cnnlab import config as C
     from cnnlab.data.pipeline import prepare
@@ -99,19 +150,28 @@ def main() -> None:
     print(f"machine: {machine()}")
     splits = prepare(C.load(None, ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000"]).data)
     extracted_cifar()
+    if a.policy and a.data_only:
+        dp, dc = time_data_only(splits, a.batch, max(4, a.batches // 4))
+        print(f"data path alone (flip, pad-crop, RandAugment, MixUp; 1 thread, no model): plain {dp:.0f} img/s, "
+              f"cnnlab {dc:.0f} img/s; ratio {dc / dp:.2f}x")
+        return
     # pick the plain pipeline's better worker count
-    plain = {w: plain_loader(w, a.batch) for w in (0, 2)}
-    first = {w: time_plain(plain[w], a.batches // 2) for w in plain}
+    plain = {w: plain_loader(w, a.batch, a.policy) for w in (0, 2)}
+    first = {w: time_plain(plain[w], a.batches // 2, a.policy) for w in plain}
     w_best = max(first, key=first.get)
     print(f"plain pipeline, 0 workers: {first[0]:.0f} img/s, 2 workers: {first[2]:.0f} img/s -> using {w_best}")
     res = {"plain": [], "cnnlab": []}
     for r in range(a.rounds):  # A B A B
-        res["plain"].append(time_plain(plain[w_best], a.batches))
-        res["cnnlab"].append(time_cnnlab(splits, a.batch, a.batches))
+        res["plain"].append(time_plain(plain[w_best], a.batches, a.policy))
+        res["cnnlab"].append(time_cnnlab(splits, a.batch, a.batches, a.policy))
         print(f"round {r + 1}: plain {res['plain'][-1]:.0f} img/s, cnnlab {res['cnnlab'][-1]:.0f} img/s")
     p, c = statistics.median(res["plain"]), statistics.median(res["cnnlab"])
     print(f"median: plain {p:.0f} img/s, cnnlab {c:.0f} img/s; ratio cnnlab/plain = {c / p:.2f}x "
-          f"(four-conv net, batch {a.batch}, SGD, fp32)")
+          f"(four-conv net, batch {a.batch}, SGD, fp32{', RandAugment + MixUp' if a.policy else ''})")
+    if a.policy:
+        dp, dc = time_data_only(splits, a.batch, max(4, a.batches // 4))
+        print(f"data path alone (flip, pad-crop, RandAugment, MixUp; 1 thread, no model): plain {dp:.0f} img/s, "
+              f"cnnlab {dc:.0f} img/s; ratio {dc / dp:.2f}x")
 
 
 if __name__ == "__main__":

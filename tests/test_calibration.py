@@ -87,6 +87,9 @@ def test_load_and_predict_apply_the_temperature(runs, tmp_path):
     assert np.allclose(probs, (logits / t).softmax(1).numpy(), atol=1e-6)
     assert not np.allclose(probs, logits.softmax(1).numpy(), atol=1e-3)
     assert cnnlab.load(runs["off"]).run.temperature == 1.0
+    # an exported model says which temperature its logits want
+    path = cnnlab.export(run, format="torchscript", out=tmp_path / "m.pt", quiet=True)
+    assert json.loads(path.with_name(path.name + ".json").read_text())["temperature"] == t
 
 
 def test_cnnlab_calibrate_fits_a_finished_run_later(runs, capsys):

@@ -19,7 +19,15 @@ def _cli(*args, cwd):
                           timeout=600)
 
 
-def test_variation_eval_splits_and_picked_feature_maps(tmp_path):
+def _main(*args, cwd, monkeypatch, capsys):  # in this process: the refusals need no fresh interpreter
+    from cnnlab import cli
+
+    monkeypatch.chdir(cwd)
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_variation_eval_splits_and_picked_feature_maps(tmp_path, monkeypatch, capsys):
     cfg = {"data": {"name": "digits", "image_size": 16, "val_split": 0.2, "test_split": 0.2, "val_from": "last"},
            "model": {"name": "layers", "layers": [{"conv": {"out": 6, "padding": 1}}, "relu", {"maxpool": 2},
                                                   {"linear": "classes"}]},
@@ -36,8 +44,8 @@ def test_variation_eval_splits_and_picked_feature_maps(tmp_path):
     data = json.loads((run / "data.json").read_text())
     # digits is not in class order: the last 20% of what test_split left are the validation images
     assert data["sizes"]["val"] == round(0.2 * (data["sizes"]["train"] + data["sizes"]["val"]))
-    bad = _cli("train", "s.yaml", "--variation", "c", cwd=tmp_path)
-    assert bad.returncode == 2 and "'c' is not a variation" in bad.stderr and "a, b" in bad.stderr
+    code, err = _main("train", "s.yaml", "--variation", "c", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "'c' is not a variation" in err and "a, b" in err
 
     r = _cli("eval", str(run), "--split", "val,train", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -59,8 +67,8 @@ def test_variation_eval_splits_and_picked_feature_maps(tmp_path):
     assert f"Channels 0, 2, 5 of each conv stage for image {pick}" in html
     assert rows[pick]["index"] == str(pick)
     missing = next(i for i in range(len(rows)) if i not in set(saved.tolist()))
-    r = _cli("report", str(run), "--image", str(missing), cwd=tmp_path)
-    assert r.returncode == 2 and f"--image {missing}: not among the images saved" in r.stderr
+    code, err = _main("report", str(run), "--image", str(missing), cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and f"--image {missing}: not among the images saved" in err
 
 
 def test_val_from_last_takes_the_tail_in_order():

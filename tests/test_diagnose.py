@@ -268,8 +268,8 @@ def test_a_real_one_epoch_run_is_underfitting_and_still_learning_not_mislabelled
     run = cnnlab.train(tree, quiet=True)
     rd = R.RunDir(run.dir)
     train_acc = rd.history_columns["train_acc"]
-    never = [c["name"] for c, n in zip(rd.metrics["test"]["per_class"], np.asarray(rd.metrics["test"]["confusion"]).sum(0))
-             if n == 0]
+    test = rd.metrics["test"]
+    never = [c["name"] for c, n in zip(test["per_class"], np.asarray(test["confusion"]).sum(0)) if n == 0]
     assert len(train_acc) == 1 and train_acc[0] < 0.5 and never  # what this run is here to show
     found = build.findings(build.gather(run.dir))
     kinds = [f.kind for f in found]

@@ -264,6 +264,7 @@ def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp
     assert c["verdict"] == ("no real difference" if not c["significant"] else "better" if c["diff_points"] > 0
                             else "worse")
     assert f"baseline main: {100 * g['main']['stats']['test_acc']['mean']:.2f}%" in out
+    assert f'<span class="sev">{c["verdict"]}</span>' in (root / "study.html").read_text()  # the page says the same
 
     # the same study with another learning rate: refused, naming what differs, and nothing is rewritten
     before = mtimes(root)
@@ -277,6 +278,19 @@ def test_a_study_prints_each_verdict_and_refuses_a_rerun_with_other_settings(tmp
     assert C.load(root / "main" / "config.yaml").optim.lr == 0.05 and C.load(root / "study.yaml").optim.lr == 0.05
     assert C.load(root / "slow" / "config.yaml").optim.lr == 0.001
     assert "deleted 2 run folder(s)" in capsys.readouterr().out
+
+
+def test_one_variation_again_is_kept_not_trained_beside_it_and_other_settings_are_refused(tmp_path, capsys):
+    path = _write_yaml(tmp_path, tiny(tmp_path, variations={"main": {}, "slow": {"optim.lr": 0.001}}), "st")
+    root = tmp_path / "st"
+    assert cli.main(["train", str(path), "--variation", "slow"]) == 0
+    before = mtimes(root)
+    capsys.readouterr()
+    assert cli.main(["train", str(path), "--variation", "slow"]) == 0
+    assert "slow: already trained" in capsys.readouterr().out
+    assert mtimes(root) == before and not (root / "slow-2").exists()
+    assert cli.main(["train", str(path), "--variation", "slow", "train.batch_size=64"]) == 2
+    assert "slow: train.batch_size=128 (this config: 64)" in capsys.readouterr().err and mtimes(root) == before
 
 
 def test_retrain_changed_trains_again_only_the_runs_whose_settings_moved(tmp_path):
@@ -307,7 +321,7 @@ def two_studies(tmp_path_factory):
     for name, lr in (("st", 0.01), ("st2", 0.03)):
         tree = tiny(tmp, name=name, variations={"main": {}, "wd": {"optim.weight_decay": 0.1}})
         tree["optim"]["lr"] = lr
-        study.run_study(C.load(tree), quiet=True)
+        study.run_study(C.load(tree), quiet=True, report=name == "st")  # (st's own report is checked below)
     return tmp
 
 

@@ -67,6 +67,15 @@ def test_class_weighted_loss_equals_a_hand_weighted_cross_entropy():
     assert abs(ours.item() - F.cross_entropy(logits, y, weight=w).item()) < 1e-6  # torch's weighted mean
     plain = L.per_sample(logits, y, None).sum() / L.total_weight(None, y)
     assert abs(plain.item() - F.cross_entropy(logits, y).item()) < 1e-6
+    # with label smoothing each image's whole smoothed loss is scaled by its own class's weight (torch's weight=
+    # would weight the smoothing term by every class's weight, pulling all images towards the heavy classes)
+    smooth = -(0.9 * logp[torch.arange(40), y] + 0.1 * logp.mean(1))
+    ours = L.per_sample(logits, y, w, label_smoothing=0.1)
+    assert torch.allclose(ours.double(), w.double()[y] * smooth, atol=1e-5)
+    # soft targets (MixUp): weighted by their mix of classes
+    soft = F.one_hot(y, 4).float() * 0.7 + F.one_hot(y.roll(1), 4).float() * 0.3
+    hand = -(soft.double() * logp).sum(1) * (soft.double() @ w.double())
+    assert torch.allclose(L.per_sample(logits, soft, w).double(), hand, atol=1e-5)
 
 
 def test_balanced_class_weights_are_scikit_learns_and_a_list_needs_one_per_class():

@@ -53,7 +53,8 @@ def unlearnt(summary: dict, history: dict | None = None) -> dict | None:
     label-mapping bug, or None (no such class, or the evidence is there). A mapping bug leaves one or a few
     classes (at most a third) never predicted among >= LABEL_BUG_MIN_SUPPORT images each, while the classes
     the model predicts are learnt: on average at least LABEL_BUG_MIN_OTHERS_ACC right and twice chance, and
-    the training accuracy (history, when given) reached LABEL_BUG_MIN_TRAIN_ACC. Anything less (a tiny or 1-2 epoch run) is a model that has not learnt those classes yet."""
+    the training accuracy (history, when given) reached LABEL_BUG_MIN_TRAIN_ACC. Anything less (a tiny or
+    1-2 epoch run) is a model that has not learnt those classes yet."""
     cm = np.asarray(summary["confusion"], dtype=np.float64)
     k, total = len(cm), cm.sum()
     support, predicted = cm.sum(1), cm.sum(0)

@@ -27,6 +27,12 @@ from cnnlab.config import AugmentConfig
 SEED_HIGH = 2**62
 
 
+def _seed(s: int) -> None:
+    """torch.manual_seed for the CPU generator the v2 transforms draw from, without its cost of ~1 ms
+    (torch.manual_seed also queues seeding for every accelerator type, recording a stack trace each)."""
+    torch.default_generator.manual_seed(s)
+
+
 def per_image_seeds(gen: torch.Generator, total: int, mine: slice) -> list[int]:
     """One seed per image of the global batch (this slice's rows), drawn from the step's generator."""
     return torch.randint(0, SEED_HIGH, (total,), generator=gen)[mine].tolist()
@@ -86,7 +92,11 @@ def _recorder_class(cls: type) -> type:
         self.drawn.append((transform_id, magnitude))
         return image
 
-    return type(f"Recording{cls.__name__}", (cls,), {"_apply_image_or_video_transform": record})
+    # the magnitude tables (a torch.linspace per draw) depend only on (bins, height, width), never on the
+    # random state: computed once, the draws stay the library's own
+    space = {k: (lru_cache(maxsize=16)(fn), signed) for k, (fn, signed) in cls._AUGMENTATION_SPACE.items()}
+    return type(f"Recording{cls.__name__}", (cls,), {"_apply_image_or_video_transform": record,
+                                                     "_AUGMENTATION_SPACE": space})
 
 
 def _recorder(policy: v2.Transform) -> v2.Transform:
@@ -105,7 +115,7 @@ def apply_policy(x: torch.Tensor, policy: v2.Transform, seeds: list[int]) -> tor
     ops = []
     with torch.random.fork_rng(devices=[]):
         for s in seeds:
-            torch.manual_seed(s)
+            _seed(s)
             rec.drawn = []
             rec(stand_in)
             ops.append(rec.drawn)
@@ -127,7 +137,7 @@ def apply_each(x: torch.Tensor, t: v2.Transform, seeds: list[int]) -> torch.Tens
     out = torch.empty_like(x)
     with torch.random.fork_rng(devices=[]):
         for i, s in enumerate(seeds):
-            torch.manual_seed(s)
+            _seed(s)
             out[i] = t(x[i])
     return out
 
@@ -176,7 +186,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, gen: torch.G
         return x, y
     seed = int(torch.randint(0, SEED_HIGH, (1,), generator=gen))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        _seed(seed)
         return m(x, y)
 
 

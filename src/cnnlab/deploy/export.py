@@ -38,7 +38,8 @@ def metadata(run: RunFacts, fmt: str, *, dynamic_batch: bool, opset: int | None)
             "input_shape": [run.channels, run.size, run.size], "input_size": run.size, "channels": run.channels,
             "mean": list(run.mean), "std": list(run.std),
             "preprocessing": "RGB (or grey) pixels / 255, minus mean, divided by std, per channel; (N, C, H, W)",
-            "output": "logits (N, K); softmax gives the class probabilities",
+            "output": "logits (N, K); softmax(logits / temperature) gives the class probabilities",
+            "temperature": run.temperature,  # 1.0 unless the run was calibrated (`cnnlab calibrate`)
             "dynamic_batch": dynamic_batch, "opset": opset, "model": run.config.model.name,
             "cnnlab_version": cnnlab.__version__, "run_id": run.dir.resolve().name,
             "run_dir": str(run.dir.resolve()), "run_started": run.env.get("started"),

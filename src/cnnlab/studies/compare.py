@@ -104,8 +104,8 @@ def load_groups(paths) -> tuple[list[Group], str | None, list[dict]]:
             raise FileNotFoundError(f"{p}: neither a run folder ({R.METRICS}) nor a study folder ({R.STUDY_JSON})")
     names = [g.name for g in groups]
     if len(set(names)) != len(names):  # a run folder named like another study's variation
-        raise CompareError(f"two of the compared groups have the same name: {sorted(n for n in set(names) if names.count(n) > 1)}; "
-                           "rename one of the folders")
+        twice = sorted(n for n in set(names) if names.count(n) > 1)
+        raise CompareError(f"two of the compared groups have the same name: {twice}; rename one of the folders")
     return groups, base, listing
 
 
@@ -255,7 +255,8 @@ def analyze(groups: list[Group], baseline: str | None = None) -> dict:
         # the accuracy's 95% interval: t over the seeds, or for one run Wilson over its test images
         ci = (acc["lo"], acc["hi"]) if acc["n"] > 1 else S.proportion_ci(round(acc["mean"] * n), n)
         out["groups"].append({"name": g.name, "seeds": [r.seed for r in g.runs], "dirs": [str(r.dir) for r in g.runs],
-                              "stats": st, "interval": [float(ci[0]), float(ci[1])], "n_images": int(n),
+                              "stats": st, "interval": [max(0.0, float(ci[0])), min(1.0, float(ci[1]))],
+                              "n_images": int(n),
                               "eval_split": splits[g.name], "overfit_onset": [onset_epoch(r) for r in g.runs],
                               "per_class_acc": pc.tolist()})
     tests = [(g, test_pair(bg, g) if seen[g.name] == seen[base] else

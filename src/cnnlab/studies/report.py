@@ -263,7 +263,9 @@ def markdown(res: dict, title: str, figs: dict, listing: list[dict], out: Path) 
 
     dhead, drows, rhead, rrows = tables(res)
     lines = [f"# {title}", "", f"{res['setup']}. Baseline: **{res['baseline']}**; significance level "
-             f"{res['alpha']}.", ""] + ([f"> **The data differ.** {res['data_note']}", ""] if res.get("data_note") else [])
+             f"{res['alpha']}.", ""]
+    if res.get("data_note"):
+        lines += [f"> **The data differ.** {res['data_note']}", ""]
     lines += [f"- **{c['text']['head']}.** {c['text']['detail']}" for c in res["comparisons"]]
     lines += ["", "## What differs", "", table(dhead, drows) if drows else "Nothing: the runs share one config.",
               "", "## Results", "", "Mean ± std over seeds, [95% t-interval]." if any(len(g["seeds"]) > 1 for g in
@@ -317,10 +319,11 @@ def html_page(res: dict, title: str, figs: dict, listing: list[dict], out: Path)
                 f"<figcaption>{caption}</figcaption></figure></div>")
 
     dhead, drows, rhead, rrows = tables(res)
-    verdicts = "".join(
-        f'<div class="finding" style="--c:{"#16a34a" if c.get("significant") else "#64748b"}">'
-        f'<span class="sev">{"significant" if c.get("significant") else "not significant" if c["test"] else "untested"}'
-        f'</span><h3>{e(c["text"]["head"])}</h3><p>{e(c["text"]["detail"])}</p></div>' for c in res["comparisons"])
+    colour = {"better": "#16a34a", "worse": "#dc2626"}
+    verdicts = "".join(  # the verdict as the terminal prints it: better, worse, no real difference, not tested
+        f'<div class="finding" style="--c:{colour.get(c.get("verdict"), "#64748b")}"><span class="sev">'
+        f'{e(c.get("verdict") or ("significant" if c.get("significant") else "not significant"))}</span>'
+        f'<h3>{e(c["text"]["head"])}</h3><p>{e(c["text"]["detail"])}</p></div>' for c in res["comparisons"])
     n_seeds, w = max(len(g["seeds"]) for g in res["groups"]), split_word(res).capitalize()
     note = (f'<div class="finding" style="--c:#d97706"><span class="sev">the data differ</span><h3>Not measured '
             f'on the same images</h3><p>{e(res["data_note"])}</p></div>' if res.get("data_note") else "")

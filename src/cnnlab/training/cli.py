@@ -63,12 +63,21 @@ def _train(args) -> int:
 
 def _one_variation(cfg, name: str) -> int:
     """`cnnlab train STUDY --variation NAME`: that variation's run(s) alone, in the folder the whole study
-    would give them (a later run of the study finds them done)."""
+    would give them (a later run of the study finds them done). One already trained is kept (said so), one
+    trained with other settings refused as the whole study refuses it."""
     from cnnlab import dist, process
     from cnnlab.studies import study
     from cnnlab.training import experiment
 
-    for p in study.variation(cfg, name):
+    chosen, root = study.variation(cfg, name), study.study_dir(cfg)
+    changed = study.changed_runs(root, chosen)
+    if changed:
+        raise study.ChangedStudyError(study.changed_message(root, changed))
+    for p in chosen:
+        if study.run_state(root / p.id) == "done":
+            if dist.is_main():
+                print(f"{p.id}: already trained ({root / p.id}); delete that folder to train it again")
+            continue
         experiment.run(p.cfg, device=process.setup(p.cfg))
     dist.shutdown()
     return 0

@@ -37,9 +37,16 @@ def class_weights(cfg: Config, labels, classes: list[str]) -> torch.Tensor | Non
 
 def per_sample(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None,
                label_smoothing: float = 0.0) -> torch.Tensor:
-    """(B,) losses, each already multiplied by its class weight: their sum over a batch divided by the batch's
-    total target weight (`total_weight`) is torch's weighted-mean cross-entropy."""
-    return F.cross_entropy(logits, targets, weight=weight, reduction="none", label_smoothing=label_smoothing)
+    """(B,) losses, each multiplied by its own class's weight (Keras's class_weight): their sum over a batch
+    divided by the batch's total target weight (`total_weight`) is torch's weighted-mean cross-entropy when
+    there is no label smoothing. With smoothing, torch's `weight=` would also weight the smoothing term by
+    every class's weight, pulling every image towards the rare (heavy) classes: with balanced weights over a
+    100x imbalance and smoothing 0.2, a CIFAR-10 net then predicted the rarest class for most images. Here the
+    image's whole smoothed loss is scaled by its class's weight. Soft targets (MixUp/CutMix) weigh by their mix."""
+    losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+    if weight is None:
+        return losses
+    return losses * (targets @ weight if targets.is_floating_point() else weight[targets])
 
 
 def total_weight(weight: torch.Tensor | None, targets: torch.Tensor) -> float:

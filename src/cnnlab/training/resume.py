@@ -57,7 +57,7 @@ def check_same_data(run_dir: Path, splits: Splits, cfg: C.Config) -> None:
 
 
 SAFE_ON_RESUME = ("train.epochs", "train.progress", "train.threads", "data.num_workers", "output.report",
-                  "output.tensorboard")  # overrides that leave what has been trained valid
+                  "output.tensorboard", "train.calibrate")  # overrides that leave what has been trained valid
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None) -> C.Config:
