@@ -144,6 +144,7 @@ def test_resume_with_lookahead_and_norm_lr_scale_is_exact(tmp_path, capsys):
     """airbench's lookahead (its average is part of last.pt) and the batch-norm learning-rate group survive
     a stop mid-epoch 3, after the averaging has started: the same weights, average and history."""
     opts = ["model.name=planted_signal", "model.layers=null", "train.epochs=3", "train.lookahead=true",
+            "data.augment.hflip=alternate",  # airbench's alternating flip: a function of (seed, epoch, index)
             "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.85", "optim.nesterov=true", "optim.norm_lr_scale=16",
             "schedule.name=onecycle", "train.checkpoint_every_steps=4"]
     rc, ref = train(tmp_path, *opts, name="ref")

@@ -52,6 +52,7 @@ Monitor = Literal["val_acc", "val_loss"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 Switch = Literal["auto", "on", "off"]
 Progress = Literal["auto", "bar", "lines", "off"]
+TtaMode = Literal["none", "flip", "airbench"]  # train.tta (models/tta.py)
 ResizeMode = Literal["squash", "crop", "pad"]  # to a square: squash | shorter side + center crop | pad to square
 AutoAugmentPolicy = Literal["cifar10", "imagenet", "svhn"]  # torchvision's AutoAugmentPolicy values
 
@@ -70,7 +71,9 @@ class RandAugmentConfig:  # torchvision's RandAugment
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    hflip: bool = False  # random horizontal flip, p = 0.5
+    # random horizontal flip: true = p 0.5 drawn every step; alternate = airbench's: each image flipped at random
+    # once (seeded), then every image mirrored on odd epochs (a function of seed, epoch and index only)
+    hflip: bool | Literal["alternate"] = False
     crop_padding: int = 0  # random crop back to the input size after padding by this much
     crop_padding_mode: PaddingMode = "constant"  # constant (zeros) | edge | reflect, as torchvision's RandomCrop
     cutout: int = 0  # side of a random square set to zero (0 = off)
@@ -137,9 +140,12 @@ class OptimConfig:
     # weight decay on biases and norm parameters too (as torch.optim's weight_decay on model.parameters()
     # does, e.g. experiment 4's L2); off = conv/linear weights only, as is standard
     decay_bias_and_norm: bool = False
+    # with decay_bias_and_norm and norm_lr_scale: batch-norm parameters decay by the weights' fraction per step
+    # (airbench's), not norm_lr_scale times it (SGD, AdamW: the coefficient divided by norm_lr_scale)
+    decay_per_step: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     # learning-rate multiplier for batch-norm parameters (airbench trains BN biases 64x faster: 94% in
-    # 18 instead of 22 epochs); like every 1-D parameter they are not weight-decayed
+    # 18 instead of 22 epochs); like every 1-D parameter they are not weight-decayed unless decay_bias_and_norm
     norm_lr_scale: float = 1.0
 
 
@@ -196,8 +202,14 @@ class TrainConfig:
     # (with batch norm 2x faster: PyTorch's CPU batch norm is 2-3x slower in NHWC).
     channels_last: Switch = "auto"
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); None = off
-    tta_flip: bool = False  # average logits of the image and its mirror at evaluation
+    # test-time augmentation of the final evaluation (and `cnnlab eval`, predictions): none | flip (mean of the
+    # image's and its mirror's logits) | airbench (mirror x {none, two 1-pixel reflect-padded shifts}, weights
+    # 0.25 per untranslated view, 0.125 per shifted one); null = flip when tta_flip, else none
+    tta: TtaMode | None = None
+    tta_flip: bool = False  # the older spelling of `tta: flip`
+    tta_every_epoch: bool = False  # also apply train.tta at every epoch's validation (off: only the final evaluation)
     lookahead: bool = False  # airbench's lookahead averaging of weights over the last 70% of training
+    lookahead_start: float = 0.3  # where the lookahead averaging starts, a fraction of the training steps (0 = step 0)
     deterministic: bool = False
     checkpoint_every_steps: int | None = None  # also save last.pt every N steps
     progress: Progress = "auto"  # auto | bar | lines | off
@@ -764,6 +776,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.norm_lr_scale > 0, "optim.norm_lr_scale", o.norm_lr_scale, "must be > 0")
+    _check(not o.decay_per_step or o.decay_bias_and_norm, "optim.decay_per_step", o.decay_per_step,
+           "needs optim.decay_bias_and_norm=true (only then are norm parameters decayed)")
     _check(not (o.nesterov and (o.name != "sgd" or o.momentum == 0)), "optim.nesterov", o.nesterov,
            "Nesterov needs optim.name=sgd and momentum > 0")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "each beta must be in [0, 1)")
@@ -796,6 +810,8 @@ def validate(cfg: Config) -> None:
         _check(v is None or v > 0, key, v, "must be > 0 (or null for off)")
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _check(t.limit_batches is None or t.limit_batches > 0, "train.limit_batches", t.limit_batches, "must be > 0")
+    _check(not (t.tta == "none" and t.tta_flip), "train.tta", t.tta, "contradicts train.tta_flip=true (drop one)")
+    _check(0 <= t.lookahead_start < 1, "train.lookahead_start", t.lookahead_start, "a fraction of training in [0, 1)")
     _check(t.ema is None or 0 < t.ema < 1, "train.ema", t.ema, "the EMA decay must be in (0, 1)")
     _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps > 0, "train.checkpoint_every_steps",
            t.checkpoint_every_steps, "must be > 0")
@@ -830,6 +846,11 @@ def _validate_augment(a: AugmentConfig) -> None:
     _check(0 <= a.random_erasing <= 1, k + "random_erasing", a.random_erasing, "a probability in [0, 1]")
     _check(a.mixup >= 0, k + "mixup", a.mixup, "the alpha must be >= 0 (0 = off)")
     _check(a.cutmix >= 0, k + "cutmix", a.cutmix, "the alpha must be >= 0 (0 = off)")
+
+
+def tta_mode(t: TrainConfig) -> str:
+    """train.tta resolved: its value, or (null) flip when the older train.tta_flip is set, else none."""
+    return t.tta if t.tta is not None else ("flip" if t.tta_flip else "none")
 
 
 def dump_yaml(cfg: Config) -> str:

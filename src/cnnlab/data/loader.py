@@ -32,6 +32,15 @@ def epoch_order(n: int, seed: int, epoch: int, *, balance=None) -> torch.Tensor:
     return torch.multinomial(w, n, replacement=True, generator=g)
 
 
+def alternate_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip (`data.augment.hflip: alternate`): whether each of the n training images is
+    mirrored in `epoch` (0-based), bool (n,). Each image is mirrored at random once (seeded, the same draw
+    every epoch) and every image is mirrored again on odd epochs, so an image alternates between its two
+    views: a function of (seed, epoch, index) only, exact under resume and on any number of ranks."""
+    once = torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_019 + 1)) < 0.5
+    return once ^ bool(epoch % 2)
+
+
 _PAD_MODES = {"constant": "constant", "edge": "replicate", "reflect": "reflect"}  # torchvision's names -> F.pad's
 
 
@@ -44,7 +53,7 @@ def check_augment(aug: AugmentConfig, h: int, w: int) -> None:
 
 
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, offset: int = 0,
-                  total: int | None = None) -> torch.Tensor:
+                  total: int | None = None, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image, and between
     crop and cutout the torchvision v2 policies of data/augment.py (resized crop, rotation, RandAugment |
     TrivialAugment | AutoAugment, colour jitter, random erasing), also one draw per image.
@@ -55,13 +64,22 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     Random numbers come from `gen` on the CPU, so results do not depend on the device. When `x` is
     rows offset..offset+B of a global batch of `total` images (one rank's slice under DDP), the draws
     are made for the whole global batch and this slice's rows are used: each image is augmented as
-    it would be in a 1-process run.
+    it would be in a 1-process run. With `hflip: alternate` the flips are not drawn: `flip` (bool (B,), the
+    batch's rows of `alternate_flips`) says which images are mirrored.
+
+    Reflect padding (`crop_padding_mode: reflect`) here, on the uint8 images, gives exactly what airbench's
+    reflect padding after normalisation gives: every padded pixel is a copy of an image pixel, and the
+    normalisation is the same per-channel map for both.
     """
     b, c, h, w = x.shape
     dev = x.device
     total = b if total is None else total
     mine = slice(offset, offset + b)  # this slice's rows of the global batch's draws
-    if aug.hflip:
+    if aug.hflip == "alternate":
+        if flip is None:
+            raise ValueError("data.augment.hflip=alternate: augment_batch needs the batch's flips (alternate_flips)")
+        x = torch.where(flip.to(dev).view(b, 1, 1, 1), x.flip(3), x)
+    elif aug.hflip:
         flip = (torch.rand(total, generator=gen)[mine] < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     p = aug.crop_padding

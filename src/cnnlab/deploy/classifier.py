@@ -173,7 +173,7 @@ class Classifier:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dtype = loop.amp_dtype(cfg, self.device)
-        self.tta = bool(cfg.train.tta_flip)
+        self.tta = C.tta_mode(cfg.train)  # the run's test-time augmentation (models/tta.py)
         self.transform = Transform(run.channels, run.size, run.mean, run.std, eval_resize(cfg.data))
         self.normalize = Normalizer(run.mean, run.std, self.device, self.channels_last)
 
@@ -184,12 +184,12 @@ class Classifier:
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, *, tta: bool | None = None) -> torch.Tensor:
         """uint8 (B, C, S, S) pixels -> float32 (B, K) logits on the CPU, as the run's evaluation computes them."""
-        tta = self.tta if tta is None else tta
+        from cnnlab.models.tta import tta_logits
+
+        mode = self.tta if tta is None else ("none" if not tta else "flip" if self.tta == "none" else self.tta)
         x = self.normalize(pixels.to(self.device))
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.model(x).float()
-            if tta:
-                out = 0.5 * (out + self.model(x.flip(3)).float())
+            out = tta_logits(self.model, x, mode)
         return out.float().cpu()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

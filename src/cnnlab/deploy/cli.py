@@ -32,8 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"],
                    help="the best epoch's weights (default) or the last epoch's")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image "
-                                                      "(on by default when the run evaluated with train.tta_flip)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: the run's train.tta (on by default when "
+                                                      "the run set one), or the mirrored image's average when it set none")
     p.add_argument("--gradcam", action="store_true",
                    help="also write an HTML page with each image's Grad-CAM (beside --out, else predictions.html)")
     p.add_argument("--gradcam-limit", type=int, default=200, help="images shown on the Grad-CAM page (default 200)")

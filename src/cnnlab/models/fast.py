@@ -4,7 +4,9 @@ A frozen 2x2 patch-whitening stem initialised from the training images (the eige
 patch covariance, +/-, as in airbench), three conv groups (conv -> max-pool -> BN -> GELU -> conv ->
 BN -> GELU) with identity (dirac) initialised convs, a global max-pool and a scaled linear head.
 The stem needs data: FastNet is a `hooks.InitFromData`, so the loop calls `init_from_data(x)` with
-normalised training images before training starts.
+normalised training images before training starts. The stem's bias starts at zero and, with
+`whiten_bias_epochs` = N, trains for the first N epochs and is then frozen (airbench: about 8% less step
+compute): FastNet is a `hooks.BeforeEpoch`, and the loop calls `before_epoch(epoch)` as each epoch starts.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 
 from cnnlab.models._registry import MODELS
-from cnnlab.models.hooks import InitFromData
+from cnnlab.config import ConfigError
+from cnnlab.models.hooks import BeforeEpoch, InitFromData
 from cnnlab.models.zoo import takes_input
 
 
@@ -42,12 +45,15 @@ class _Group(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
-class FastNet(InitFromData, nn.Module):
-    def __init__(self, num_classes: int, in_channels: int, widths=(64, 256, 256), scale: float = 1 / 9):
+class FastNet(InitFromData, BeforeEpoch, nn.Module):
+    def __init__(self, num_classes: int, in_channels: int, widths=(64, 256, 256), scale: float = 1 / 9,
+                 whiten_bias_epochs: int | None = None):
         super().__init__()
         k = 2
         self.whiten = nn.Conv2d(in_channels, 2 * in_channels * k * k, kernel_size=k, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data, then frozen
+        nn.init.zeros_(self.whiten.bias)  # (airbench's Conv zeroes its bias)
+        self.whiten_bias_epochs = whiten_bias_epochs  # None: the bias trains throughout
         self.groups = nn.Sequential(
             _Group(self.whiten.out_channels, widths[0]), _Group(widths[0], widths[1]), _Group(widths[1], widths[2]))
         self.head = nn.Linear(widths[2], num_classes, bias=False)
@@ -58,6 +64,11 @@ class FastNet(InitFromData, nn.Module):
         x = self.groups(x)  # (B, w3, 3, 3)
         x = torch.amax(x, dim=(2, 3))  # global max-pool (B, w3)
         return self.head(x) * self.scale
+
+    def before_epoch(self, epoch: int) -> None:
+        """The whitening bias trains in epochs 0 .. whiten_bias_epochs - 1, then is frozen."""
+        if self.whiten_bias_epochs is not None:
+            self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
@@ -75,7 +86,12 @@ class FastNet(InitFromData, nn.Module):
 @MODELS.register("fastnet")
 @takes_input(3, 32)
 def fastnet(*, num_classes: int, in_channels: int, input_size: int, widths: list | None = None,
-            scale: float = 1 / 9) -> nn.Module:
+            scale: float = 1 / 9, whiten_bias_epochs: int | None = None) -> nn.Module:
     """airbench-style CIFAR net (widths 64/256/256 by default; `options: {widths: [32, 128, 128]}` for a
-    smaller, faster one). Whitening stem set from the data before training."""
-    return FastNet(num_classes, in_channels, tuple(widths or (64, 256, 256)), scale)
+    smaller, faster one). Whitening stem set from the data before training; `whiten_bias_epochs: N`
+    freezes its bias after N epochs (airbench: 3; null = it trains throughout)."""
+    if whiten_bias_epochs is not None and (isinstance(whiten_bias_epochs, bool) or not isinstance(whiten_bias_epochs, int)
+                                           or whiten_bias_epochs < 0):
+        raise ConfigError(f"model.options.whiten_bias_epochs={whiten_bias_epochs!r}: must be a whole number "
+                               ">= 0 (epochs the whitening bias trains before it is frozen) or null")
+    return FastNet(num_classes, in_channels, tuple(widths or (64, 256, 256)), scale, whiten_bias_epochs)

@@ -9,6 +9,11 @@ The loop calls exactly these, explicitly, on the bare model (never on its DDP or
 - `after_train_mode(model)`: right after every `model.train()`. Frozen batch-norm layers (marked by
   `freeze_bn`, as `transfer.freeze` does) go back to eval mode, so their running statistics stay
   those of the pretrained weights; a model subclassing `AfterTrainMode` then runs its own hook.
+- `before_epoch(model, epoch)`: at the start of every epoch (0-based; a resumed run calls it for the epoch it
+  resumes in), after the optimizer is built. A model subclassing `BeforeEpoch` changes itself by epoch, e.g.
+  fastnet freezing its whitening bias after `whiten_bias_epochs` (requires_grad off: no gradient, so the
+  optimizer neither moves nor decays it); a function of the epoch only, so resume is exact. Such a model may
+  train a varying set of parameters: `trainable_set_varies` (DDP then looks for unused parameters).
 
 Nothing else is looked up on a model by name; the markers survive `copy.deepcopy` (EMA copies).
 """
@@ -33,6 +38,23 @@ class AfterTrainMode:
 
     def after_train_mode(self) -> None:
         raise NotImplementedError
+
+
+class BeforeEpoch:
+    """Mixin for models that change at epoch boundaries (the loop calls `before_epoch(epoch)`, 0-based)."""
+
+    def before_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
+
+
+def before_epoch(model: nn.Module, epoch: int) -> None:
+    """What the loop calls as each epoch (0-based) starts; a no-op for models without the hook."""
+    if isinstance(model, BeforeEpoch):
+        model.before_epoch(epoch)
+
+
+def trainable_set_varies(model: nn.Module) -> bool:
+    return isinstance(model, BeforeEpoch)
 
 
 def needs_data(model: nn.Module) -> bool:

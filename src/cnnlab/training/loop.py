@@ -2,8 +2,9 @@
 
 Reads top to bottom: `fit` builds the model and `TrainState` (everything trainable, saved and resumed
 as one), then for each epoch runs the steps `train_one_epoch` yields (logging and step checkpoints
-inline) and `evaluate`; the best epoch (by `train.monitor`) is kept as checkpoints/best.pt beside
-last.pt. The model's hooks (models/hooks.py) are called here, explicitly.
+inline) and `evaluate` (without test-time augmentation unless `train.tta_every_epoch`: `train.tta` is for
+the final evaluation, `evaluate_weights`); the best epoch (by `train.monitor`) is kept as checkpoints/best.pt
+beside last.pt. The model's hooks (models/hooks.py) are called here, explicitly.
 
 Resume is exact: last.pt (written atomically every epoch and every `train.checkpoint_every_steps`)
 is `TrainState.state_dict()`: model, optimizer, scheduler, grad scaler, EMA, the lookahead average, the
@@ -38,11 +39,12 @@ from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import loss as loss_mod
 from cnnlab.training import runlog
-from cnnlab.config import Config
+from cnnlab.config import Config, tta_mode
 from cnnlab.data.augment import hard_targets, mix_batch
-from cnnlab.data.loader import Batches, Normalizer, augment_batch, epoch_order, eval_indices
+from cnnlab.data.loader import Batches, Normalizer, alternate_flips, augment_batch, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
+from cnnlab.models.tta import tta_logits
 from cnnlab.training.state import NonFiniteLossError, State, TrainingError, TrainState, amp_dtype
 from cnnlab.training.tblog import TBLogger
 
@@ -104,7 +106,8 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     w_dev = weights.to(ts.device) if weights is not None else None
     i = state.batch_in_epoch  # checkpoints are taken between optimizer steps: i starts a step
     num_classes = len(batches.s.classes)
-    for x, y, _ in batches.iterate(order, start_batch=state.batch_in_epoch):
+    flips = alternate_flips(len(batches.s), t.seed, state.epoch) if cfg.data.augment.hflip == "alternate" else None
+    for x, y, idx in batches.iterate(order, start_batch=state.batch_in_epoch):
         if i >= limit:
             break
         first = i - i % per  # the step's micro-batches: first .. last, in global batches of the epoch
@@ -118,7 +121,8 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         # augmentation depends only on (seed, step) and the image's place among the step's images (all ranks)
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
         offset = sum(sizes[:j]) + (batches.local_offset(i, n_order) if world > 1 else 0)
-        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=sum(sizes)))  # (B, C, H, W)
+        x = normalize(augment_batch(x, cfg.data.augment, gen, offset=offset, total=sum(sizes),
+                                    flip=flips[idx] if flips is not None else None))  # (B, C, H, W)
         x, y = mix_batch(x, y, cfg.data.augment, gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft targets
         sync = not distributed or i == last or not hasattr(ddp, "no_sync")
         with contextlib.nullcontext() if sync else ddp.no_sync():
@@ -160,9 +164,10 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model, batches: Batches, normalize, *, device, dtype, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, K) float32 and targets (N,) of a whole split in its order, every sample exactly once:
-    each rank evaluates one contiguous unpadded block (`eval_indices`) and the blocks are gathered."""
+    each rank evaluates one contiguous unpadded block (`eval_indices`) and the blocks are gathered.
+    `tta`: the test-time augmentation (models/tta.py) averaging each image's views."""
     model.eval()
     rank, _, world = dist.world()
     n = len(batches.s)
@@ -171,9 +176,7 @@ def evaluate(model, batches: Batches, normalize, *, device, dtype, tta_flip: boo
     for x, y, _ in batches.iterate(order, shard=False):
         x = normalize(x)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x).float()
-            if tta_flip:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+            logits = tta_logits(model, x, tta)
         out.append(logits.float())
         tgt.append(y)
     k = out[0].shape[1] if out else _num_outputs(model)
@@ -195,7 +198,7 @@ def evaluate_weights(cfg: Config, splits: Splits, weights: dict, device: torch.d
     b = Batches(splits.eval_set, batch_size=cfg.train.eval_batch_size, device=device, channels=splits.channels,
                 size=splits.size, num_workers=cfg.data.num_workers)
     return evaluate(model, b, Normalizer(splits.mean, splits.std, device, channels_last), device=device,
-                    dtype=amp_dtype(cfg, device), tta_flip=cfg.train.tta_flip)
+                    dtype=amp_dtype(cfg, device), tta=tta_mode(cfg.train))
 
 
 def _num_outputs(model: nn.Module) -> int:
@@ -286,7 +289,8 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
         runlog.truncate_after(run_dir, ts.progress)  # rows written after the checkpoint are written again
     net = model  # what the training steps run: DDP and torch.compile wrap the model, sharing its weights
     if distributed:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=hooks.trainable_set_varies(model))
     if t.compile:
         net = torch.compile(net)
 
@@ -302,6 +306,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                     state.epoch_lr = state.epoch_lr_min = None
                     state.epoch_steps = state.epoch_clipped = 0
                     state.epoch_seconds = 0.0
+                hooks.before_epoch(model, state.epoch)  # e.g. fastnet's whitening bias frozen after N epochs
                 started, seconds_before = time.perf_counter(), state.epoch_seconds  # (a resumed epoch's earlier part)
                 order = epoch_order(len(splits.train), t.seed, state.epoch, balance=balance)  # new every epoch
                 for step, loss, acc, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
@@ -326,7 +331,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                 if ts.lookahead is not None:
                     ts.lookahead.end_epoch(model)
                 logits, targets = evaluate(ts.eval_model, val_b, normalize, device=device, dtype=ts.amp,
-                                           tta_flip=t.tta_flip)
+                                           tta=tta_mode(t) if t.tta_every_epoch else "none")
                 val_loss = F.cross_entropy(logits, targets).item() if len(targets) else float("nan")
                 val_acc = (logits.argmax(1) == targets).float().mean().item() if len(targets) else float("nan")
                 state.epoch += 1

@@ -15,7 +15,8 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     """Trainable parameters only (a frozen backbone never reaches the optimizer). Weight decay applies
     to conv/linear weights; biases and norm parameters (1-D) are not decayed, as is standard, unless
     `optim.decay_bias_and_norm` (then every parameter is). Batch-norm parameters get their own group at
-    `optim.norm_lr_scale` times the learning rate."""
+    `optim.norm_lr_scale` times the learning rate; with `optim.decay_per_step` not times their decay per step
+    (airbench's `bias_scaler` "scales up learning rate (but not weight decay)")."""
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters(recurse=False)}
     decay, no_decay, norm_params = [], [], []
@@ -29,9 +30,10 @@ def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     groups = [{"params": decay, "weight_decay": o.weight_decay, "lr": o.lr}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr": o.lr})
-    if norm_params:
-        groups.append({"params": norm_params, "weight_decay": o.weight_decay if o.decay_bias_and_norm else 0.0,
-                       "lr": o.lr * o.norm_lr_scale})
+    if norm_params:  # decay_per_step: at the weights' rate per step, as airbench (its lr is norm_lr_scale times
+        # larger, so the coefficient, which torch multiplies by the lr, is norm_lr_scale times smaller)
+        wd = (o.weight_decay / o.norm_lr_scale if o.decay_per_step else o.weight_decay) if o.decay_bias_and_norm else 0.0
+        groups.append({"params": norm_params, "lr": o.lr * o.norm_lr_scale, "weight_decay": wd})
     return groups
 
 

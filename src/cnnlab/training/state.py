@@ -87,7 +87,7 @@ class TrainState:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema), use_buffers=True)
-        lookahead = Lookahead(t.epochs * steps_per_epoch) if t.lookahead else None
+        lookahead = Lookahead(t.epochs * steps_per_epoch, start=t.lookahead_start) if t.lookahead else None
         return cls(model, opt, sched, cfg=cfg, scaler=scaler, ema=ema, lookahead=lookahead, device=device, amp=amp)
 
     @property
