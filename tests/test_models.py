@@ -248,13 +248,14 @@ def test_input_spec_reads_the_weights_preset_offline(tmp_path):
     assert spec.resize == 224 and spec.mean == pytest.approx((0.485, 0.456, 0.406))
     assert spec.std == pytest.approx((0.229, 0.224, 0.225))
     assert transfer.input_spec("DEFAULT", "torchvision:resnet18") == spec
-    assert transfer.input_spec(str(tmp_path / "w.pt")) == (None, None, None)
-    assert transfer.input_spec(None) == (None, None, None)
+    assert spec.eval_resize == 256  # its evaluation recipe: shorter side 256, then the 224 center crop
+    assert transfer.input_spec(str(tmp_path / "w.pt")) == (None, None, None, None)
+    assert transfer.input_spec(None) == (None, None, None, None)
     with pytest.raises(transfer.TransferError, match="model.pretrained='Nope_Weights.X'"):
         transfer.input_spec("Nope_Weights.X")
     from cnnlab.config import DataConfig
 
     mcfg = ModelConfig(name="resnet18", pretrained="ResNet18_Weights.IMAGENET1K_V1")
     assert transfer.data_defaults(mcfg, DataConfig()) == {"image_size": 224, "mean": spec.mean, "std": spec.std,
-                                                          "channels": 3}
+                                                          "channels": 3, "eval_resize_size": 256}
     assert transfer.data_defaults(mcfg, DataConfig(image_size=64, mean=(0.5,), std=(0.2,))) == {}

@@ -426,14 +426,18 @@ def _all_keys(cls: type = None, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, k: str, prefix: str, names: list[str]) -> str:
+    # a key that exists as it is in another section (`epochs` for train.epochs, `lr` for optim.lr) beats a
+    # spelling near a sibling (`epochs` ~ `search`); then a misspelt sibling; then a misspelt key anywhere
+    leaf = str(key).split(".")[-1]
+    full = _all_keys()
+    same = [x for x in full if x.split(".")[-1] == leaf and x != key]
     close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-    if close:
+    if same:
+        hint = f" Did you mean {' or '.join(repr(x) for x in same[:3])}?"
+    elif close:
         hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
-    else:  # a key in the wrong section (`lr=0.1` for optim.lr): look for its name anywhere
-        leaf = str(key).split(".")[-1]
-        full = _all_keys()
-        same = [x for x in full if x.split(".")[-1] == leaf]
-        near = same or [x for x in full if difflib.get_close_matches(leaf, [x.split(".")[-1]], cutoff=0.8)]
+    else:
+        near = [x for x in full if difflib.get_close_matches(leaf, [x.split(".")[-1]], cutoff=0.8)]
         hint = f" Did you mean {' or '.join(repr(x) for x in near[:3])}?" if near else ""
     return f"unknown key {key!r}.{hint} Known keys here: {', '.join(names)}."
 
