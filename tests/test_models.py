@@ -258,4 +258,5 @@ def test_input_spec_reads_the_weights_preset_offline(tmp_path):
     mcfg = ModelConfig(name="resnet18", pretrained="ResNet18_Weights.IMAGENET1K_V1")
     assert transfer.data_defaults(mcfg, DataConfig()) == {"image_size": 224, "mean": spec.mean, "std": spec.std,
                                                           "channels": 3, "eval_resize_size": 256}
-    assert transfer.data_defaults(mcfg, DataConfig(image_size=64, mean=(0.5,), std=(0.2,))) == {}
+    # the user's own size and statistics are kept; the eval recipe scales with the size (64 * 256 / 224)
+    assert transfer.data_defaults(mcfg, DataConfig(image_size=64, mean=(0.5,), std=(0.2,))) == {"eval_resize_size": 73}
