@@ -398,3 +398,16 @@ def test_runs_on_different_data_say_so_and_name_the_split_of_their_accuracy(two_
     assert "| val acc |" in md and "test acc" not in md.lower()
     html = (tmp_path / "c2" / "study.html").read_text()
     assert "<th>val acc</th>" in html and "test acc" not in html.lower() and "the data differ" in html
+
+
+def test_a_variation_that_sets_a_command_line_key_again_is_noted(tmp_path):
+    # `cnnlab train study.yaml train.epochs=1` as a smoke test: a variation with its own train.epochs still
+    # trains 100 epochs (its settings win, as they must in a study); the user is told so before any work
+    tree = tiny(tmp_path, variations={"main": {}, "long": {"train.epochs": 100}, "same": {"train.epochs": 1},
+                                      "lr": {"optim.lr": 0.1}})
+    cli_overrides = ["train.epochs=1", "optim.lr=0.1"]
+    planned = study.plan(C.load(tree, cli_overrides))
+    assert study.shadowed(planned, cli_overrides) == [
+        "note: long sets train.epochs=100, over the command line's train.epochs=1 (a variation's own settings "
+        "win in its runs)"]
+    assert study.shadowed(planned, []) == []

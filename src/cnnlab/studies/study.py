@@ -131,6 +131,28 @@ def variation(cfg: C.Config, name: str, flag: str = "--variation") -> list[Plann
     return chosen
 
 
+def shadowed(planned: list[Planned], overrides) -> list[str]:
+    """Notes for the command-line overrides a variation sets again: in that variation's runs its own value
+    wins (`train.epochs=1` for a smoke test does not shorten a variation that sets `train.epochs: 100`)."""
+    import yaml
+
+    given = {}
+    for o in overrides or []:
+        k, sep, v = str(o).partition("=")
+        if sep:
+            try:
+                given[k.strip()] = yaml.safe_load(v)
+            except yaml.YAMLError:
+                given[k.strip()] = v
+    out = {}
+    for p in planned:
+        for k, v in p.overrides.items():
+            if k in given and v != given[k]:
+                out.setdefault((k, fmt_value(v), fmt_value(given[k])), []).append(p.variation)
+    return [f"note: {', '.join(dict.fromkeys(names))} set{'s' if len(set(names)) == 1 else ''} {k}={v}, over the "
+            f"command line's {k}={g} (a variation's own settings win in its runs)" for (k, v, g), names in out.items()]
+
+
 def differences(a: dict, b: dict) -> list[str]:
     """Dotted keys whose values differ between two flat config dicts (ignoring IGNORED)."""
     return [k for k in sorted(set(a) | set(b)) if not k.startswith(IGNORED) and a.get(k) != b.get(k)]
@@ -211,6 +233,8 @@ def run_study(cfg: C.Config, *, jobs: int = 1, config_path: str | None = None, o
     main = dist.is_main()
     say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, flush=True))
     planned = plan(cfg)
+    for line in shadowed(planned, overrides):
+        say(line)
     names = list(dict.fromkeys(p.variation for p in planned))
     base = baseline_of(cfg, names)
     root, kind = study_dir(cfg), executor if executor != "auto" else ("process" if jobs > 1 else "inline")
