@@ -134,16 +134,9 @@ def variation(cfg: C.Config, name: str, flag: str = "--variation") -> list[Plann
 def shadowed(planned: list[Planned], overrides) -> list[str]:
     """Notes for the command-line overrides a variation sets again: in that variation's runs its own value
     wins (`train.epochs=1` for a smoke test does not shorten a variation that sets `train.epochs: 100`)."""
-    import yaml
-
-    given = {}
-    for o in overrides or []:
-        k, sep, v = str(o).partition("=")
-        if sep:
-            try:
-                given[k.strip()] = yaml.safe_load(v)
-            except yaml.YAMLError:
-                given[k.strip()] = v
+    pairs = (str(o).partition("=") for o in overrides or [])  # read as config.apply_overrides reads them
+    given = (dict(overrides) if isinstance(overrides, dict)
+             else {k.strip(): C.parse_value(v) for k, sep, v in pairs if sep})
     out = {}
     for p in planned:
         for k, v in p.overrides.items():
