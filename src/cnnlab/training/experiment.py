@@ -143,7 +143,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             stack.enter_context(folder_lock(Path(resume_dir), "training", T.TrainingError))
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
-        check_augment(cfg.data.augment, splits.size, splits.size)
+        check_augment(cfg.data.augment, splits.size, splits.size, in_memory=splits.train.images is not None)
         class_weights(cfg, splits.train.labels, splits.classes)  # one weight per class: refused before the folder
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         found = None
