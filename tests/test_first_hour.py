@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,31 @@ def test_default_threads_leave_busy_cores_alone():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     threads.prefer_passive_wait(env)  # the user's choice stays
     assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_busy_threads_are_counted_now_not_a_minute_late(tmp_path):
+    """The thread count follows the load of this moment: the 1-minute load average lags, so two trainings
+    started a second ago did not count (the run took two threads beside them) and a load just ended still
+    did (a run on a machine gone idle took one)."""
+    import os as _os
+
+    from cnnlab import threads
+
+    f = tmp_path / "loadavg"
+    f.write_text("5.90 3.10 1.20 3/211 4242\n")  # a minute of load behind, three threads runnable now
+    assert threads.runnable_now(path=str(f), samples=3, gap=0) == 3
+    assert threads.runnable_now(path=str(tmp_path / "absent")) is None
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        if _os.path.exists("/proc/loadavg"):
+            assert threads.busy_elsewhere() >= 2  # both, within half a second of their start
+            assert threads.default_threads(cores=2) == 1
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
 
 
 @pytest.fixture(scope="module")
