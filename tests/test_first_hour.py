@@ -218,6 +218,20 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(tmp_path, capsys):
+    """`--resume RUN train.epochs=N` on a run whose last.pt is damaged used to rewrite config.yaml with N
+    before the checkpoint was refused: the run then said it was set for epochs it never had."""
+    assert cli.main(["train", str(tiny(tmp_path))]) == 0
+    run_dir = tmp_path / "tiny"
+    config, env = (run_dir / "config.yaml").read_bytes(), (run_dir / "env.json").read_bytes()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run_dir), "train.epochs=3"]) != 0
+    assert "last.pt" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert (run_dir / "env.json").read_bytes() == env  # no resume is listed: none happened
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. the failure gallery
 
