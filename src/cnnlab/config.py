@@ -216,7 +216,7 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every_steps: int | None = None  # also save last.pt every N steps
     progress: Progress = "auto"  # auto | bar | lines | off
-    threads: int | None = None  # torch.set_num_threads; None = PyTorch's choice
+    threads: int | None = None  # torch.set_num_threads; None = one per core not busy now (cnnlab/threads.py)
 
 
 @dataclass(frozen=True)

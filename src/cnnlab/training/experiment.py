@@ -26,7 +26,7 @@ from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
 from cnnlab.training import calibrate
 from cnnlab.training.loss import class_weights
-from cnnlab.training.resume import check_same_data, finished, folder_lock
+from cnnlab.training.resume import check_same_data, finished, folder_lock, undone_if_untrained
 
 
 Run = RunDir  # what run() returns: the run folder's typed reader, seeded with the config and metrics
@@ -173,6 +173,8 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
             if dist.is_main():
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
+        if resume_dir is not None and dist.is_main():  # a resume that fails before training changes nothing
+            stack.enter_context(undone_if_untrained(run_dir))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
                                        say=say, lr_found=found, on_epoch=on_epoch)
