@@ -150,6 +150,7 @@ def test_a_nan_at_step_k_of_epoch_e_read_later_is_reported_as_step_k_epoch_e(set
     msg = str(e.value)
     assert f"became nan at step {k} (epoch 2)" in msg and "Likely causes" in msg, msg
     first_read = (k // read_every + 1) * read_every
+    assert f"training stopped at step {first_read}, its first check after it" in msg
     assert ts.progress.step == first_read > k  # found at the next read, after the steps in between
     assert max(s for s in seen) == first_read - 1  # the read step itself never yielded
 
@@ -198,3 +199,37 @@ def test_per_epoch_augmentation_trains_and_resumes_exactly_and_needs_data_in_mem
     err = capsys.readouterr().err
     assert "data.augment.per_epoch" in err and "Traceback" not in err
     assert not (tmp_path / "d" / "tiny").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the host synchronisations of a GPU)")
+def test_on_a_gpu_the_synchronisations_of_an_epoch_do_not_grow_with_its_steps(setup):
+    """torch's sync debug mode warns at every operation that makes the host wait for the GPU: an epoch
+    of 8 steps must make no more of them than an epoch of 3 (the reads at its start and end only)."""
+    import warnings
+
+    _, splits = setup
+    dev = torch.device("cuda")
+
+    def syncs(steps: int) -> int:
+        c = C.load(None, {**TINY, "train.accumulate": 1, "train.class_weights": "none",
+                          "data.augment.hflip": "alternate", "data.augment.crop_padding_mode": "reflect",
+                          "train.limit_batches": steps})
+        torch.manual_seed(0)
+        model = T.build_for(c, splits).to(dev)
+        b = Batches(splits.train, batch_size=64, device=dev, channels=1, size=8, drop_last=True)
+        ts = TrainState.build(c, model, steps_per_epoch=steps, device=dev)
+        norm = Normalizer(splits.mean, splits.std, dev)
+        order = epoch_order(len(splits.train), 0, 0)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = list(T.train_one_epoch(ts, model, b, order, normalize=norm, cfg=c, guard=NoSignal(),
+                                             read_at=lambda s: False))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert len(out) == steps and out[-1][1] is not None
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(8) == syncs(3)

@@ -8,9 +8,13 @@ epoch's train_loss / train_acc are bit-identical to reading every step (tests/te
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from cnnlab import dist
+from cnnlab.config import Config
 
 # slots of the device vector
 _LOSS_SUM, _CORRECT, _STEP, _STEP_SUM, _STEP_CORRECT, _BAD, _BAD_STEP, _BAD_LOSS = range(8)
@@ -77,3 +81,17 @@ class EpochSums:
         return Read(loss_sum=x[_LOSS_SUM], correct=int(x[_CORRECT]), seen=self.seen, step_loss=x[_STEP_SUM],
                     step_acc=x[_STEP_CORRECT] / max(1.0, float(self.step_seen)),
                     bad_step=int(x[_BAD_STEP]) if bad else None, bad_loss=x[_BAD_LOSS] if bad else None)
+
+
+def nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, ranks: list[int],
+                      found_at: int | None = None) -> str:
+    """The error of a non-finite training loss at `step` (1-based) of `epoch` (1-based), seen on `ranks`;
+    `found_at`: the later step whose read found it (the steps between ran on non-finite weights, unsaved)."""
+    where = f" on rank {', '.join(map(str, ranks))}" if dist.active() else ""
+    what = f"became {loss}" if loss is not None and not math.isfinite(loss) else "became non-finite"
+    stopped = "at that step" if found_at in (None, step) else f"at step {found_at}, its first check after it"
+    return (f"the training loss {what} at step {step} (epoch {epoch}){where}; training stopped {stopped}. "
+            f"Likely causes: a learning rate too high (optim.lr={cfg.optim.lr}; try a tenth), inputs not "
+            "normalised, fp16 overflow (try train.amp=bf16 or off), bad values (NaN/inf) in the data, or a "
+            "model that divides by zero or takes the log of zero. Nothing was saved from this step; the last "
+            "checkpoint and the history up to it are kept.")

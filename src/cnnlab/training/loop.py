@@ -46,7 +46,7 @@ from cnnlab.data.loader import (Batches, Normalizer, alternate_flips, augment_ba
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
 from cnnlab.models.tta import tta_logits
-from cnnlab.training.epochstats import EpochSums
+from cnnlab.training.epochstats import EpochSums, nonfinite_message
 from cnnlab.training.state import NonFiniteLossError, State, TrainingError, TrainState, amp_dtype
 from cnnlab.training.tblog import TBLogger
 
@@ -72,16 +72,6 @@ def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bo
     return bool(widths) and (device.type == "cuda" or max(widths) >= 32)
 
 
-def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, ranks: list[int]) -> str:
-    where = f" on rank {', '.join(map(str, ranks))}" if dist.active() else ""
-    what = f"became {loss}" if loss is not None and not math.isfinite(loss) else "became non-finite"
-    return (f"the training loss {what} at step {step} (epoch {epoch}){where}; training stopped at that step. "
-            f"Likely causes: a learning rate too high (optim.lr={cfg.optim.lr}; try a tenth), inputs not "
-            "normalised, fp16 overflow (try train.amp=bf16 or off), bad values (NaN/inf) in the data, or a "
-            "model that divides by zero or takes the log of zero. Nothing was saved from this step; the last "
-            "checkpoint and the history up to it are kept.")
-
-
 def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, normalize, cfg: Config,
                     guard: dist.SignalGuard, weights: torch.Tensor | None = None, read_at=None
                     ) -> Iterator[tuple[int, float | None, float | None, int | None]]:
@@ -95,13 +85,10 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     divided by the whole step's total (class-)weight. DDP synchronises gradients only on the last one.
 
     No host synchronisation inside an epoch (one process): the running sums live on the device
-    (training/epochstats.py) and are read only after steps where `read_at(step)` is true (None: every step),
-    at a signal and at the epoch's last step; other steps yield None for the loss and accuracy, and
-    `ts.progress`'s sums are those of the last read (checkpoints are taken only after a read). A non-finite
-    loss is flagged on the device with its step and raises NonFiniteLossError at the next read, naming
-    that step and epoch; the weights of the steps after it are never saved (every checkpoint follows a read).
-    Under DDP every step is read (the ranks agree on stopping at each step) and a non-finite loss raises
-    before its optimizer step, on every rank.
+    (training/epochstats.py), read after steps where `read_at(step)` (None: every step), at a signal and at
+    the epoch's end; other steps yield None for loss and accuracy, and `ts.progress` holds the last read's
+    sums (checkpoints follow reads). A non-finite loss raises NonFiniteLossError at the next read, naming
+    its own step and epoch. Under DDP every step is read and a non-finite loss raises before its step.
     """
     state = ts.progress
     net.train()
@@ -152,7 +139,7 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
                 finite = bool(torch.isfinite(total))
                 bad = [r for r, f in enumerate(dist.flags(not finite)) if f]
                 if bad:
-                    raise NonFiniteLossError(_nonfinite_message(None if finite else total.item(), step,
+                    raise NonFiniteLossError(nonfinite_message(None if finite else total.item(), step,
                                                                 state.epoch + 1, cfg, bad))
             # DDP averages gradients over ranks: x world, so the sum over ranks and micro-batches / denom is
             # the gradient of the step's weighted-mean loss, whatever the slices' sizes
@@ -179,7 +166,8 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
             continue
         r = sums.read()
         if r.bad_step is not None:  # the first non-finite loss since the last read, on this device
-            raise NonFiniteLossError(_nonfinite_message(r.bad_loss, r.bad_step, state.epoch + 1, cfg, [0]))
+            raise NonFiniteLossError(nonfinite_message(r.bad_loss, r.bad_step, state.epoch + 1, cfg, [0],
+                                                       found_at=step))
         state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = r.loss_sum, r.correct, r.seen
         yield step, r.step_loss, r.step_acc, stop
 
