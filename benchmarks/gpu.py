@@ -171,10 +171,16 @@ def run_airbench(folder: Path, seed: int, epochs: float, *, warmup: bool = False
         airbench.train94(loader, epochs=epochs, run=-1 if warmup else seed, verbose=True)
     if warmup:
         return math.nan, math.nan
-    cols = [c.strip() for c in out.getvalue().strip().splitlines()[-2].strip("|").split("|")]
-    # columns: run, epoch, train_loss, train_acc, val_acc, tta_val_acc, total_time_seconds ('eval' row)
+    return parse_airbench(out.getvalue())
+
+
+def parse_airbench(printed: str) -> tuple[float, float]:
+    """(total_time_seconds, tta_val_acc) from the table airbench's train() prints: its 'eval' row, the last
+    but one line (columns run, epoch, train_loss, train_acc, val_acc, tta_val_acc, total_time_seconds)."""
+    lines = printed.strip().splitlines()
+    cols = [c.strip() for c in lines[-2].strip().strip("|").split("|")] if len(lines) >= 2 else []
     if len(cols) != 7 or cols[1] != "eval":
-        raise SystemExit(f"cannot read airbench's final row (did its print format change?):\n{out.getvalue()[-800:]}")
+        raise SystemExit(f"cannot read airbench's final row (did its print format change?):\n{printed[-800:]}")
     return float(cols[6]), float(cols[5])
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,20 @@ def test_gpu_benchmark_tiny_runs_on_the_cpu():
         assert "airbench's CifarLoader read 300 train / 100 test images" in out, out
     else:
         assert "airbench: skipped: the airbench package is not installed" in out, out
+
+
+def test_the_airbench_result_is_read_from_airbench_s_own_printed_table(capsys):
+    pytest.importorskip("airbench")
+    from airbench.utils import print_training_details
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    capsys.readouterr()
+    print_training_details({"run": 3, "epoch": 9, "train_loss": 0.9, "train_acc": 0.8, "val_acc": 0.93}, False)
+    print_training_details({"epoch": "eval", "tta_val_acc": 0.9412, "total_time_seconds": 3.8312}, True)
+    assert gpu.parse_airbench(capsys.readouterr().out) == (3.8312, 0.9412)
+    with pytest.raises(SystemExit, match="cannot read airbench's final row"):
+        gpu.parse_airbench("| 0 | 1 |\n")
