@@ -69,8 +69,9 @@ class Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def run_cnnlab(cfg, splits, device, seed: int, epochs: int) -> tuple[float, float]:
-    """One fixed-length run of `cfg` with train.seed = `seed`: (timed seconds, final accuracy on the val split)."""
+def run_cnnlab(cfg, splits, device, seed: int, epochs: int):
+    """One fixed-length run of `cfg` with train.seed = `seed`: (timed seconds, final accuracy on the val split,
+    the trained model). The weights are those `cnnlab train` ends with (tests/test_benchmarks.py)."""
     import dataclasses
 
     from cnnlab.config import tta_mode
@@ -110,7 +111,7 @@ def run_cnnlab(cfg, splits, device, seed: int, epochs: int) -> tuple[float, floa
             if ts.lookahead is not None:
                 ts.lookahead.end_epoch(model)
         logits, targets = T.evaluate(ts.eval_model, val_b, normalize, device=device, dtype=ts.amp, tta=tta_mode(t))
-    return timer.seconds, (logits.argmax(1) == targets).float().mean().item()
+    return timer.seconds, (logits.argmax(1) == targets).float().mean().item(), model
 
 
 class _NoSignal:
@@ -234,7 +235,7 @@ def main() -> None:
             run_cnnlab(cfg, splits, device, seed=0, epochs=1)
         seconds, accs = [], []
         for seed in range(a.seeds):
-            s, acc = run_cnnlab(cfg, splits, device, seed, a.epochs)
+            s, acc, _ = run_cnnlab(cfg, splits, device, seed, a.epochs)
             seconds.append(s)
             accs.append(acc)
             print(f"  cnnlab   seed {seed}: {acc:.4f} in {s:.3f} s", flush=True)
