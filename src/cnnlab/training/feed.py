@@ -1,0 +1,106 @@
+"""The training micro-batches of one epoch, augmented and normalised, optionally one batch ahead in a thread.
+
+`micro_batches` yields each micro-batch with its place in the optimizer step (`train.accumulate`) and the
+step's generator. Augmentation is split in two (data/loader.py `draw_augment` / `apply_augment`): every
+random draw is made here, on the calling (training) thread and in the synchronous order, so the draws are
+a function of (seed, step, image) only and the global generator the model's own randomness (dropout)
+uses is left as it was; the application uses no random numbers. With `data.prefetch` on (auto: when a
+torchvision policy is set, the only augmentation costing real time) the application and normalisation
+of batch i+1 run in a background thread while the model trains on batch i (PyTorch's ops release the
+GIL), giving bit for bit the batches of the synchronous path. The thread runs its ops on one intra-op
+thread (the training thread keeps `train.threads`), is joined when the epoch ends, stops early or fails,
+and each DDP rank has its own.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from cnnlab import dist
+from cnnlab.config import Config
+from cnnlab.data.augment import has_policies
+from cnnlab.data.loader import Batches, alternate_flips, apply_augment, draw_augment
+
+
+@dataclass
+class MicroBatch:
+    i: int  # its global batch in the epoch
+    first: int  # the optimizer step's micro-batches: global batches first..last
+    last: int
+    step: int  # the 1-based optimizer step it belongs to
+    sizes: list[int]  # the global sizes of the step's micro-batches
+    x: torch.Tensor  # (B, C, H, W), augmented and normalised
+    y: torch.Tensor  # (B,) labels
+    idx: torch.Tensor  # (B,) sample indices
+    gen: torch.Generator  # the step's generator after the augmentation draws (MixUp / CutMix draw next)
+
+
+def prefetching(cfg: Config) -> bool:
+    """`data.prefetch` resolved: on / off as set; auto = on when a torchvision policy is set."""
+    choice = cfg.data.prefetch
+    return choice == "on" or (choice == "auto" and has_policies(cfg.data.augment))
+
+
+def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normalize, epoch: int, start_batch: int,
+                  step: int, limit: int, prefetch: bool | None = None) -> Iterator[MicroBatch]:
+    """The micro-batches of `order` from global batch `start_batch` (the start of an optimizer step) up to
+    `limit`, `step` optimizer steps having been taken before it. Augmentation depends only on (seed, step)
+    and the image's place among the step's images (all ranks, all micro-batches)."""
+    t, aug = cfg.train, cfg.data.augment
+    per, n_order = t.accumulate, len(order)
+    first0 = start_batch - start_batch % per
+    world = batches.world if dist.active() else 1
+    flips = alternate_flips(len(batches.s), t.seed, epoch) if aug.hflip == "alternate" else None
+
+    def drawn(items):  # on the training thread: every random draw, in the synchronous order
+        for i, (x, y, idx) in enumerate(items, start_batch):
+            first = i - i % per
+            last = min(first + per, limit) - 1
+            sizes = [batches.global_size(b, n_order) for b in range(first, last + 1)]
+            s = step + 1 + (first - first0) // per
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + s)
+            offset = sum(sizes[:i - first]) + (batches.local_offset(i, n_order) if world > 1 else 0)
+            d = draw_augment(aug, gen, tuple(x.shape), offset=offset, total=sum(sizes),
+                             flip=flips[idx] if flips is not None else None)
+            yield MicroBatch(i, first, last, s, sizes, x, y, idx, gen), d
+
+    def applied(item) -> MicroBatch:  # no random numbers: on either thread
+        mb, d = item
+        mb.x = normalize(apply_augment(mb.x, aug, d))  # (B, C, H, W)
+        return mb
+
+    items = islice(batches.iterate(order, start_batch=start_batch), max(0, limit - start_batch))
+    use = prefetching(cfg) if prefetch is None else prefetch
+    yield from (one_ahead if use else map)(applied, drawn(items))
+
+
+def _one_thread() -> None:
+    torch.get_num_threads()  # first: a thread's first ATen call sets its count from the process default
+    torch.set_num_threads(1)  # per thread (OpenMP ICV, MKL local): the training thread keeps its own count
+
+
+def one_ahead(work: Callable, items: Iterable) -> Iterator:
+    """`map(work, items)` with `work` on item k+1 running in a background thread while the caller handles
+    result k; `items` is advanced on the calling thread. The thread is joined when the results end, when
+    the caller stops early (closing this generator) or when `work` raises (the error comes out here)."""
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed") as pool:
+        pool.submit(_one_thread).result()
+        torch.set_num_threads(threads)  # at::set_num_threads also sets the default of threads started later
+        pending: Future | None = None
+        try:
+            for item in items:
+                nxt = pool.submit(work, item)
+                if pending is not None:
+                    yield pending.result()
+                pending = nxt
+            if pending is not None:
+                nxt, pending = pending, None
+                yield nxt.result()
+        finally:
+            if pending is not None:
+                pending.cancel()  # not started yet: dropped; running: waited for by the pool's shutdown

@@ -1,0 +1,177 @@
+"""One batch ahead (training/feed.py): the prefetched micro-batches are the synchronous ones bit for bit (also
+from mid-epoch, and while the consumer draws from the global generator between batches as dropout does); a
+whole training run with dropout ends with the same weights either way; the background thread runs its ops
+on one intra-op thread and is gone when an epoch ends, is stopped early, fails in the thread, or is
+interrupted. (Under torchrun: tests/test_distributed.py trains its 2-process run with data.prefetch=on.)"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import cnnlab
+from cnnlab import config as C
+from cnnlab.data import loader
+from cnnlab.data.augment import mix_batch
+from cnnlab.data.base import ImageSet
+from cnnlab.training import checkpoint as ckpt
+from cnnlab.models import MODELS
+from cnnlab.training import feed
+from cnnlab.training.state import NonFiniteLossError
+
+N, K, S, BS = 40, 4, 16, 8
+AUG = ["data.augment.hflip=true", "data.augment.crop_padding=2", "data.augment.cutout=4",
+       "data.augment.randaugment.num_ops=2", "data.augment.rotation=10", "data.augment.random_erasing=0.5",
+       "data.augment.mixup=0.2"]
+
+
+@pytest.fixture(scope="module")
+def images() -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (N, 3, S, S), generator=g, dtype=torch.uint8)
+    return ImageSet(labels=(torch.arange(N) % K).numpy(), classes=list("abcd"), images=x)
+
+
+def _threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("cnnlab-feed")]
+
+
+def _feed(s: ImageSet, cfg, prefetch: bool, start_batch: int = 0, step: int = 0):
+    b = loader.Batches(s, batch_size=BS, device=torch.device("cpu"), channels=3, size=S)
+    order = loader.epoch_order(N, 0, 0)
+    norm = loader.Normalizer([0.5] * 3, [0.25] * 3, "cpu")
+    return feed.micro_batches(b, order, cfg=cfg, normalize=norm, epoch=0, start_batch=start_batch, step=step,
+                              limit=b.num_batches(), prefetch=prefetch)
+
+
+def _epoch(s: ImageSet, cfg, prefetch: bool, start_batch: int = 0, step: int = 0) -> list:
+    torch.manual_seed(1)
+    out = []
+    for mb in _feed(s, cfg, prefetch, start_batch, step):
+        x, y = mix_batch(mb.x, mb.y, cfg.data.augment, mb.gen, K)
+        dropout = torch.rand(5)  # the model's own draws from the global generator, between batches
+        out.append((mb.i, mb.step, mb.sizes, mb.idx, x, y, dropout))
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        all(torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v for u, v in zip(ra, rb)) for ra, rb in zip(a, b))
+
+
+def test_the_prefetched_epoch_is_the_synchronous_one_bit_for_bit(images, monkeypatch):
+    cfg = C.load(None, [*AUG, "train.accumulate=2"])
+    assert feed.prefetching(cfg) and not feed.prefetching(C.load(None, ["data.augment.hflip=true"]))
+    where = []
+    apply = feed.apply_augment
+
+    def spy(*a, **k):
+        where.append(threading.current_thread().name)
+        return apply(*a, **k)
+
+    monkeypatch.setattr(feed, "apply_augment", spy)
+    sync = _epoch(images, cfg, prefetch=False)
+    assert where and all(w == threading.main_thread().name for w in where)
+    where.clear()
+    ahead = _epoch(images, cfg, prefetch=True)
+    assert where and all(w.startswith("cnnlab-feed") for w in where)  # the work did run in the thread
+    assert len(sync) == N // BS and [r[1] for r in sync] == [1, 1, 2, 2, 3]  # steps of 2 micro-batches
+    assert _same(ahead, sync)
+    plain = loader.Normalizer([0.5] * 3, [0.25] * 3, "cpu")(images.images[sync[0][3]])
+    assert not torch.equal(sync[0][4], plain)  # augmentation did something
+    # from mid-epoch (a resume after step 1): the rest of the same epoch
+    rest = _epoch(images, cfg, prefetch=True, start_batch=2, step=1)
+    assert _same([r[:-1] for r in rest], [r[:-1] for r in sync[2:]])  # (the stand-in dropout aside)
+    assert _threads() == []
+
+
+def test_the_thread_runs_its_ops_on_one_intra_op_thread(images, monkeypatch):
+    seen = []
+    apply = feed.apply_augment
+    monkeypatch.setattr(feed, "apply_augment", lambda *a, **k: (seen.append(torch.get_num_threads()), apply(*a, **k))[1])
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(_feed(images, C.load(None, AUG), prefetch=True))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+    assert seen and set(seen) == {1}
+
+
+def test_the_thread_ends_when_the_consumer_stops_early_fails_or_is_interrupted(images, monkeypatch):
+    cfg = C.load(None, AUG)
+    it = _feed(images, cfg, prefetch=True)
+    next(it), next(it)
+    assert _threads()  # running (or idle, waiting for the next batch)
+    it.close()  # early stop: the consumer leaves the loop
+    assert _threads() == []
+    for error in (KeyboardInterrupt, RuntimeError):
+        with pytest.raises(error):
+            for k, _ in enumerate(_feed(images, cfg, prefetch=True)):
+                if k == 2:
+                    raise error("stop")
+        assert _threads() == []
+    calls = []
+    apply = feed.apply_augment
+
+    def failing(*a, **k):  # the work itself fails in the thread, on the fourth batch
+        calls.append(1)
+        if len(calls) == 4:
+            raise ValueError("planted failure in the augmentation thread")
+        return apply(*a, **k)
+
+    monkeypatch.setattr(feed, "apply_augment", failing)
+    got = []
+    with pytest.raises(ValueError, match="planted failure"):
+        for mb in _feed(images, cfg, prefetch=True):
+            got.append(mb.i)
+    assert got == [0, 1, 2] and _threads() == []
+
+
+NET = {"name": "layers", "layers": [{"conv": {"out": 6, "k": 3, "padding": 1}}, "relu", {"maxpool": 2}, "flatten",
+                                    {"dropout": 0.3}, {"linear": "classes"}]}
+
+
+def _train(tmp_path, name: str, prefetch: str, model: dict = NET):
+    cfg = {"data": {"name": "digits", "val_split": 0.2, "prefetch": prefetch,
+                    "augment": {"hflip": True, "randaugment": {"num_ops": 2}, "random_erasing": 0.3, "mixup": 0.2}},
+           "model": model, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+           "train": {"epochs": 2, "batch_size": 64, "limit_batches": 5, "seed": 4, "progress": "off", "threads": 1},
+           "output": {"dir": str(tmp_path), "name": name, "report": False}}
+    n = torch.get_num_threads()
+    try:
+        return cnnlab.train(cfg, quiet=True)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_a_run_with_dropout_trains_the_same_weights_with_and_without_prefetch(tmp_path):
+    on, off = _train(tmp_path, "on", "auto"), _train(tmp_path, "off", "off")
+    a, b = ckpt.load(on.dir / "checkpoints/last.pt"), ckpt.load(off.dir / "checkpoints/last.pt")
+    assert a["state"]["step"] == b["state"]["step"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # dropout drew the same numbers
+    assert _threads() == []
+
+
+if "feed_nan" not in MODELS:
+    @MODELS.register("feed_nan")
+    def _feed_nan(*, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+        """A net whose third training call gives NaN logits."""
+        class Net(nn.Sequential):
+            calls = 0
+
+            def forward(self, x):
+                self.calls += self.training
+                return super().forward(x) * (float("nan") if self.calls == 3 else 1.0)
+
+        return Net(nn.Flatten(), nn.Linear(in_channels * input_size ** 2, num_classes))
+
+
+def test_a_run_that_fails_mid_epoch_leaves_no_thread(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        _train(tmp_path, "nan", "on", model={"name": "feed_nan"})
+    assert _threads() == []
