@@ -7,9 +7,10 @@ a function of (seed, step, image) only and the global generator the model's own 
 uses is left as it was; the application uses no random numbers. With `data.prefetch` on (auto: when a
 torchvision policy is set, the only augmentation costing real time) the application and normalisation
 of batch i+1 run in a background thread while the model trains on batch i (PyTorch's ops release the
-GIL), giving bit for bit the batches of the synchronous path. The thread runs its ops on one intra-op
-thread (the training thread keeps `train.threads`), is joined when the epoch ends, stops early or fails,
-and each DDP rank has its own.
+GIL), giving bit for bit the batches of the synchronous path. The thread is joined when the epoch ends,
+stops early or fails; each DDP rank has its own. It runs its ops with the process's intra-op thread count
+(`train.threads`), like the training thread: limiting it to one thread was 4x slower in
+benchmarks/throughput.py --policy on the 2-core machine (README, Speed).
 """
 from __future__ import annotations
 
@@ -78,29 +79,19 @@ def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normali
     yield from (one_ahead if use else map)(applied, drawn(items))
 
 
-def _one_thread() -> None:
-    torch.get_num_threads()  # first: a thread's first ATen call sets its count from the process default
-    torch.set_num_threads(1)  # per thread (OpenMP ICV, MKL local): the training thread keeps its own count
-
-
 def one_ahead(work: Callable, items: Iterable) -> Iterator:
     """`map(work, items)` with `work` on item k+1 running in a background thread while the caller handles
     result k; `items` is advanced on the calling thread. The thread is joined when the results end, when
     the caller stops early (closing this generator) or when `work` raises (the error comes out here)."""
-    threads = torch.get_num_threads()
-    with ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed") as pool:
-        pool.submit(_one_thread).result()
-        torch.set_num_threads(threads)  # at::set_num_threads also sets the default of threads started later
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed")
+    try:
         pending: Future | None = None
-        try:
-            for item in items:
-                nxt = pool.submit(work, item)
-                if pending is not None:
-                    yield pending.result()
-                pending = nxt
+        for item in items:
+            nxt = pool.submit(work, item)
             if pending is not None:
-                nxt, pending = pending, None
-                yield nxt.result()
-        finally:
-            if pending is not None:
-                pending.cancel()  # not started yet: dropped; running: waited for by the pool's shutdown
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+    finally:  # a batch not started is dropped, one running is waited for (at most one batch's work)
+        pool.shutdown(wait=True, cancel_futures=True)
