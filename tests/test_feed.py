@@ -4,13 +4,17 @@ whole training run with dropout ends with the same weights either way; the backg
 an epoch ends, is stopped early, fails in the thread, or is interrupted. (Under torchrun: tests/test_distributed.py trains its 2-process run with data.prefetch=on.)"""
 from __future__ import annotations
 
+import csv
+import os
+import signal
 import threading
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
-import cnnlab
+from cnnlab import cli
 from cnnlab import config as C
 from cnnlab.data import loader
 from cnnlab.data.augment import mix_batch
@@ -18,7 +22,6 @@ from cnnlab.data.base import ImageSet
 from cnnlab.training import checkpoint as ckpt
 from cnnlab.models import MODELS
 from cnnlab.training import feed
-from cnnlab.training.state import NonFiniteLossError
 
 N, K, S, BS = 40, 4, 16, 8
 AUG = ["data.augment.hflip=true", "data.augment.crop_padding=2", "data.augment.cutout=4",
@@ -116,47 +119,74 @@ def test_the_thread_ends_when_the_consumer_stops_early_fails_or_is_interrupted(i
     assert got == [0, 1, 2] and _threads() == []
 
 
-NET = {"name": "layers", "layers": [{"conv": {"out": 6, "k": 3, "padding": 1}}, "relu", {"maxpool": 2}, "flatten",
-                                    {"dropout": 0.3}, {"linear": "classes"}]}
+FIRED: set[str] = set()
 
 
-def _train(tmp_path, name: str, prefetch: str, model: dict = NET):
+class Planted(nn.Module):
+    """A small net with dropout (the model's own draws from the global generator); at its `at`-th training
+    call it sends this process SIGTERM (training stops after that step, resumably) or gives NaN logits."""
+
+    def __init__(self, num_classes: int, in_channels: int, input_size: int, at: int, what: str):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                 nn.Dropout(0.3), nn.Linear(6 * (input_size // 2) ** 2, num_classes))
+        self.at, self.what, self.calls = at, what, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at and self.what == "nan":
+                return out * float("nan")
+            if self.calls == self.at and "sigterm" not in FIRED:  # once: not again in the resumed run
+                FIRED.add("sigterm")
+                os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+
+if "feed_planted" not in MODELS:
+    @MODELS.register("feed_planted")
+    def _feed_planted(*, num_classes: int, in_channels: int, input_size: int, at: int = 0, what: str = "sigterm"):
+        return Planted(num_classes, in_channels, input_size, at, what)
+
+
+def _train(folder, name: str, prefetch: str, *overrides) -> tuple[int, object]:
     cfg = {"data": {"name": "digits", "val_split": 0.2, "prefetch": prefetch,
                     "augment": {"hflip": True, "randaugment": {"num_ops": 2}, "random_erasing": 0.3, "mixup": 0.2}},
-           "model": model, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-           "train": {"epochs": 1, "batch_size": 64, "limit_batches": 4, "seed": 4, "progress": "off", "threads": 1},
-           "output": {"dir": str(tmp_path), "name": name, "report": False}}
+           "model": {"name": "feed_planted"}, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+           "train": {"epochs": 2, "batch_size": 64, "limit_batches": 3, "seed": 4, "progress": "off", "threads": 1},
+           "output": {"dir": str(folder), "name": name, "report": False}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
     n = torch.get_num_threads()
     try:
-        return cnnlab.train(cfg, quiet=True)
+        return cli.main(["train", str(path), *overrides]), folder / name
     finally:
         torch.set_num_threads(n)
 
 
-def test_a_run_with_dropout_trains_the_same_weights_with_and_without_prefetch(tmp_path):
-    on, off = _train(tmp_path, "on", "auto"), _train(tmp_path, "off", "off")
-    a, b = ckpt.load(on.dir / "checkpoints/last.pt"), ckpt.load(off.dir / "checkpoints/last.pt")
-    assert a["state"]["step"] == b["state"]["step"] == 4
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # dropout drew the same numbers
+def test_a_run_with_dropout_trains_the_same_weights_with_and_without_prefetch_and_resumes_exactly(tmp_path):
+    """Synchronous, and prefetched but stopped by SIGTERM mid-epoch 1 then resumed: the same weights, global
+    generator state and history bit for bit."""
+    (rc1, off), (rc2, stopped) = _train(tmp_path, "off", "off"), _train(tmp_path, "on", "on", "model.options.at=2")
+    assert (rc1, rc2) == (0, 143) and _threads() == []
+    assert ckpt.load(stopped / "checkpoints/last.pt")["state"]["batch_in_epoch"] == 2
+    assert cli.main(["train", "--resume", str(stopped)]) == 0
+    ref = ckpt.load(off / "checkpoints/last.pt")
+    assert ref["state"]["step"] == 6
+    c = ckpt.load(stopped / "checkpoints/last.pt")
+    assert all(torch.equal(c["model"][k], ref["model"][k]) for k in ref["model"])
+    assert torch.equal(c["rng"]["torch"], ref["rng"]["torch"])  # dropout drew the same numbers
+    assert _history(stopped) == _history(off)
     assert _threads() == []
 
 
-if "feed_nan" not in MODELS:
-    @MODELS.register("feed_nan")
-    def _feed_nan(*, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
-        """A net whose third training call gives NaN logits."""
-        class Net(nn.Sequential):
-            calls = 0
-
-            def forward(self, x):
-                self.calls += self.training
-                return super().forward(x) * (float("nan") if self.calls == 3 else 1.0)
-
-        return Net(nn.Flatten(), nn.Linear(in_channels * input_size ** 2, num_classes))
+def _history(run) -> list[dict]:
+    with open(run / "history.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
 
 
-def test_a_run_that_fails_mid_epoch_leaves_no_thread(tmp_path):
-    with pytest.raises(NonFiniteLossError, match="at step 3"):
-        _train(tmp_path, "nan", "on", model={"name": "feed_nan"})
+def test_a_run_that_fails_mid_epoch_leaves_no_thread(tmp_path, capsys):
+    rc, _ = _train(tmp_path, "nan", "on", "model.options.at=2", "model.options.what=nan")
+    assert rc == 1 and "at step 2" in capsys.readouterr().err
     assert _threads() == []
