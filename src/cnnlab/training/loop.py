@@ -108,8 +108,8 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     images = None
     if aug.per_epoch:  # the whole epoch's flip / translate / cutout at once (a function of seed and epoch)
         images = augment_epoch(batches.images, aug, seed=epoch_seed(t.seed, state.epoch), flips=flips)
-    sums = EpochSums(dev, step=state.step, loss_sum=state.epoch_loss_sum, correct=state.epoch_correct,
-                     seen=state.epoch_seen)
+    sums = EpochSums(dev, steps=math.ceil((limit - i) / per), step=state.step, loss_sum=state.epoch_loss_sum,
+                     correct=state.epoch_correct, seen=state.epoch_seen)
     for x, y, idx in batches.iterate(order, start_batch=state.batch_in_epoch, images=images):
         if i >= limit:
             break
