@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from importlib.metadata import version as _version
 
 import numpy as np
 import torch
@@ -49,12 +50,10 @@ def _git_commit() -> str | None:
 
 
 def environment(cfg: C.Config, device: str) -> dict:
-    import torchvision
-
     import cnnlab
 
     return {"cnnlab": getattr(cnnlab, "__version__", "0"), "python": sys.version.split()[0],
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "torchvision": _version("torchvision"), "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device,  # results depend on the thread count
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # cnnlab.threads: PASSIVE unless the user chose
