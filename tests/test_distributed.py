@@ -271,14 +271,17 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(ru
 
 
 SPY = '''
-"""Test-only plugin: records which rank decodes a data set into the cache, then runs the cnnlab CLI."""
+"""Test-only plugin: records which rank decodes a data set into the cache, and the native threads each rank
+has left after the CLI's dist.shutdown(); then runs the cnnlab CLI."""
 import os
 import sys
 import time
 
+from cnnlab import dist
 from cnnlab.data import pipeline
 
 _decode_all = pipeline.decode_all
+_shutdown = dist.shutdown
 
 
 def log(what):
@@ -295,19 +298,31 @@ def spy(files, *args, **kw):
     return out
 
 
+def shutdown():
+    _shutdown()
+    if not os.path.isdir("/proc/self/task"):  # Linux only
+        return
+    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    with open(os.environ["THREADS_LOG"], "a") as f:
+        f.write(f"rank {os.environ['RANK']}: {' '.join(names)}\\n")
+
+
 pipeline.decode_all = spy
+dist.shutdown = shutdown
 if __name__ == "__main__":
     from cnnlab.cli import main
     sys.exit(main())
 '''
 
 
-def test_one_process_per_node_decodes_and_caches_the_data(tmp_path):
-    """Both ranks need the decoded images; the node's first process decodes and writes the cache while the
-    other waits, then reads the cache (no two processes writing the same file, or downloading it)."""
+@pytest.fixture(scope="module")
+def spied(tmp_path_factory):
+    """One torchrun of a 1-epoch run on a small folder of images, through the SPY plugin: (its result, the
+    folder holding spy.log, threads.log and the cache)."""
     import numpy as np
     from PIL import Image
 
+    tmp_path = tmp_path_factory.mktemp("spied")
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "ds" / c).mkdir(parents=True)
@@ -317,13 +332,24 @@ def test_one_process_per_node_decodes_and_caches_the_data(tmp_path):
     spy.write_text(SPY)
     cfg = write_config(tmp_path, **{"data.name": "folder", "data.root": str(tmp_path / "ds"), "data.val_split": 8,
                                     "data.test_split": None, "train.epochs": 1, "train.checkpoint_every_steps": None})
-    os.environ["SPY_LOG"] = str(tmp_path / "spy.log")
-    os.environ["CNNLAB_CACHE"], old_cache = str(tmp_path / "cache"), os.environ.get("CNNLAB_CACHE")
+    old = {k: os.environ.get(k) for k in ("SPY_LOG", "THREADS_LOG", "CNNLAB_CACHE")}
+    os.environ["SPY_LOG"], os.environ["THREADS_LOG"] = str(tmp_path / "spy.log"), str(tmp_path / "threads.log")
+    os.environ["CNNLAB_CACHE"] = str(tmp_path / "cache")
     try:
         r, _ = torchrun([str(spy), "train", str(cfg)])
     finally:
-        del os.environ["SPY_LOG"]
-        os.environ["CNNLAB_CACHE"] = old_cache
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return r, tmp_path
+
+
+def test_one_process_per_node_decodes_and_caches_the_data(spied):
+    """Both ranks need the decoded images; the node's first process decodes and writes the cache while the
+    other waits, then reads the cache (no two processes writing the same file, or downloading it)."""
+    r, tmp_path = spied
     assert r.returncode == 0, r.stderr[-3000:]
     calls = (tmp_path / "spy.log").read_text().splitlines()
     # each rank asks for its train and val images; rank 1 only after rank 0 has decoded and cached both
@@ -332,7 +358,7 @@ def test_one_process_per_node_decodes_and_caches_the_data(tmp_path):
     assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2  # train and val, each written once
 
 
-def test_a_study_under_torchrun_trains_each_run_on_both_processes(tmp_path):
+def test_a_study_under_torchrun_trains_each_run_on_both_processes(tmp_path, monkeypatch, capsys):
     """Rank 0 plans, locks and writes the study files; every run is trained by both ranks together."""
     path = write_config(tmp_path, **{"output.name": "ddp-study", "train.epochs": 1})
     tree = yaml.safe_load(path.read_text())
@@ -347,48 +373,22 @@ def test_a_study_under_torchrun_trains_each_run_on_both_processes(tmp_path):
         assert json.loads((root / name / "env.json").read_text())["world_size"] == 2
         assert len(rows(root / name / "history.csv")) == 1  # written once, by rank 0
     assert (root / "study.html").is_file() and r.stdout.count("study report:") == 1
-    r, _ = torchrun(["-m", "cnnlab", "train", str(path), "--jobs", "2"])
-    assert r.returncode != 0 and "under torchrun a study trains its runs one after another" in r.stderr
-
-
-THREADS = '''
-"""Test-only plugin: after the CLI's dist.shutdown(), records the native threads each rank has left."""
-import os
-import sys
-
-from cnnlab import dist
-
-_shutdown = dist.shutdown
-
-
-def shutdown():
-    _shutdown()
-    names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-    with open(os.environ["THREADS_LOG"], "a") as f:
-        f.write(f"rank {os.environ['RANK']}: {' '.join(names)}\\n")
-
-
-dist.shutdown = shutdown
-if __name__ == "__main__":
-    from cnnlab.cli import main
-    sys.exit(main())
-'''
+    # --jobs under torchrun is refused before any work: seen from rank 0's environment, in this process (the
+    # refusal reads only torchrun's variables; a third torchrun launch would cost ~10 s of start-up)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["train", str(path), "--jobs", "2"]) == 2
+    assert "under torchrun a study trains its runs one after another" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
-def test_leaving_the_process_group_ends_its_threads(tmp_path):
+def test_leaving_the_process_group_ends_its_threads(spied):
     """DistributedDataParallel imports torch.distributed.nn.functional, whose default arguments keep
     the process group it finds alive; its gloo threads then outlived destroy_process_group and ran on
     into interpreter exit, where a finished rank now and then aborted ("terminate called without an
     active exception"). The group is made after that import, so leaving it ends every gloo thread."""
-    plugin = tmp_path / "threads.py"
-    plugin.write_text(THREADS)
+    r, tmp_path = spied
     log = tmp_path / "threads.log"
-    os.environ["THREADS_LOG"] = str(log)
-    try:
-        r, _ = torchrun([str(plugin), "train", str(write_config(tmp_path, **{"train.epochs": 1}))])
-    finally:
-        del os.environ["THREADS_LOG"]
     assert r.returncode == 0, r.stderr[-3000:]
     lines = sorted(log.read_text().splitlines())
     assert [line.split(":")[0] for line in lines] == ["rank 0", "rank 1"]

@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,31 @@ def test_default_threads_leave_busy_cores_alone():
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     threads.prefer_passive_wait(env)  # the user's choice stays
     assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_busy_threads_are_counted_now_not_a_minute_late(tmp_path):
+    """The thread count follows the load of this moment: the 1-minute load average lags, so two trainings
+    started a second ago did not count (the run took two threads beside them) and a load just ended still
+    did (a run on a machine gone idle took one)."""
+    import os as _os
+
+    from cnnlab import threads
+
+    f = tmp_path / "loadavg"
+    f.write_text("5.90 3.10 1.20 3/211 4242\n")  # a minute of load behind, three threads runnable now
+    assert threads.runnable_now(path=str(f), samples=3, gap=0) == 3
+    assert threads.runnable_now(path=str(tmp_path / "absent")) is None
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        if _os.path.exists("/proc/loadavg"):
+            assert threads.busy_elsewhere() >= 2  # both, within half a second of their start
+            assert threads.default_threads(cores=2) == 1
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +216,20 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "already finished" in out and "nothing to resume" in out
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(tmp_path, capsys):
+    """`--resume RUN train.epochs=N` on a run whose last.pt is damaged used to rewrite config.yaml with N
+    before the checkpoint was refused: the run then said it was set for epochs it never had."""
+    assert cli.main(["train", str(tiny(tmp_path))]) == 0
+    run_dir = tmp_path / "tiny"
+    config, env = (run_dir / "config.yaml").read_bytes(), (run_dir / "env.json").read_bytes()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run_dir), "train.epochs=3"]) != 0
+    assert "last.pt" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert (run_dir / "env.json").read_bytes() == env  # no resume is listed: none happened
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ ZYGOTE = r"""
 import json, os, sys, traceback
 import torch
 torch.set_num_threads(1)  # no OpenMP pool before fork
-import torch._dynamo, cnnlab.cli, cnnlab.training.experiment, cnnlab.training.loop  # the slow imports, once
+import torch._dynamo, cnnlab.cli, cnnlab.training.experiment, cnnlab.training.loop  # the slow imports, once,
+import sklearn.datasets, sklearn.model_selection, torch.utils.tensorboard, torchinfo  # and those a run makes late
 cnnlab.cli.build_parser()
 assert len(os.listdir("/proc/self/task")) == 1, "fork needs a single-threaded parent"
 print("ready", flush=True)
@@ -114,7 +115,9 @@ for line in sys.stdin:
 class Zygote:
     def __init__(self, cwd: Path):
         # one thread everywhere, so the zygote is single-threaded when it forks (no lock held by another thread)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # (and no jemalloc background thread in pyarrow, which scikit-learn imports)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "JE_ARROW_MALLOC_CONF": "background_thread:false"}
         self.p = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   text=True, cwd=cwd, env=env)
         self.lines: queue.Queue = queue.Queue()

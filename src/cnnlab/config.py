@@ -87,6 +87,9 @@ class AugmentConfig:
     random_erasing: float = 0.0  # RandomErasing probability (the area set to 0)
     mixup: float = 0.0  # MixUp alpha (soft targets); with cutmix too, one of the two per batch
     cutmix: float = 0.0  # CutMix alpha
+    # augment the whole training set once per epoch (airbench: one op per epoch, draws from (seed, epoch)) instead
+    # of each batch as it is drawn (draws from (seed, step)); MixUp/CutMix stay per batch. Needs data in memory
+    per_epoch: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every_steps: int | None = None  # also save last.pt every N steps
     progress: Progress = "auto"  # auto | bar | lines | off
-    threads: int | None = None  # torch.set_num_threads; None = PyTorch's choice
+    threads: int | None = None  # torch.set_num_threads; None = one per core not busy now (cnnlab/threads.py)
 
 
 @dataclass(frozen=True)

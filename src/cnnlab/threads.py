@@ -12,6 +12,8 @@ the entry points (`cnnlab`, `python -m cnnlab`) call it first. `apply` runs wher
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 
 def prefer_passive_wait(env=os.environ) -> None:
@@ -28,15 +30,41 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def runnable_now(samples: int = 5, gap: float = 0.01, path: str = "/proc/loadavg") -> float | None:
+    """Threads running or ready to run on the machine at this moment, this one included: the kernel's count
+    (the fourth field of /proc/loadavg, "runnable/total"), the median of a few samples `gap` seconds apart.
+    None where there is no such file (not Linux). Unlike the load averages it does not lag: two training
+    processes started a second ago count, and a load that ended a second ago does not."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open(path) as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(gap)
+    return statistics.median(counts)
+
+
+def busy_elsewhere() -> float:
+    """Threads other programs keep busy now: `runnable_now()` less this one, else (not Linux) the 1-minute
+    load average."""
+    now = runnable_now()
+    if now is not None:
+        return max(0.0, now - 1)
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def default_threads(cores: int | None = None, load: float | None = None) -> int:
-    """One thread per core that is not already busy: the cores less the 1-minute load average (rounded),
-    at least 1. On an idle machine that is every core, as PyTorch's own default."""
+    """One thread per core that is not already busy: the cores less the threads other programs keep busy
+    (`busy_elsewhere()`, rounded), at least 1. On an idle machine that is every core, as PyTorch's default."""
     cores = available_cores() if cores is None else cores
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = 0.0
+        load = busy_elsewhere()
     return max(1, min(cores, round(cores - load)))
 
 

@@ -22,13 +22,24 @@ numbers: the application can run on another thread than the draws (training/feed
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision.transforms import v2
 
 from cnnlab.config import AugmentConfig
 
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
 SEED_HIGH = 2**62
+
+
+def _v2():
+    """torchvision.transforms.v2, imported when a policy is asked for: importing torchvision loads
+    torch._dynamo (about 2 s of CPU a process), which a run without these policies never needs."""
+    from torchvision.transforms import v2
+
+    return v2
 
 
 def _seed(s: int) -> None:
@@ -46,6 +57,9 @@ def per_image_seeds(gen: torch.Generator, total: int, mine: slice) -> list[int]:
 
 
 def _policy(aug: AugmentConfig) -> v2.Transform | None:
+    if aug.randaugment is None and not aug.trivialaugment and aug.autoaugment is None:
+        return None
+    v2 = _v2()
     if aug.randaugment is not None:
         return v2.RandAugment(num_ops=aug.randaugment.num_ops, magnitude=aug.randaugment.magnitude)
     if aug.trivialaugment:
@@ -57,6 +71,7 @@ def _policy(aug: AugmentConfig) -> v2.Transform | None:
 
 def per_image_transforms(aug: AugmentConfig, size: tuple[int, int]) -> list[tuple[str, v2.Transform]]:
     """The transforms with continuous parameters, in the order they run, each applied image by image."""
+    v2 = _v2()
     out = []
     if aug.random_resized_crop is not None:
         r = aug.random_resized_crop
@@ -68,6 +83,7 @@ def per_image_transforms(aug: AugmentConfig, size: tuple[int, int]) -> list[tupl
 
 
 def after_policy_transforms(aug: AugmentConfig) -> list[tuple[str, v2.Transform]]:
+    v2 = _v2()
     out = []
     cj = aug.color_jitter
     if cj:
@@ -120,6 +136,7 @@ def _params_recorder_class(cls: type) -> type:
 
 
 def _is_policy(t: v2.Transform) -> bool:
+    v2 = _v2()
     return isinstance(t, (v2.RandAugment, v2.TrivialAugmentWide, v2.AutoAugment))
 
 
@@ -201,6 +218,9 @@ def apply_drawn(x: torch.Tensor, drawn: list[tuple[v2.Transform, list]]) -> torc
 
 def mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
     """v2.MixUp / v2.CutMix (one of the two at random, as timm, when both are set), or None."""
+    if not (aug.mixup or aug.cutmix):
+        return None
+    v2 = _v2()
     ts = []
     if aug.mixup:
         ts.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))

@@ -45,16 +45,54 @@ def alternate_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
 _PAD_MODES = {"constant": "constant", "edge": "replicate", "reflect": "reflect"}  # torchvision's names -> F.pad's
 
 
-def check_augment(aug: AugmentConfig, h: int, w: int) -> None:
-    """Settings that only the image size can rule out: experiment.run checks them once the data is
-    known, before the run folder exists (not per batch)."""
+def check_augment(aug: AugmentConfig, h: int, w: int, *, in_memory: bool = True) -> None:
+    """Settings that only the data can rule out (the image size; whether the images are in memory):
+    experiment.run checks them once the data is known, before the run folder exists (not per batch)."""
+    if aug.per_epoch and not in_memory:
+        raise ConfigError("data.augment.per_epoch=true augments the whole training set in memory, but this data "
+                          "streams from its files (data.loader: stream, or too large for the memory budget); "
+                          "set data.loader=memory or data.augment.per_epoch=false")
     if aug.crop_padding and aug.crop_padding_mode == "reflect" and aug.crop_padding >= min(h, w):
         raise ConfigError(f"data.augment.crop_padding={aug.crop_padding}: reflect padding must be smaller than "
                           f"the {h}x{w} images; use a smaller padding or crop_padding_mode 'edge'")
 
 
+def device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on `device` seeded from `gen`'s seed, for the flip / translate / cutout draws: on a GPU they
+    are then made where the images are (no host-to-device copy per step); on the CPU it is `gen` itself, so
+    CPU results are those of drawing everything from `gen`. Either way a function of (seed, step) only."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return gen
+    return torch.Generator(device=device).manual_seed(gen.initial_seed())
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's whole-set augmentation (`data.augment.per_epoch`), apart from every step's."""
+    return 10**12 + seed * 1_000_003 + epoch
+
+
+def augment_epoch(images: torch.Tensor, aug: AugmentConfig, *, seed: int, flips: torch.Tensor | None = None,
+                  chunk: int = 4096) -> torch.Tensor:
+    """`data.augment.per_epoch`: the whole training set (uint8 (N, C, H, W), on its device) augmented at once at
+    the start of an epoch, as airbench does, each image with its own draws: exactly `augment_batch` on all N
+    images as one batch (draws from a generator seeded with `seed`), applied in chunks of `chunk` images to
+    bound the memory of the gather. `flips`: the epoch's `alternate_flips` (hflip: alternate)."""
+    if images is None:
+        raise ValueError("data.augment.per_epoch needs the training images in memory (data.loader: memory)")
+    n = len(images)
+    out = torch.empty_like(images)
+    for o in range(0, n, chunk):
+        gen = torch.Generator().manual_seed(seed)  # the same draws for every chunk: each takes its rows
+        out[o:o + chunk] = augment_batch(images[o:o + chunk], aug, gen, offset=o, total=n,
+                                         device_gen=device_generator(gen, images.device),
+                                         flip=flips[o:o + chunk] if flips is not None else None)
+    return out
+
+
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, offset: int = 0,
-                  total: int | None = None, flip: torch.Tensor | None = None) -> torch.Tensor:
+                  total: int | None = None, flip: torch.Tensor | None = None,
+                  device_gen: torch.Generator | None = None) -> torch.Tensor:
     """Random flip / pad-and-crop / cutout of a uint8 (B, C, H, W) batch, one draw per image, and between
     crop and cutout the torchvision v2 policies of data/augment.py (resized crop, rotation, RandAugment |
     TrivialAugment | AutoAugment, colour jitter, random erasing), also one draw per image.
@@ -62,7 +100,8 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     Semantics match torchvision's RandomHorizontalFlip(0.5) and RandomCrop(size, padding=p,
     padding_mode=aug.crop_padding_mode) (constant = zeros, edge, reflect), and Cutout (DeVries &
     Taylor 2017) with the square's centre uniform over the image.
-    Random numbers come from `gen` on the CPU, so results do not depend on the device. When `x` is
+    Random numbers come from `gen` on the CPU, or for the flip, translate and cutout from `device_gen` (a
+    generator on the images' device seeded as `gen`, `device_generator`) when given. When `x` is
     rows offset..offset+B of a global batch of `total` images (one rank's slice under DDP), the draws
     are made for the whole global batch and this slice's rows are used: each image is augmented as
     it would be in a 1-process run. With `hflip: alternate` the flips are not drawn: `flip` (bool (B,), the
@@ -72,7 +111,8 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     reflect padding after normalisation gives: every padded pixel is a copy of an image pixel, and the
     normalisation is the same per-channel map for both.
     """
-    return apply_augment(x, aug, draw_augment(aug, gen, tuple(x.shape), offset=offset, total=total, flip=flip))
+    return apply_augment(x, aug, draw_augment(aug, gen, tuple(x.shape), offset=offset, total=total, flip=flip,
+                                              device_gen=device_gen))
 
 
 @dataclass
@@ -86,41 +126,44 @@ class AugmentDraws:
 
 
 def draw_augment(aug: AugmentConfig, gen: torch.Generator, shape: tuple[int, int, int, int], *, offset: int = 0,
-                 total: int | None = None, flip: torch.Tensor | None = None) -> AugmentDraws:
+                 total: int | None = None, flip: torch.Tensor | None = None,
+                 device_gen: torch.Generator | None = None) -> AugmentDraws:
     """The draws of `augment_batch` for a batch of `shape` (B, C, H, W), in their fixed order: flip, crop,
-    cutout (all from `gen`), then the policies' per-image seeds (from `gen`) and draws."""
+    cutout (from `device_gen` when given, else `gen`), then the policies' per-image seeds (from `gen`) and
+    draws."""
     b, c, h, w = shape
     total = b if total is None else total
     mine = slice(offset, offset + b)  # this slice's rows of the global batch's draws
+    g = device_gen if device_gen is not None else gen
+    on = dict(generator=g, device=g.device)
     if aug.hflip == "alternate":
         if flip is None:
             raise ValueError("data.augment.hflip=alternate: augment_batch needs the batch's flips (alternate_flips)")
     elif aug.hflip:
-        flip = torch.rand(total, generator=gen)[mine] < 0.5
+        flip = (torch.rand(total, **on) < 0.5)[mine]
     else:
         flip = None
     p = aug.crop_padding
     shift = None
     if p:
-        shift = (torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine],
-                 torch.randint(0, 2 * p + 1, (total,), generator=gen)[mine])
+        shift = (torch.randint(0, 2 * p + 1, (total,), **on)[mine], torch.randint(0, 2 * p + 1, (total,), **on)[mine])
     cut = None
     if aug.cutout:
-        cut = (torch.randint(0, h, (total,), generator=gen)[mine], torch.randint(0, w, (total,), generator=gen)[mine])
+        cut = (torch.randint(0, h, (total,), **on)[mine], torch.randint(0, w, (total,), **on)[mine])
     policies = draw_policies(aug, (c, h, w), gen, mine=mine, total=total) if has_policies(aug) else []
     return AugmentDraws(flip, shift, cut, policies)
 
 
 def apply_augment(x: torch.Tensor, aug: AugmentConfig, d: AugmentDraws) -> torch.Tensor:
     """`draw_augment`'s draws applied to uint8 (B, C, H, W) `x`, on its device: flip, pad-and-crop, the
-    torchvision v2 policies, cutout."""
+    torchvision v2 policies, cutout. No random numbers are used."""
     b, c, h, w = x.shape
     dev = x.device
     if d.flip is not None:
-        x = torch.where(d.flip.to(dev).view(b, 1, 1, 1), x.flip(3), x)
+        x = torch.where(d.flip.to(dev, non_blocking=True).view(b, 1, 1, 1), x.flip(3), x)
     if d.shift is not None:
         p = aug.crop_padding
-        dy, dx = (t.to(dev) for t in d.shift)
+        dy, dx = (t.to(dev, non_blocking=True) for t in d.shift)
         padded = torch.nn.functional.pad(x, (p, p, p, p), mode=_PAD_MODES[aug.crop_padding_mode])
         rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
@@ -131,7 +174,7 @@ def apply_augment(x: torch.Tensor, aug: AugmentConfig, d: AugmentDraws) -> torch
         x = apply_drawn(x, d.policies)
     if d.cutout is not None:
         s = aug.cutout
-        cy, cx = (t.to(dev).view(b, 1, 1) for t in d.cutout)
+        cy, cx = (t.to(dev, non_blocking=True).view(b, 1, 1) for t in d.cutout)
         yy = torch.arange(h, device=dev).view(1, h, 1)
         xx = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((yy >= cy - s // 2) & (yy < cy - s // 2 + s) & (xx >= cx - s // 2) & (xx < cx - s // 2 + s))
@@ -217,16 +260,23 @@ class Batches:
         per = math.ceil(len(gidx) / self.world)
         return gidx[self.rank * per:(self.rank + 1) * per]
 
-    def iterate(self, order: torch.Tensor, start_batch: int = 0, *, shard: bool = True):
+    def iterate(self, order: torch.Tensor, start_batch: int = 0, *, shard: bool = True,
+                images: torch.Tensor | None = None):
         """Batches of `order` from batch `start_batch` on; with `shard`, this rank's slice of each
-        global batch (training), without it every index of `order` (evaluation blocks)."""
+        global batch (training), without it every index of `order` (evaluation blocks). `images`: take the
+        pixels from this tensor (the set's images augmented for the epoch, `augment_epoch`) instead.
+
+        In memory the order is copied to the device once and every batch is indexed there (the index
+        yielded is on the device); no per-batch host-to-device copy of indices, nothing waits for the GPU."""
         nb = self.num_batches(len(order))
+        source = images if images is not None else self.images
+        if source is not None:
+            order = order.to(self.device, non_blocking=True)
         batches = [order[i * self.bs:(i + 1) * self.bs] for i in range(start_batch, nb)]
         local = [self._local(b) for b in batches] if shard else batches
-        if self.images is not None:
+        if source is not None:
             for idx in local:
-                dev_idx = idx.to(self.device)
-                yield self.images[dev_idx], self.labels_dev[dev_idx], idx
+                yield source[idx], self.labels_dev[idx], idx
             return
         # stream path: decode in DataLoader workers, batches in exactly the same order
         ds = _FileDataset(self.s, self.channels, self.size)

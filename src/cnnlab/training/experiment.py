@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from importlib.metadata import version as _version
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from cnnlab.analysis.metrics import worst_failures
 from cnnlab.data.pipeline import Splits, prepare, save_splits
 from cnnlab.training import calibrate
 from cnnlab.training.loss import class_weights
-from cnnlab.training.resume import check_same_data, finished, folder_lock
+from cnnlab.training.resume import check_same_data, finished, folder_lock, undone_if_untrained
 
 
 Run = RunDir  # what run() returns: the run folder's typed reader, seeded with the config and metrics
@@ -49,12 +50,10 @@ def _git_commit() -> str | None:
 
 
 def environment(cfg: C.Config, device: str) -> dict:
-    import torchvision
-
     import cnnlab
 
     return {"cnnlab": getattr(cnnlab, "__version__", "0"), "python": sys.version.split()[0],
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "torchvision": _version("torchvision"), "numpy": np.__version__,
             "platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device,  # results depend on the thread count
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # cnnlab.threads: PASSIVE unless the user chose
@@ -143,7 +142,7 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             stack.enter_context(folder_lock(Path(resume_dir), "training", T.TrainingError))
         with dist.local_main_first():  # downloads and the decoded cache: written once per node
             splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
-        check_augment(cfg.data.augment, splits.size, splits.size)
+        check_augment(cfg.data.augment, splits.size, splits.size, in_memory=splits.train.images is not None)
         class_weights(cfg, splits.train.labels, splits.classes)  # one weight per class: refused before the folder
         dry_build(cfg, splits)  # a bad model.layers value or option: refused before the run folder exists
         found = None
@@ -173,6 +172,8 @@ def run(cfg: C.Config, *, device: torch.device, resume_dir: Path | None = None, 
             run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))
             if dist.is_main():
                 stack.enter_context(folder_lock(run_dir, "training", T.TrainingError))
+        if resume_dir is not None and dist.is_main():  # a resume that fails before training changes nothing
+            stack.enter_context(undone_if_untrained(run_dir))
         try:
             return _train_and_evaluate(cfg, run_dir, splits, device=device, resume=resume_dir is not None,
                                        say=say, lr_found=found, on_epoch=on_epoch)

@@ -24,7 +24,8 @@ import torch
 from cnnlab import dist
 from cnnlab.config import Config
 from cnnlab.data.augment import has_policies
-from cnnlab.data.loader import Batches, alternate_flips, apply_augment, draw_augment
+from cnnlab.data.loader import (Batches, alternate_flips, apply_augment, augment_epoch, device_generator, draw_augment,
+                                epoch_seed)
 
 
 @dataclass
@@ -41,9 +42,10 @@ class MicroBatch:
 
 
 def prefetching(cfg: Config) -> bool:
-    """`data.prefetch` resolved: on / off as set; auto = on when a torchvision policy is set."""
-    choice = cfg.data.prefetch
-    return choice == "on" or (choice == "auto" and has_policies(cfg.data.augment))
+    """`data.prefetch` resolved: on / off as set; auto = on when a torchvision policy is set (and the batches
+    are augmented one by one, not `data.augment.per_epoch`)."""
+    choice, aug = cfg.data.prefetch, cfg.data.augment
+    return choice == "on" or (choice == "auto" and has_policies(aug) and not aug.per_epoch)
 
 
 def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normalize, epoch: int, start_batch: int,
@@ -52,10 +54,13 @@ def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normali
     `limit`, `step` optimizer steps having been taken before it. Augmentation depends only on (seed, step)
     and the image's place among the step's images (all ranks, all micro-batches)."""
     t, aug = cfg.train, cfg.data.augment
-    per, n_order = t.accumulate, len(order)
+    per, n_order, dev = t.accumulate, len(order), batches.device
     first0 = start_batch - start_batch % per
     world = batches.world if dist.active() else 1
-    flips = alternate_flips(len(batches.s), t.seed, epoch) if aug.hflip == "alternate" else None
+    flips = alternate_flips(len(batches.s), t.seed, epoch).to(dev) if aug.hflip == "alternate" else None
+    images = None
+    if aug.per_epoch:  # the whole epoch's augmentation at once (a function of seed and epoch), none per batch
+        images = augment_epoch(batches.images, aug, seed=epoch_seed(t.seed, epoch), flips=flips)
 
     def drawn(items):  # on the training thread: every random draw, in the synchronous order
         for i, (x, y, idx) in enumerate(items, start_batch):
@@ -64,17 +69,20 @@ def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normali
             sizes = [batches.global_size(b, n_order) for b in range(first, last + 1)]
             s = step + 1 + (first - first0) // per
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + s)
-            offset = sum(sizes[:i - first]) + (batches.local_offset(i, n_order) if world > 1 else 0)
-            d = draw_augment(aug, gen, tuple(x.shape), offset=offset, total=sum(sizes),
-                             flip=flips[idx] if flips is not None else None)
+            d = None
+            if not aug.per_epoch:
+                offset = sum(sizes[:i - first]) + (batches.local_offset(i, n_order) if world > 1 else 0)
+                d = draw_augment(aug, gen, tuple(x.shape), offset=offset, total=sum(sizes),
+                                 device_gen=device_generator(gen, dev),
+                                 flip=flips[idx.to(dev, non_blocking=True)] if flips is not None else None)
             yield MicroBatch(i, first, last, s, sizes, x, y, idx, gen), d
 
     def applied(item) -> MicroBatch:  # no random numbers: on either thread
         mb, d = item
-        mb.x = normalize(apply_augment(mb.x, aug, d))  # (B, C, H, W)
+        mb.x = normalize(apply_augment(mb.x, aug, d) if d is not None else mb.x)  # (B, C, H, W)
         return mb
 
-    items = islice(batches.iterate(order, start_batch=start_batch), max(0, limit - start_batch))
+    items = islice(batches.iterate(order, start_batch=start_batch, images=images), max(0, limit - start_batch))
     use = prefetching(cfg) if prefetch is None else prefetch
     yield from (one_ahead if use else map)(applied, drawn(items))
 

@@ -45,6 +45,7 @@ from cnnlab.data.loader import Batches, Normalizer, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
 from cnnlab.models.tta import tta_logits
+from cnnlab.training.epochstats import EpochSums, nonfinite_message
 from cnnlab.training.state import NonFiniteLossError, State, TrainingError, TrainState, amp_dtype
 from cnnlab.training.tblog import TBLogger
 
@@ -70,19 +71,9 @@ def use_channels_last(cfg: Config, model: nn.Module, device: torch.device) -> bo
     return bool(widths) and (device.type == "cuda" or max(widths) >= 32)
 
 
-def _nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, ranks: list[int]) -> str:
-    where = f" on rank {', '.join(map(str, ranks))}" if dist.active() else ""
-    what = f"became {loss}" if loss is not None and not math.isfinite(loss) else "became non-finite"
-    return (f"the training loss {what} at step {step} (epoch {epoch}){where}; training stopped at that step. "
-            f"Likely causes: a learning rate too high (optim.lr={cfg.optim.lr}; try a tenth), inputs not "
-            "normalised, fp16 overflow (try train.amp=bf16 or off), bad values (NaN/inf) in the data, or a "
-            "model that divides by zero or takes the log of zero. Nothing was saved from this step; the last "
-            "checkpoint and the history up to it are kept.")
-
-
 def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, normalize, cfg: Config,
-                    guard: dist.SignalGuard, weights: torch.Tensor | None = None
-                    ) -> Iterator[tuple[int, float, float, int | None]]:
+                    guard: dist.SignalGuard, weights: torch.Tensor | None = None, read_at=None
+                    ) -> Iterator[tuple[int, float | None, float | None, int | None]]:
     """One pass over the training split from `ts.progress.batch_in_epoch`, updating `ts` as it goes;
     `net` is `ts.model` as the steps run it (DDP, torch.compile). Yields (step, mean loss, accuracy, stop code)
     after each optimizer step; the stop code (143 / 130) says a signal reached some rank.
@@ -91,8 +82,12 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     may have fewer), and is exactly one step on their union: augmentation draws are made for the whole
     step's images and each micro-batch takes its rows (as each rank does under DDP), and every loss is
     divided by the whole step's total (class-)weight. DDP synchronises gradients only on the last one.
-    A non-finite loss raises NonFiniteLossError before the optimizer step (so no weight and no
-    checkpoint ever holds it).
+
+    No host synchronisation inside an epoch (one process): the running sums live on the device
+    (training/epochstats.py), read after steps where `read_at(step)` (None: every step), at a signal and at
+    the epoch's end; other steps yield None for loss and accuracy, and `ts.progress` holds the last read's
+    sums (checkpoints follow reads). A non-finite loss raises NonFiniteLossError at the next read, naming
+    its own step and epoch. Under DDP every step is read and a non-finite loss raises before its step.
     """
     state = ts.progress
     net.train()
@@ -103,36 +98,37 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     ddp = getattr(net, "_orig_mod", net)  # torch.compile's wrapper around DDP
     n_order, bs, per = len(order), batches.bs, t.accumulate
     limit = min(batches.num_batches(n_order), t.limit_batches or batches.num_batches(n_order))
-    w_dev = weights.to(ts.device) if weights is not None else None
+    dev = ts.device
+    w_dev = weights.to(dev) if weights is not None else None
     num_classes = len(batches.s.classes)
-    for mb in feed.micro_batches(batches, order, cfg=cfg, normalize=normalize, epoch=state.epoch,
-                                 start_batch=state.batch_in_epoch, step=state.step, limit=limit):
+    start = state.batch_in_epoch  # checkpoints are taken between optimizer steps: it starts a step
+    sums = EpochSums(dev, steps=math.ceil((limit - start) / per), step=state.step, loss_sum=state.epoch_loss_sum,
+                     correct=state.epoch_correct, seen=state.epoch_seen)
+    for mb in feed.micro_batches(batches, order, cfg=cfg, normalize=normalize, epoch=state.epoch, start_batch=start,
+                                 step=state.step, limit=limit):
         # micro-batch i of the step's first..last (global batches of the epoch), augmented and normalised
         i, first, last, step, sizes = mb.i, mb.first, mb.last, mb.step, mb.sizes
         j = i - first
         if j == 0:
             denom = loss_mod.total_weight(weights, batches.labels[order[first * bs:first * bs + sum(sizes)]])
-            sums = torch.zeros(3, dtype=torch.float64)  # weighted loss sum, correct, n of the step's micro-batches
+            sums.start_step()
         x, y = mix_batch(mb.x, mb.y, cfg.data.augment, mb.gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft
         sync = not distributed or i == last or not hasattr(ddp, "no_sync")
         with contextlib.nullcontext() if sync else ddp.no_sync():
-            with torch.autocast(ts.device.type, dtype=ts.amp, enabled=ts.amp is not None):
+            with torch.autocast(dev.type, dtype=ts.amp, enabled=ts.amp is not None):
                 logits = net(x)  # (B, K)
                 losses = loss_mod.per_sample(logits.float(), y, w_dev, t.label_smoothing)  # (B,) weighted
             total = losses.sum()
-            finite = bool(torch.isfinite(total))
             if distributed:  # every rank stops at the same step, naming the rank(s) that saw it
+                finite = bool(torch.isfinite(total))
                 bad = [r for r, f in enumerate(dist.flags(not finite)) if f]
-            else:
-                bad = [] if finite else [0]
-            if bad:
-                raise NonFiniteLossError(_nonfinite_message(None if finite else total.item(), step,
-                                                            state.epoch + 1, cfg, bad))
+                if bad:
+                    raise NonFiniteLossError(nonfinite_message(None if finite else total.item(), step,
+                                                                state.epoch + 1, cfg, bad))
             # DDP averages gradients over ranks: x world, so the sum over ranks and micro-batches / denom is
             # the gradient of the step's weighted-mean loss, whatever the slices' sizes
             ts.backward(total * (world / denom), first=j == 0)
-        sums += torch.tensor([total.item(), (logits.argmax(1) == hard_targets(y)).sum().item(), y.shape[0]],
-                             dtype=torch.float64)
+        sums.micro_batch(total, (logits.argmax(1) == hard_targets(y)).sum(), y.shape[0])
         i += 1
         if i <= last:
             continue
@@ -140,17 +136,24 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
         state.epoch_lr = lr if state.epoch_lr is None else max(state.epoch_lr, lr)
         state.epoch_lr_min = lr if state.epoch_lr_min is None else min(state.epoch_lr_min, lr)
         ts.step(step)
-        stats = torch.cat([sums, torch.tensor([guard.code() == 143, guard.code() == 130], dtype=torch.float64)])
-        dist.all_reduce_sum(stats)  # also tells every rank whether any rank was signalled
-        loss = stats[0].item() / denom  # the step's (weighted) mean loss, however it was split
-        seen = stats[2].item()
-        state.epoch_loss_sum += loss * seen
-        state.epoch_correct += int(stats[1].item())
-        state.epoch_seen += int(seen)
+        seen, stop = sums.step_seen, guard.code()
+        if distributed:  # the step's sums over ranks; also tells every rank whether any rank was signalled
+            stats = torch.cat([sums.step_totals().cpu(), torch.tensor([seen, stop == 143, stop == 130], dtype=torch.float64)])
+            dist.all_reduce_sum(stats)
+            sums.set_step_totals(stats[:2].to(dev))
+            seen, stop = int(stats[2]), 143 if stats[3] > 0 else 130 if stats[4] > 0 else None
+        sums.end_step(denom, seen)
         state.step = step
         state.batch_in_epoch = i
-        stop = 143 if stats[3] > 0 else 130 if stats[4] > 0 else None
-        yield step, loss, stats[1].item() / max(1.0, seen), stop
+        if not (distributed or stop is not None or i == limit or read_at is None or read_at(step)):
+            yield step, None, None, None
+            continue
+        r = sums.read()
+        if r.bad_step is not None:  # the first non-finite loss since the last read, on this device
+            raise NonFiniteLossError(nonfinite_message(r.bad_loss, r.bad_step, state.epoch + 1, cfg, [0],
+                                                       found_at=step))
+        state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = r.loss_sum, r.correct, r.seen
+        yield step, r.step_loss, r.step_acc, stop
 
 
 @torch.no_grad()
@@ -285,6 +288,11 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
         net = torch.compile(net)
 
     state = ts.progress
+    every = t.checkpoint_every_steps
+
+    def read_at(step: int) -> bool:  # the steps whose loss is read from the device: logged or checkpointed
+        return step % t.log_every == 0 or bool(every and step % every == 0)
+
     bar = runlog.Progress(t.progress, t.epochs * steps_per_epoch, t.epochs)
     tb = TBLogger(run_dir / R.TENSORBOARD) if main and cfg.output.tensorboard else None
     bar.step(state.step, None)  # the bar from the resumed step; no loss yet
@@ -300,7 +308,7 @@ def fit(cfg: Config, run_dir: Path, splits: Splits, *, device: torch.device,
                 started, seconds_before = time.perf_counter(), state.epoch_seconds  # (a resumed epoch's earlier part)
                 order = epoch_order(len(splits.train), t.seed, state.epoch, balance=balance)  # new every epoch
                 for step, loss, acc, stop in train_one_epoch(ts, net, train_b, order, normalize=normalize, cfg=cfg,
-                                                             guard=guard, weights=weights):
+                                                             guard=guard, weights=weights, read_at=read_at):
                     state.epoch_seconds = seconds_before + time.perf_counter() - started  # saved with a checkpoint
                     bar.step(step, loss)
                     if main and step % t.log_every == 0:

@@ -4,6 +4,8 @@ against the split the run recorded (`check_same_data`), and the overrides that m
 resume (`finished`)."""
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,3 +111,31 @@ def finished(run_dir: Path, cfg: C.Config) -> dict | None:
     if not isinstance(metrics, dict) or "test" not in metrics or not isinstance(state, dict):
         return None  # a damaged last.pt is refused, naming it, when the resume loads it
     return metrics if state.get("stopped_early") or state.get("epoch", 0) >= cfg.train.epochs else None
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@contextlib.contextmanager
+def undone_if_untrained(run_dir: Path):
+    """A resume that fails before it has trained (a damaged or refused checkpoint, a full disk at the start)
+    puts back what it rewrote as it started: config.yaml (which would otherwise record overrides such as
+    train.epochs for epochs never trained), env.json (which would list a resume that did not happen) and
+    data.json. "Untrained" means last.pt is the file it was."""
+    keep = {name: (run_dir / name).read_bytes() for name in (R.CONFIG, R.ENV, R.DATA) if (run_dir / name).is_file()}
+    last = R.checkpoint_path(run_dir, "last")
+    stamp = _stamp(last)
+    try:
+        yield
+    except BaseException:
+        if _stamp(last) == stamp:
+            for name, data in keep.items():
+                path = run_dir / name
+                if not path.is_file() or path.read_bytes() != data:
+                    R.write_bytes(path, data)
+        raise

@@ -1,0 +1,84 @@
+"""benchmarks/gpu.py end to end on the CPU with its tiny setting (CI): both sides' code paths run, cnnlab's
+runs are timed and summarised over seeds, and the data written for airbench reads back through airbench's
+own loader (its training needs CUDA, so that side says it was skipped and why)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_tiny_runs_on_the_cpu():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    assert "Traceback" not in r.stderr
+    runs = re.findall(r"cnnlab   seed (\d): (\d\.\d{4}) in (\d+\.\d{3}) s", out)
+    assert [s for s, _, _ in runs] == ["0", "1"], out
+    assert all(0.0 <= float(a) <= 1.0 and float(t) > 0 for _, a, t in runs)
+    mean = sum(float(a) for _, a, _ in runs) / 2
+    assert re.search(rf"cnnlab: n=2  accuracy {mean:.4f} \(95% CI ", out), out  # the mean of the seeds' runs
+    assert "300 train / 100 val" in out
+    if importlib.util.find_spec("airbench") is not None:
+        assert "airbench: skipped: airbench94 needs CUDA" in out, out
+        assert "airbench's CifarLoader read 300 train / 100 test images" in out, out
+    else:
+        assert "airbench: skipped: the airbench package is not installed" in out, out
+
+
+def gpu_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu
+
+
+def test_the_benchmark_trains_exactly_what_cnnlab_train_trains(tmp_path):
+    """The benchmark times train_one_epoch without fit's validation, checkpoints and logs: the weights it ends
+    with and its final (TTA) accuracy are those of `cnnlab train` on the same config."""
+    import cnnlab
+    from cnnlab import config as C
+    from cnnlab.data.pipeline import prepare
+    from cnnlab.training import checkpoint as ckpt
+    from cnnlab.training.loop import evaluate_weights
+
+    gpu = gpu_module()
+    overrides = [*gpu.TINY, "train.device=cpu", "train.progress=off", "train.threads=1", "train.epochs=2",
+                 "train.seed=1", f"output.dir={tmp_path}", "output.report=false"]
+    n = torch.get_num_threads()
+    try:
+        run = cnnlab.train(gpu.RECIPE, overrides, quiet=True)
+        cfg = C.load(gpu.RECIPE, overrides)
+        splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
+        seconds, acc, model = gpu.run_cnnlab(cfg, splits, torch.device("cpu"), seed=1, epochs=2)
+    finally:
+        torch.set_num_threads(n)
+    last = ckpt.load(run.dir / "checkpoints" / "last.pt")["model"]
+    sd = model.state_dict()
+    assert seconds > 0 and sorted(last) == sorted(sd)
+    assert all(torch.equal(last[k], sd[k]) for k in last), [k for k in last if not torch.equal(last[k], sd[k])]
+    logits, targets = evaluate_weights(cfg, splits, last, torch.device("cpu"))
+    assert acc == (logits.argmax(1) == targets).float().mean().item()
+
+
+def test_the_airbench_result_is_read_from_airbench_s_own_printed_table(capsys):
+    pytest.importorskip("airbench")
+    from airbench.utils import print_training_details
+
+    gpu = gpu_module()
+    capsys.readouterr()
+    print_training_details({"run": 3, "epoch": 9, "train_loss": 0.9, "train_acc": 0.8, "val_acc": 0.93}, False)
+    print_training_details({"epoch": "eval", "tta_val_acc": 0.9412, "total_time_seconds": 3.8312}, True)
+    assert gpu.parse_airbench(capsys.readouterr().out) == (3.8312, 0.9412)
+    with pytest.raises(SystemExit, match="cannot read airbench's final row"):
+        gpu.parse_airbench("| 0 | 1 |\n")
