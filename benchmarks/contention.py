@@ -12,6 +12,7 @@ alternate old/new, alone/loaded, so a change in the machine's background load hi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -33,14 +34,17 @@ OLD = ("import sys, torch\n"  # torch (and its OpenMP runtime) loaded before cnn
        "raise SystemExit(main(sys.argv[1:] + [f'train.threads={torch.get_num_threads()}']))\n")
 
 
-def run_quickstart(policy: str, epochs: int, out: str) -> float:
-    args = ["train", str(QUICKSTART), f"train.epochs={epochs}", f"output.dir={out}", "output.report=false",
-            "train.progress=off"]
+def run_quickstart(policy: str, epochs: int, out: str) -> tuple[float, int]:
+    """Seconds of one quickstart run (the whole process) and the torch threads it chose (its env.json)."""
+    name = f"q{len(os.listdir(out))}"
+    args = ["train", str(QUICKSTART), f"train.epochs={epochs}", f"output.dir={out}", f"output.name={name}",
+            "output.report=false", "train.progress=off"]
     cmd = [sys.executable, "-c", OLD, *args] if policy == "old" else [sys.executable, "-m", "cnnlab", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return seconds, json.loads((Path(out) / name / "env.json").read_text())["torch_threads"]
 
 
 def start_hogs(n: int) -> list[subprocess.Popen]:
@@ -67,13 +71,14 @@ def main() -> None:
                 for load in ("alone", "loaded"):
                     hogs = start_hogs(args.hogs) if load == "loaded" else []
                     try:
-                        s = run_quickstart(policy, args.epochs, out)
+                        s, threads = run_quickstart(policy, args.epochs, out)
                     finally:
                         for h in hogs:
                             h.kill()
                             h.wait()
                     times.setdefault((policy, load), []).append(s)
-                    print(f"  repeat {r + 1}: {policy:3s} {load:6s} {s:6.1f} s", flush=True)
+                    print(f"  repeat {r + 1}: {policy:3s} {load:6s} {s:6.1f} s  ({threads} torch thread"
+                          f"{'s' * (threads > 1)})", flush=True)
     for policy in ("old", "new"):
         a, b = (statistics.median(times[policy, k]) for k in ("alone", "loaded"))
         print(f"{policy}: alone {a:.1f} s, beside {args.hogs} PyTorch processes {b:.1f} s: {b / a:.1f}x "

@@ -194,7 +194,7 @@ def summary(name: str, seconds: list[float], accs: list[float]) -> dict:
     return {"t": t, "a": a}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10, help="runs per side, seeds 0..n-1 (default 10)")
     ap.add_argument("--epochs", type=int, default=10, help="cnnlab's epochs (fixed length)")
@@ -204,15 +204,16 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--no-airbench", action="store_true", help="time cnnlab only")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of examples/cifar10-fast.yaml")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
     from cnnlab import config as C
     from cnnlab import process
     from cnnlab.data.pipeline import prepare
 
     if a.tiny:
-        a.seeds = a.seeds if "--seeds" in sys.argv else 2
-        a.epochs = a.epochs if "--epochs" in sys.argv else 1
-        a.airbench_epochs = a.airbench_epochs if "--airbench-epochs" in sys.argv else 1
+        a.seeds = a.seeds if "--seeds" in given else 2
+        a.epochs = a.epochs if "--epochs" in given else 1
+        a.airbench_epochs = a.airbench_epochs if "--airbench-epochs" in given else 1
         data = TINY
     else:
         data = ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000"]

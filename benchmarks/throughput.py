@@ -10,7 +10,9 @@ cnnlab: the decoded uint8 cache resident in memory, whole-batch flip + pad-and-c
 
 --policy: the same with RandAugment (2 ops, magnitude 9) + MixUp (alpha 0.2) added on both sides. Plain:
 v2.RandAugment in the per-image Compose (PIL, DataLoader workers), v2.MixUp on each batch, cross-entropy on
-the soft targets. cnnlab: data.augment.randaugment + mixup (per-image draws, ops batched; data/augment.py).
+the soft targets. cnnlab: data.augment.randaugment + mixup (per-image draws, ops batched; data/augment.py),
+the next batch augmented in a background thread while the model trains (data.prefetch auto, on here);
+each round also times cnnlab with data.prefetch=off (augmenting between steps) for the thread's gain.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def time_plain(loader, batches: int, policy: bool = False) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def time_cnnlab(splits, batch: int, batches: int, policy: bool = False) -> float:
+def time_cnnlab(splits, batch: int, batches: int, policy: bool = False, prefetch: str = "auto") -> float:
     from cnnlab import config as C
     from cnnlab import dist
     from cnnlab.training import loop as T
@@ -81,7 +83,7 @@ def time_cnnlab(splits, batch: int, batches: int, policy: bool = False) -> float
 
     cfg = C.load(None, ["model.name=cifar_convnet", "data.augment.hflip=true", "data.augment.crop_padding=4",
                         f"train.batch_size={batch}", "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
-                        f"train.limit_batches={batches + 3}", *(POLICY if policy else [])])
+                        f"train.limit_batches={batches + 3}", f"data.prefetch={prefetch}", *(POLICY if policy else [])])
     model = make_model()
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.schedule, cfg.optim, epochs=1, steps_per_epoch=batches + 3)
@@ -160,14 +162,22 @@ def main() -> None:
     first = {w: time_plain(plain[w], a.batches // 2, a.policy) for w in plain}
     w_best = max(first, key=first.get)
     print(f"plain pipeline, 0 workers: {first[0]:.0f} img/s, 2 workers: {first[2]:.0f} img/s -> using {w_best}")
-    res = {"plain": [], "cnnlab": []}
-    for r in range(a.rounds):  # A B A B
+    res = {"plain": [], "cnnlab": [], "no prefetch": []}
+    for r in range(a.rounds):  # A B A B (with --policy: A B C A B C, C = cnnlab augmenting between steps)
         res["plain"].append(time_plain(plain[w_best], a.batches, a.policy))
         res["cnnlab"].append(time_cnnlab(splits, a.batch, a.batches, a.policy))
-        print(f"round {r + 1}: plain {res['plain'][-1]:.0f} img/s, cnnlab {res['cnnlab'][-1]:.0f} img/s")
+        line = f"round {r + 1}: plain {res['plain'][-1]:.0f} img/s, cnnlab {res['cnnlab'][-1]:.0f} img/s"
+        if a.policy:
+            res["no prefetch"].append(time_cnnlab(splits, a.batch, a.batches, a.policy, prefetch="off"))
+            line += f", cnnlab with data.prefetch=off {res['no prefetch'][-1]:.0f} img/s"
+        print(line, flush=True)
     p, c = statistics.median(res["plain"]), statistics.median(res["cnnlab"])
     print(f"median: plain {p:.0f} img/s, cnnlab {c:.0f} img/s; ratio cnnlab/plain = {c / p:.2f}x "
           f"(four-conv net, batch {a.batch}, SGD, fp32{', RandAugment + MixUp' if a.policy else ''})")
+    if a.policy:
+        off = statistics.median(res["no prefetch"])
+        print(f"without the background augmentation thread (data.prefetch=off): cnnlab {off:.0f} img/s, "
+              f"ratio cnnlab/plain = {off / p:.2f}x; the thread's gain {c / off:.2f}x")
     if a.policy:
         dp, dc = time_data_only(splits, a.batch, max(4, a.batches // 4))
         print(f"data path alone (flip, pad-crop, RandAugment, MixUp; 1 thread, no model): plain {dp:.0f} img/s, "

@@ -123,7 +123,7 @@ def write_config(folder: Path, **over) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same config (with KNOBS) trained by 1 process (in this one) and by 2 under torchrun."""
+    """The same config (with KNOBS) trained by 1 process (in this one) and by 2 under torchrun (data.prefetch on)."""
     one = tmp_path_factory.mktemp("one")
     n_threads = torch.get_num_threads()
     try:
@@ -131,7 +131,9 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(n_threads)
     two = tmp_path_factory.mktemp("two")
-    r, seconds = torchrun(["-m", "cnnlab", "train", str(write_config(two, **KNOBS))])
+    # the 2-process run also augments one batch ahead in each rank's own thread (training/feed.py): the same
+    # batches as the 1-process run's synchronous path, and the SIGTERM run's below
+    r, seconds = torchrun(["-m", "cnnlab", "train", str(write_config(two, **KNOBS, **{"data.prefetch": "on"}))])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     print(f"\n2-process torchrun run: {seconds:.1f} s")
     return one / "runs", two / "runs", r

@@ -114,6 +114,9 @@ class DataConfig:
     # shuffle: every image once per epoch; balanced: as many draws, with replacement, each class equally likely
     sampler: Sampler = "shuffle"
     num_workers: int = 0  # DataLoader workers on the stream path
+    # augment batch i+1 in a background thread while the model trains on batch i (the same batches bit for
+    # bit); auto = on when a torchvision policy (randaugment, rotation, color_jitter, ...) is set
+    prefetch: Switch = "auto"
     download: bool = True  # fetch official files when missing (never in tests)
     check: bool = True  # run the fast data checks before step 0
     options: dict = field(default_factory=dict)  # data-set specific keyword arguments

@@ -282,6 +282,29 @@ def test_bad_config_value_is_refused_before_work(main, tmp_path, overrides, frag
     no_run_folder(tmp_path / "runs")
 
 
+@pytest.mark.parametrize("budget", ["6G", "-1", "nan"])
+def test_bad_memory_budget_is_refused_when_read(main, tmp_path, budget):
+    """CNNLAB_MEMORY_BUDGET is read when data is opened (it was read at import: a bad value was a traceback
+    from `import cnnlab`, and a value set after the import was never seen)."""
+    cfg = write_config(tmp_path, data={"name": "digits", "val_split": 0.1})
+    refused(main("train", cfg, cwd=tmp_path, env={"CNNLAB_MEMORY_BUDGET": budget}), 2, "CNNLAB_MEMORY_BUDGET",
+            repr(budget))
+    no_run_folder(tmp_path / "runs")
+
+
+def test_memory_budget_is_read_when_data_is_opened(monkeypatch, tmp_path):
+    from cnnlab.config import DataConfig
+    from cnnlab.data import pipeline
+
+    d = DataConfig(name="folder", root=str(write_images(tmp_path / "imgs")), val_split=2)
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CNNLAB_MEMORY_BUDGET", "0")  # set after the import: the folder streams from disk
+    assert pipeline.memory_budget() == 0
+    assert pipeline.prepare(d).train.images is None
+    monkeypatch.delenv("CNNLAB_MEMORY_BUDGET")
+    assert pipeline.prepare(d).train.images is not None
+
+
 def test_duplicate_yaml_keys_are_refused(main, tmp_path):
     cfg = tmp_path / "dup.yaml"
     cfg.write_text("data:\n  name: digits\noptim:\n  lr: 0.1\n  momentum: 0.5\n  lr: 0.2\n")

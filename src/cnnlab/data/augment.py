@@ -10,10 +10,14 @@ on either data path). How each kind runs on a batch:
   code (`forward` on a zero-stride stand-in of the image's shape, its `_apply_image_or_video_transform`
   recording instead of applying); then, op by op, the images that drew the same (op, magnitude) go
   through the library's op together as one batch: about 20-30 batched calls per op instead of B.
-- random_resized_crop, rotation, color_jitter, random_erasing: continuous parameters; the library
-  transform runs per image (about 0.1-1 ms a 32x32 image on a CPU core).
+- random_resized_crop, rotation, color_jitter, random_erasing: continuous parameters; the library's
+  `forward` draws each image's params (recorded the same way), its `transform` applies them image by
+  image (about 0.1-1 ms a 32x32 image on a CPU core).
 - MixUp / CutMix: per batch by definition (one lambda, each image mixed with its neighbour):
   v2.MixUp / v2.CutMix on the normalised float batch, returning soft (B, K) targets.
+
+All per-image draws are made first (`draw_policies`), then applied (`apply_drawn`), which uses no random
+numbers: the application can run on another thread than the draws (training/feed.py) with the same pixels.
 """
 from __future__ import annotations
 
@@ -97,7 +101,11 @@ def library_pipeline(aug: AugmentConfig, size: tuple[int, int]) -> list[tuple[st
     return per_image_transforms(aug, size) + ([("policy", policy)] if policy else []) + after_policy_transforms(aug)
 
 
-# ---- per-image draws, batched application
+# ---- per-image draws, then their (deterministic) application
+#
+# Every random number is drawn first (`draw_policies`, on the thread that owns the global generator the
+# library draws from); applying the draws (`apply_drawn`) uses none, so it may run on another thread
+# (training/feed.py runs it one batch ahead in a background thread) and gives the same pixels.
 
 
 @lru_cache(maxsize=8)
@@ -115,26 +123,52 @@ def _recorder_class(cls: type) -> type:
                                                      "_AUGMENTATION_SPACE": space})
 
 
-def _recorder(policy: v2.Transform) -> v2.Transform:
-    rec = _recorder_class(type(policy)).__new__(_recorder_class(type(policy)))
-    rec.__dict__.update(policy.__dict__)  # the same settings (and nn.Module state) as the policy itself
+@lru_cache(maxsize=16)
+def _params_recorder_class(cls: type) -> type:
+    """`cls` (a v2 transform) whose `transform(inpt, params)` records the params its `forward` drew instead of
+    applying them (no record: a random-apply transform that drew 'skip')."""
+
+    def record(self, inpt, params):
+        self.drawn = params
+        return inpt
+
+    return type(f"Recording{cls.__name__}", (cls,), {"transform": record})
+
+
+def _is_policy(t: v2.Transform) -> bool:
+    v2 = _v2()
+    return isinstance(t, (v2.RandAugment, v2.TrivialAugmentWide, v2.AutoAugment))
+
+
+def _recorder(t: v2.Transform) -> v2.Transform:
+    cls = _recorder_class(type(t)) if _is_policy(t) else _params_recorder_class(type(t))
+    rec = cls.__new__(cls)
+    rec.__dict__.update(t.__dict__)  # the same settings (and nn.Module state) as the transform itself
     rec.drawn = []
     return rec
 
 
-def apply_policy(x: torch.Tensor, policy: v2.Transform, seeds: list[int]) -> torch.Tensor:
-    """`policy` (RandAugment, TrivialAugmentWide, AutoAugment) on each image of uint8 (B, C, H, W) `x` as
-    `torch.manual_seed(seeds[i]); policy(x[i])` would give, the images sharing an op run as one batch."""
-    b, c, h, w = x.shape
-    stand_in = torch.zeros((), dtype=torch.uint8).expand(c, h, w)  # the image's shape, no pixels
-    rec = _recorder(policy)
-    ops = []
+def draw_each(t: v2.Transform, shape: tuple[int, int, int], seeds: list[int]) -> list:
+    """What `torch.manual_seed(seeds[i]); t(image)` draws for each image of (C, H, W) `shape`: per image the
+    op list [(op, magnitude), ...] of a policy (RandAugment, TrivialAugmentWide, AutoAugment), or the params
+    dict of any other v2 transform (None where a random-apply transform skips the image). The library's own
+    `forward` draws, on a zero-stride stand-in of the image's shape (no pixels are touched)."""
+    stand_in = torch.zeros((), dtype=torch.uint8).expand(*shape)
+    rec = _recorder(t)
+    policy = _is_policy(t)
+    out = []
     with torch.random.fork_rng(devices=[]):
         for s in seeds:
             _seed(s)
-            rec.drawn = []
+            rec.drawn = [] if policy else None
             rec(stand_in)
-            ops.append(rec.drawn)
+            out.append(rec.drawn)
+    return out
+
+
+def apply_ops(x: torch.Tensor, policy: v2.Transform, ops: list) -> torch.Tensor:
+    """A policy's drawn op lists on uint8 (B, C, H, W) `x`, op by op, the images that drew the same
+    (op, magnitude) going through the library's op together as one batch."""
     x = x.clone()
     for k in range(max((len(o) for o in ops), default=0)):
         groups: dict[tuple[str, float], list[int]] = {}
@@ -148,13 +182,12 @@ def apply_policy(x: torch.Tensor, policy: v2.Transform, seeds: list[int]) -> tor
     return x
 
 
-def apply_each(x: torch.Tensor, t: v2.Transform, seeds: list[int]) -> torch.Tensor:
-    """`t` on each image of (B, C, H, W) `x` after `torch.manual_seed(seeds[i])`: the library's own transform."""
-    out = torch.empty_like(x)
-    with torch.random.fork_rng(devices=[]):
-        for i, s in enumerate(seeds):
-            _seed(s)
-            out[i] = t(x[i])
+def apply_params(x: torch.Tensor, t: v2.Transform, params: list) -> torch.Tensor:
+    """A v2 transform's drawn params on each image of (B, C, H, W) `x`: `t.transform`, as its `forward` does."""
+    out = x.clone()
+    for i, p in enumerate(params):
+        if p is not None:
+            out[i] = t.transform(x[i], p)
     return out
 
 
@@ -163,18 +196,20 @@ def has_policies(aug: AugmentConfig) -> bool:
                 or aug.color_jitter or aug.random_erasing)
 
 
-def apply_policies(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, mine: slice,
-                   total: int) -> torch.Tensor:
-    """Geometry (random resized crop, rotation), the policy (RandAugment | TrivialAugmentWide | AutoAugment),
-    colour jitter and random erasing on uint8 (B, C, H, W), each image with its own draws."""
-    size = (int(x.shape[-2]), int(x.shape[-1]))
+def draw_policies(aug: AugmentConfig, shape: tuple[int, int, int], gen: torch.Generator, *, mine: slice,
+                  total: int) -> list[tuple[v2.Transform, list]]:
+    """Every draw of `apply_policies` for images of (C, H, W) `shape`: [(transform, per-image draws), ...]
+    in the order they apply, for `apply_drawn`."""
     policy = _policy(aug)
-    for _, t in per_image_transforms(aug, size):
-        x = apply_each(x, t, per_image_seeds(gen, total, mine))
-    if policy is not None:
-        x = apply_policy(x, policy, per_image_seeds(gen, total, mine))
-    for _, t in after_policy_transforms(aug):
-        x = apply_each(x, t, per_image_seeds(gen, total, mine))
+    steps = [t for _, t in per_image_transforms(aug, (int(shape[-2]), int(shape[-1])))]
+    steps += ([policy] if policy is not None else []) + [t for _, t in after_policy_transforms(aug)]
+    return [(t, draw_each(t, shape, per_image_seeds(gen, total, mine))) for t in steps]
+
+
+def apply_drawn(x: torch.Tensor, drawn: list[tuple[v2.Transform, list]]) -> torch.Tensor:
+    """`draw_policies`' draws applied to uint8 (B, C, H, W) `x`; no random numbers are used."""
+    for t, d in drawn:
+        x = apply_ops(x, t, d) if _is_policy(t) else apply_params(x, t, d)
     return x
 
 

@@ -8,12 +8,13 @@ augmentation, by construction rather than by keeping two implementations in step
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from cnnlab.config import AugmentConfig, ConfigError
-from cnnlab.data.augment import apply_policies, has_policies
+from cnnlab.data.augment import apply_drawn, draw_policies, has_policies
 from cnnlab.data.base import DataFileError, ImageSet, decode
 
 
@@ -110,40 +111,70 @@ def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator, *, 
     reflect padding after normalisation gives: every padded pixel is a copy of an image pixel, and the
     normalisation is the same per-channel map for both.
     """
-    b, c, h, w = x.shape
-    dev = x.device
+    return apply_augment(x, aug, draw_augment(aug, gen, tuple(x.shape), offset=offset, total=total, flip=flip,
+                                              device_gen=device_gen))
+
+
+@dataclass
+class AugmentDraws:
+    """Every random draw `augment_batch` makes for one batch (this slice's rows); applying them
+    (`apply_augment`) uses no random numbers, so it can run on another thread (training/feed.py)."""
+    flip: torch.Tensor | None  # bool (B,): mirrored
+    shift: tuple[torch.Tensor, torch.Tensor] | None  # (dy, dx) of pad-and-crop, (B,) each
+    cutout: tuple[torch.Tensor, torch.Tensor] | None  # (cy, cx), the squares' centres
+    policies: list  # data/augment.py's draws, [(transform, per-image draws), ...]
+
+
+def draw_augment(aug: AugmentConfig, gen: torch.Generator, shape: tuple[int, int, int, int], *, offset: int = 0,
+                 total: int | None = None, flip: torch.Tensor | None = None,
+                 device_gen: torch.Generator | None = None) -> AugmentDraws:
+    """The draws of `augment_batch` for a batch of `shape` (B, C, H, W), in their fixed order: flip, crop,
+    cutout (from `device_gen` when given, else `gen`), then the policies' per-image seeds (from `gen`) and
+    draws."""
+    b, c, h, w = shape
     total = b if total is None else total
     mine = slice(offset, offset + b)  # this slice's rows of the global batch's draws
     g = device_gen if device_gen is not None else gen
     on = dict(generator=g, device=g.device)
-
-    def mine_on_dev(t: torch.Tensor) -> torch.Tensor:
-        return t[mine].to(dev, non_blocking=True)
-
     if aug.hflip == "alternate":
         if flip is None:
             raise ValueError("data.augment.hflip=alternate: augment_batch needs the batch's flips (alternate_flips)")
-        x = torch.where(flip.to(dev, non_blocking=True).view(b, 1, 1, 1), x.flip(3), x)
     elif aug.hflip:
-        flip = mine_on_dev(torch.rand(total, **on) < 0.5)
-        x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        flip = (torch.rand(total, **on) < 0.5)[mine]
+    else:
+        flip = None
     p = aug.crop_padding
+    shift = None
     if p:
-        dy = mine_on_dev(torch.randint(0, 2 * p + 1, (total,), **on))
-        dx = mine_on_dev(torch.randint(0, 2 * p + 1, (total,), **on))
+        shift = (torch.randint(0, 2 * p + 1, (total,), **on)[mine], torch.randint(0, 2 * p + 1, (total,), **on)[mine])
+    cut = None
+    if aug.cutout:
+        cut = (torch.randint(0, h, (total,), **on)[mine], torch.randint(0, w, (total,), **on)[mine])
+    policies = draw_policies(aug, (c, h, w), gen, mine=mine, total=total) if has_policies(aug) else []
+    return AugmentDraws(flip, shift, cut, policies)
+
+
+def apply_augment(x: torch.Tensor, aug: AugmentConfig, d: AugmentDraws) -> torch.Tensor:
+    """`draw_augment`'s draws applied to uint8 (B, C, H, W) `x`, on its device: flip, pad-and-crop, the
+    torchvision v2 policies, cutout. No random numbers are used."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if d.flip is not None:
+        x = torch.where(d.flip.to(dev, non_blocking=True).view(b, 1, 1, 1), x.flip(3), x)
+    if d.shift is not None:
+        p = aug.crop_padding
+        dy, dx = (t.to(dev, non_blocking=True) for t in d.shift)
         padded = torch.nn.functional.pad(x, (p, p, p, p), mode=_PAD_MODES[aug.crop_padding_mode])
         rows = (dy.view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
         cols = (dx.view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
         bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
         ci = torch.arange(c, device=dev).view(1, c, 1, 1)
         x = padded[bi, ci, rows, cols]  # (B, C, H, W)
-    if aug.cutout:  # drawn here (the draws' order is fixed), applied last
+    if d.policies:  # torchvision v2 policies, one draw per image (data/augment.py)
+        x = apply_drawn(x, d.policies)
+    if d.cutout is not None:
         s = aug.cutout
-        cy = mine_on_dev(torch.randint(0, h, (total,), **on)).view(b, 1, 1)
-        cx = mine_on_dev(torch.randint(0, w, (total,), **on)).view(b, 1, 1)
-    if has_policies(aug):  # torchvision v2 policies, one draw per image (data/augment.py)
-        x = apply_policies(x, aug, gen, mine=mine, total=total)
-    if aug.cutout:
+        cy, cx = (t.to(dev, non_blocking=True).view(b, 1, 1) for t in d.cutout)
         yy = torch.arange(h, device=dev).view(1, h, 1)
         xx = torch.arange(w, device=dev).view(1, 1, w)
         inside = ((yy >= cy - s // 2) & (yy < cy - s // 2 + s) & (xx >= cx - s // 2) & (xx < cx - s // 2 + s))

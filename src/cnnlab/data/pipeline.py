@@ -27,7 +27,22 @@ from cnnlab.data.base import DataSource, ImageSet, cache_dir, decode, eval_resiz
 from cnnlab.data.stats import split_channels, training_stats
 from cnnlab.registry import UnknownNameError
 
-MEMORY_BUDGET = int(os.environ.get("CNNLAB_MEMORY_BUDGET", 6 * 2**30))  # bytes of uint8 pixels kept resident
+MEMORY_BUDGET = 6 * 2**30  # bytes of uint8 pixels kept resident by default; CNNLAB_MEMORY_BUDGET overrides it
+
+
+def memory_budget(env=os.environ) -> int:
+    """CNNLAB_MEMORY_BUDGET (bytes; read when a data set is opened, not when cnnlab is imported), else 6 GiB."""
+    value = env.get("CNNLAB_MEMORY_BUDGET", "").strip()
+    if not value:
+        return MEMORY_BUDGET
+    try:
+        budget = int(float(value))
+    except (ValueError, OverflowError):
+        budget = -1
+    if budget < 0:
+        raise ConfigError(f"CNNLAB_MEMORY_BUDGET={value!r}: must be a number of bytes >= 0 (e.g. 6442450944 for "
+                          "6 GiB; 0 streams every data set from disk)")
+    return budget
 
 
 @dataclass
@@ -357,7 +372,7 @@ def prepare(d: DataConfig, *, split_seed: int = 0, want_memory: bool | None = No
     sets = {"train": train, "val": val, "test": test}
     pixels = sum(len(s) for s in sets.values() if s is not None) * channels * (d.image_size or 64) ** 2
     memory = want_memory if want_memory is not None else (
-        d.loader == "memory" or (d.loader == "auto" and pixels <= MEMORY_BUDGET))
+        d.loader == "memory" or (d.loader == "auto" and pixels <= memory_budget()))
     for k, s in sets.items():
         if s is None:
             continue

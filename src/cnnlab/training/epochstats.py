@@ -1,10 +1,9 @@
-"""An epoch's running training statistics kept on the training device (`EpochSums`), so that the steps of
-an epoch never wait for the GPU: the loss sum and correct count, the last step's loss and accuracy, and a
-non-finite flag with the first bad step and its loss, all added by device ops and copied to the host in one
-read only when the loop needs numbers (a logged step, a checkpoint, a signal, the epoch's end).
-
-The arithmetic is the per-step host arithmetic it replaces, in the same order and in float64, so the
-epoch's train_loss / train_acc are bit-identical to reading every step (tests/test_gpu_path.py).
+"""An epoch's running training statistics without a host synchronisation per step (`EpochSums`): each
+step's summed loss and correct count are added into a row of a small buffer on the training device, and
+the rows are copied to the host in one read only when the loop needs numbers (a logged step, a checkpoint,
+a signal, the epoch's end). The read then does the per-step host arithmetic the loop used to do after
+every step, in the same order (so the epoch's train_loss / train_acc are bit-identical,
+tests/test_gpu_path.py), and finds the first step whose loss was not finite: the row keeps its step.
 """
 from __future__ import annotations
 
@@ -16,71 +15,73 @@ import torch
 from cnnlab import dist
 from cnnlab.config import Config
 
-# slots of the device vector
-_LOSS_SUM, _CORRECT, _STEP, _STEP_SUM, _STEP_CORRECT, _BAD, _BAD_STEP, _BAD_LOSS = range(8)
-
 
 @dataclass
 class Read:
-    """What one read copies back: the epoch's sums so far and the last step's values."""
+    """What a read found: the epoch's sums so far and the last step's values, or the first non-finite step."""
 
     loss_sum: float  # sum over the epoch's steps of (step's weighted mean loss x its images)
     correct: int
     seen: int
     step_loss: float  # the last step's (weighted) mean loss
     step_acc: float
-    bad_step: int | None  # the first step whose loss was not finite (1-based, the run's numbering)
-    bad_loss: float | None
+    bad_step: int | None = None  # the first step whose loss was not finite (1-based, the run's numbering)
+    bad_loss: float | None = None
 
 
 class EpochSums:
-    """Running sums of one epoch from `step` (the run's steps taken) and the sums a resumed epoch had."""
+    """Running sums of at most `steps` optimizer steps after the run's step `step`, starting from the sums a
+    resumed epoch had (`loss_sum`, `correct`, `seen`)."""
 
-    def __init__(self, device: torch.device, *, step: int, loss_sum: float = 0.0, correct: int = 0, seen: int = 0):
-        # one host->device copy per epoch; every later update is a device op
-        self.v = torch.tensor([loss_sum, correct, step, 0, 0, 0, 0, 0], dtype=torch.float64, device=device)
-        self.seen = seen  # image counts are known on the host (batch shapes)
+    def __init__(self, device: torch.device, *, steps: int, step: int, loss_sum: float = 0.0, correct: int = 0,
+                 seen: int = 0):
+        self.rows = torch.zeros(max(1, steps), 2, dtype=torch.float64, device=device)  # per step: loss sum, correct
+        self.first, self.k, self.done = step, 0, 0  # the run's step before row 0; rows closed; rows read
+        self.denoms: list[float] = []  # per closed row, on the host: the step's total weight and its images
+        self.seens: list[int] = []
+        self.loss_sum, self.correct, self.seen = loss_sum, correct, seen
         self.step_seen = 0
 
     def start_step(self) -> None:
-        self.v[_STEP_SUM:_STEP_CORRECT + 1].zero_()
         self.step_seen = 0
 
     def micro_batch(self, total: torch.Tensor, correct: torch.Tensor, n: int) -> None:
-        """Add a micro-batch: `total` its summed (weighted) loss (a 0-d tensor), `correct` its count (0-d)."""
-        v, t = self.v, total.detach().double()
-        v[_STEP_SUM] += t
-        v[_STEP_CORRECT] += correct
+        """Add a micro-batch: `total` its summed (weighted) loss (a 0-d tensor), `correct` its count (0-d), n images."""
+        row = self.rows[self.k]
+        row[0] += total.detach()  # float64 += float32: exact, as float(total.item()) was
+        row[1] += correct
         self.step_seen += n
-        new = ~torch.isfinite(t) & (v[_BAD] == 0)  # the first non-finite loss: its step and value, kept
-        record = torch.stack([torch.ones_like(t), v[_STEP] + 1, t])
-        v[_BAD:] = torch.where(new, record, v[_BAD:])
 
     def step_totals(self) -> torch.Tensor:
-        """This rank's [loss sum, correct] of the step so far (a view on the device)."""
-        return self.v[_STEP_SUM:_STEP_CORRECT + 1]
+        """This rank's [loss sum, correct] of the open step (a view on the device)."""
+        return self.rows[self.k]
 
     def set_step_totals(self, totals: torch.Tensor) -> None:
         """The step's [loss sum, correct] summed over ranks (DDP), replacing this rank's own."""
-        self.v[_STEP_SUM:_STEP_CORRECT + 1].copy_(totals)
+        self.rows[self.k].copy_(totals)
 
     def end_step(self, denom: float, seen: int) -> None:
-        """Close the step: its mean loss is the summed loss / `denom` (its total weight), over `seen` images."""
-        v = self.v
-        v[_STEP_SUM] /= denom
-        v[_LOSS_SUM] += v[_STEP_SUM] * float(seen)
-        v[_CORRECT] += v[_STEP_CORRECT]
-        v[_STEP] += 1
-        self.step_seen = seen
-        self.seen += int(seen)
+        """Close the step: its mean loss is its summed loss / `denom` (its total weight), over `seen` images."""
+        self.denoms.append(denom)
+        self.seens.append(int(seen))
+        self.k += 1
 
     def read(self) -> Read:
-        """Copy the sums to the host (the one synchronisation)."""
-        x = self.v.tolist()
-        bad = x[_BAD] > 0
-        return Read(loss_sum=x[_LOSS_SUM], correct=int(x[_CORRECT]), seen=self.seen, step_loss=x[_STEP_SUM],
-                    step_acc=x[_STEP_CORRECT] / max(1.0, float(self.step_seen)),
-                    bad_step=int(x[_BAD_STEP]) if bad else None, bad_loss=x[_BAD_LOSS] if bad else None)
+        """Copy the rows closed since the last read to the host (the one synchronisation) and add them up."""
+        rows = self.rows[self.done:self.k].tolist()
+        loss = acc = math.nan
+        for r, (wsum, correct) in enumerate(rows, start=self.done):
+            if not math.isfinite(wsum):
+                return Read(self.loss_sum, self.correct, self.seen, loss, acc, bad_step=self.first + r + 1,
+                            bad_loss=wsum)
+            seen = self.seens[r]
+            loss = wsum / self.denoms[r]  # the step's (weighted) mean loss, however it was split
+            self.loss_sum += loss * seen
+            self.correct += int(correct)
+            self.seen += seen
+            acc = correct / max(1.0, float(seen))
+        self.done = self.k
+        return Read(self.loss_sum, self.correct, self.seen, loss, acc)
 
 
 def nonfinite_message(loss: float | None, step: int, epoch: int, cfg: Config, ranks: list[int],

@@ -38,11 +38,10 @@ from cnnlab.analysis.gradients import layer_grad_norms
 from cnnlab.training import checkpoint as ckpt
 from cnnlab import dist
 from cnnlab.training import loss as loss_mod
-from cnnlab.training import runlog
+from cnnlab.training import feed, runlog
 from cnnlab.config import Config, tta_mode
 from cnnlab.data.augment import hard_targets, mix_batch
-from cnnlab.data.loader import (Batches, Normalizer, alternate_flips, augment_batch, augment_epoch, device_generator,
-                               epoch_order, epoch_seed, eval_indices)
+from cnnlab.data.loader import Batches, Normalizer, epoch_order, eval_indices
 from cnnlab.data.pipeline import Splits
 from cnnlab.models import build_model, hooks
 from cnnlab.models.tta import tta_logits
@@ -101,34 +100,19 @@ def train_one_epoch(ts: TrainState, net: nn.Module, batches: Batches, order, *, 
     limit = min(batches.num_batches(n_order), t.limit_batches or batches.num_batches(n_order))
     dev = ts.device
     w_dev = weights.to(dev) if weights is not None else None
-    i = state.batch_in_epoch  # checkpoints are taken between optimizer steps: i starts a step
     num_classes = len(batches.s.classes)
-    aug = cfg.data.augment
-    flips = alternate_flips(len(batches.s), t.seed, state.epoch).to(dev) if aug.hflip == "alternate" else None
-    images = None
-    if aug.per_epoch:  # the whole epoch's flip / translate / cutout at once (a function of seed and epoch)
-        images = augment_epoch(batches.images, aug, seed=epoch_seed(t.seed, state.epoch), flips=flips)
-    sums = EpochSums(dev, step=state.step, loss_sum=state.epoch_loss_sum, correct=state.epoch_correct,
-                     seen=state.epoch_seen)
-    for x, y, idx in batches.iterate(order, start_batch=state.batch_in_epoch, images=images):
-        if i >= limit:
-            break
-        first = i - i % per  # the step's micro-batches: first .. last, in global batches of the epoch
-        last = min(first + per, limit) - 1
+    start = state.batch_in_epoch  # checkpoints are taken between optimizer steps: it starts a step
+    sums = EpochSums(dev, steps=math.ceil((limit - start) / per), step=state.step, loss_sum=state.epoch_loss_sum,
+                     correct=state.epoch_correct, seen=state.epoch_seen)
+    for mb in feed.micro_batches(batches, order, cfg=cfg, normalize=normalize, epoch=state.epoch, start_batch=start,
+                                 step=state.step, limit=limit):
+        # micro-batch i of the step's first..last (global batches of the epoch), augmented and normalised
+        i, first, last, step, sizes = mb.i, mb.first, mb.last, mb.step, mb.sizes
         j = i - first
-        step = state.step + 1  # 1-based number of the step being taken
         if j == 0:
-            sizes = [batches.global_size(b, n_order) for b in range(first, last + 1)]
             denom = loss_mod.total_weight(weights, batches.labels[order[first * bs:first * bs + sum(sizes)]])
             sums.start_step()
-        # augmentation depends only on (seed, step) and the image's place among the step's images (all ranks)
-        gen = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
-        if not aug.per_epoch:
-            offset = sum(sizes[:j]) + (batches.local_offset(i, n_order) if world > 1 else 0)
-            x = augment_batch(x, aug, gen, offset=offset, total=sum(sizes), device_gen=device_generator(gen, dev),
-                              flip=flips[idx.to(dev, non_blocking=True)] if flips is not None else None)
-        x = normalize(x)  # (B, C, H, W)
-        x, y = mix_batch(x, y, aug, gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft targets
+        x, y = mix_batch(mb.x, mb.y, cfg.data.augment, mb.gen, num_classes)  # MixUp/CutMix: y becomes (B, K) soft
         sync = not distributed or i == last or not hasattr(ddp, "no_sync")
         with contextlib.nullcontext() if sync else ddp.no_sync():
             with torch.autocast(dev.type, dtype=ts.amp, enabled=ts.amp is not None):
