@@ -79,16 +79,15 @@ def test_fast_path_augmentation_has_torchvision_distribution(mode):
 
 def test_reflect_padding_wider_than_the_image_is_refused_before_the_run_starts(tmp_path):
     """Reflection needs padding below the image side: 8x8 digits with padding 8 fail with exit 2, no run folder."""
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", f"output.dir={tmp_path}",
-                        "data.augment.crop_padding=8", "data.augment.crop_padding_mode=reflect"],
-                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    from inproc import run_cli  # in this process, through the CLI's own main
+
+    repo = Path(__file__).resolve().parents[1]
+    r = run_cli("train", "examples/quickstart.yaml", f"output.dir={tmp_path}", "data.augment.crop_padding=8",
+                "data.augment.crop_padding_mode=reflect", cwd=repo)
     assert r.returncode == 2 and "data.augment.crop_padding=8" in r.stderr and "8x8" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", f"output.dir={tmp_path}",
-                        "data.augment.crop_padding_mode=mirror"], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
+    r = run_cli("train", "examples/quickstart.yaml", f"output.dir={tmp_path}", "data.augment.crop_padding_mode=mirror",
+                cwd=repo)
     assert r.returncode == 2 and "data.augment.crop_padding_mode" in r.stderr and "'mirror'" in r.stderr, r.stderr
 
 

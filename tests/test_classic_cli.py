@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import yaml
 
 from cnnlab.data.pipeline import carve_last
+from inproc import run_cli
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+def _cli(*args, cwd):  # in this process, through the CLI's own main (tests/inproc.py)
+    return run_cli(*args, cwd=cwd)
 
 
 def _main(*args, cwd, monkeypatch, capsys):  # in this process: the refusals need no fresh interpreter

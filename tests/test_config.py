@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cnnlab import config as C
+from inproc import run_cli
 
 
 def test_defaults_and_overrides_are_typed():
@@ -102,7 +103,7 @@ def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_cli_exit_2_before_any_work(tmp_path):
+def test_cli_exit_2_before_any_work(tmp_path):  # a real process: the exit status as the shell sees it
     r = _cli("train", "examples/quickstart.yaml", "optim.lr=-1", f"output.dir={tmp_path}/runs")
     assert r.returncode == 2
     assert "optim.lr" in r.stderr and "-1" in r.stderr
@@ -114,7 +115,7 @@ def test_cli_exit_2_before_any_work(tmp_path):
     ("data.name=cifar11", ["data.name", "'cifar11'", "Did you mean 'cifar10'"]),
 ])
 def test_cli_unknown_name_exits_2_before_any_work(tmp_path, override, words):
-    r = _cli("train", "examples/quickstart.yaml", override, f"output.dir={tmp_path}/runs")
+    r = run_cli("train", "examples/quickstart.yaml", override, f"output.dir={tmp_path}/runs")  # in this process
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     for w in words:
         assert w in r.stderr, (w, r.stderr)
@@ -124,14 +125,14 @@ def test_cli_unknown_name_exits_2_before_any_work(tmp_path, override, words):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cli_cuda_device_without_cuda_is_a_config_error(tmp_path):
     """Was a RuntimeError traceback (exit 1) from inside training; now refused at process setup (exit 2)."""
-    r = _cli("train", "examples/quickstart.yaml", "train.device=cuda", f"output.dir={tmp_path}/runs")
+    r = run_cli("train", "examples/quickstart.yaml", "train.device=cuda", f"output.dir={tmp_path}/runs")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "train.device='cuda'" in r.stderr and "train.device=cpu" in r.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_print_config_resolves_overrides():
-    r = _cli("train", "examples/quickstart.yaml", "optim.lr=0.123", "--print-config")
+    r = run_cli("train", "examples/quickstart.yaml", "optim.lr=0.123", "--print-config")
     assert r.returncode == 0, r.stderr
     assert "lr: 0.123" in r.stdout and "name: digits" in r.stdout
 

@@ -4,8 +4,6 @@ the export and leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ import cnnlab
 from cnnlab.deploy import export as E
 from cnnlab.models import MODELS
 from cnnlab.models.zoo import default_input
+from inproc import run_cli
 
 OPTIONS = {"layers": {"layers": [{"conv": {"out": 8, "k": 3, "padding": 1}}, "batchnorm", "relu", {"maxpool": 2},
                                  "flatten", {"linear": 16}, "relu", {"linear": "classes"}]}}
@@ -68,8 +67,7 @@ def run_dir(tmp_path_factory):
 
 def test_cli_onnx_export_carries_metadata_and_is_verified(run_dir, tmp_path):
     out = tmp_path / "digits.onnx"
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "export", str(run_dir), "--format", "onnx", "--out", str(out),
-                        "--dynamic-batch"], capture_output=True, text=True, timeout=300)
+    r = run_cli("export", run_dir, "--format", "onnx", "--out", out, "--dynamic-batch")  # in this process
     assert r.returncode == 0, r.stderr
     assert "max |logit difference|" in r.stdout and "top-1 agrees on 64/64" in r.stdout, r.stdout
     data = json.loads((run_dir / "data.json").read_text())
@@ -120,8 +118,7 @@ def test_disagreement_fails_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
 
 
 def test_unknown_format_and_missing_folder_exit_2(run_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "export", str(tmp_path / "none"), "--format", "onnx"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli("export", tmp_path / "none", "--format", "onnx")
     assert r.returncode == 2 and "no such run folder" in r.stderr and r.stderr.count("\n") == 1
     with pytest.raises(ValueError, match="onnx or torchscript"):
         cnnlab.export(run_dir, format="tflite")

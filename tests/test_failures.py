@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import yaml
 
 from cnnlab.analysis import diagnose as dg
 from cnnlab.analysis import failures, gradients
+from inproc import run_cli
 from test_diagnose import _train_digits
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+def _cli(*args, cwd):  # in this process, through the CLI's own main (tests/inproc.py)
+    return run_cli(*args, cwd=cwd)
 
 
 def test_deep_sigmoid_net_is_a_training_failure_with_vanishing_gradients(tmp_path):

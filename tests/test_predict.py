@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import cnnlab
+from inproc import run_cli
 
 CLASSES = ["cat", "dog", "frog"]
 LAYERS = [{"conv": {"out": 8, "k": 3, "padding": 1}}, "batchnorm", "relu", {"maxpool": 2}, "flatten",
@@ -52,8 +53,12 @@ def runs(tmp_path_factory):
 
 
 def cli(*args, timeout=240):
+    """`cnnlab ARGS` in a real process: its exit status and its stderr as a user sees them."""
     return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+cli_here = run_cli  # the same command in this process (tests/inproc.py): what it prints, writes and returns
 
 
 def run_predictions(run_dir):
@@ -69,7 +74,7 @@ def test_predict_matches_the_runs_own_predictions(runs, loader, tmp_path):
     run_dir = runs[loader]
     expected = run_predictions(run_dir)
     out = tmp_path / "p.jsonl"
-    r = cli("predict", run_dir, runs["data"], "--top-k", "3", "--out", out, "--batch-size", "5")
+    r = cli_here("predict", run_dir, runs["data"], "--top-k", "3", "--out", out, "--batch-size", "5")
     assert r.returncode == 0, r.stderr
     got = {}
     for line in out.read_text().splitlines():
@@ -145,7 +150,7 @@ def test_bad_inputs_are_reported_by_name_and_the_rest_predicted(runs, tmp_path):
 def test_zips_globs_and_a_single_file_on_the_terminal(runs, tmp_path):
     z = tmp_path / "imgs.zip"
     shutil.make_archive(str(z.with_suffix("")), "zip", runs["data"] / "dog")
-    r = cli("predict", runs["memory"], z, str(runs["data"] / "frog" / "00*.png"), runs["data"] / "cat" / "001.png",
+    r = cli_here("predict", runs["memory"], z, str(runs["data"] / "frog" / "00*.png"), runs["data"] / "cat" / "001.png",
             "--top-k", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -161,7 +166,7 @@ def test_missing_run_or_checkpoint_exits_2_with_one_line(runs, tmp_path):
     shutil.copytree(runs["memory"], broken)
     shutil.rmtree(broken / "checkpoints")
     for cmd in (["predict", broken, runs["data"]], ["export", broken, "--format", "onnx"]):
-        r = cli(*cmd)
+        r = cli_here(*cmd)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert "no checkpoint" in r.stderr and "checkpoints/best.pt" in r.stderr
 
@@ -169,17 +174,17 @@ def test_missing_run_or_checkpoint_exits_2_with_one_line(runs, tmp_path):
 def test_a_failed_predict_leaves_an_existing_output_untouched(runs, tmp_path):
     out = tmp_path / "p.csv"
     out.write_text("keep me\n")
-    r = cli("predict", runs["memory"], tmp_path / "empty-folder-does-not-exist", "--out", out)
+    r = cli_here("predict", runs["memory"], tmp_path / "empty-folder-does-not-exist", "--out", out)
     assert r.returncode == 2 and "nothing written" in r.stderr and out.read_text() == "keep me\n"
     (tmp_path / "empty").mkdir()
-    r = cli("predict", runs["memory"], tmp_path / "empty", "--out", out)
+    r = cli_here("predict", runs["memory"], tmp_path / "empty", "--out", out)
     assert r.returncode == 2 and "no images found" in r.stderr and out.read_text() == "keep me\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_gradcam_page_is_self_contained(runs, tmp_path):
     out = tmp_path / "p.json"
-    r = cli("predict", runs["memory"], runs["data"] / "dog", "--out", out, "--gradcam", "--top-k", "2")
+    r = cli_here("predict", runs["memory"], runs["data"] / "dog", "--out", out, "--gradcam", "--top-k", "2")
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     page = (tmp_path / "p.html").read_text()
@@ -217,7 +222,7 @@ def test_eval_maps_classes_by_name(runs, tmp_path):
     sub = tmp_path / "sub"
     for cls in ("frog", "dog"):
         shutil.copytree(runs["data"] / cls, sub / cls)
-    r = cli("eval", runs["memory"], f"data.root={sub}")
+    r = cli_here("eval", runs["memory"], f"data.root={sub}")
     assert r.returncode == 0, r.stderr
     dest = sorted((runs["memory"] / "evals").iterdir(), key=lambda p: int(p.name))[-1]
     with open(dest / "predictions.csv", newline="") as f:
@@ -228,7 +233,7 @@ def test_eval_maps_classes_by_name(runs, tmp_path):
     assert m["data_classes"] == ["dog", "frog"] and m["test"]["num_classes"] == len(m["test"]["confusion"]) == 3
     assert [c["support"] for c in m["test"]["per_class"]][0] == 0  # no cat in the data
     shutil.copytree(runs["data"] / "cat", sub / "horse")
-    r = cli("eval", runs["memory"], f"data.root={sub}")
+    r = cli_here("eval", runs["memory"], f"data.root={sub}")
     assert r.returncode == 2 and "['horse']" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from inproc import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -68,27 +70,6 @@ def _images(folder: Path, zip_path: Path) -> None:
                 z.write(folder / name / f"{i:03d}.jpg", f"{name}/{i:03d}.jpg")
 
 
-def run_in_process(args: list[str]) -> tuple[int, str]:
-    """`cnnlab ARGS` through the CLI's own `main` in this process (no ~3 s interpreter and torch start-up per
-    command); torch's thread count, which a training command sets, is put back."""
-    import contextlib
-    import io
-
-    import torch
-
-    from cnnlab import cli
-
-    out, n_threads = io.StringIO(), torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = cli.main(args)
-    except SystemExit as e:  # argparse's own exits
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        torch.set_num_threads(n_threads)
-    return code, out.getvalue()
-
-
 @pytest.mark.slow
 def test_every_everyday_command_runs(tmp_path, monkeypatch):
     commands = everyday_commands()
@@ -115,6 +96,6 @@ def test_every_everyday_command_runs(tmp_path, monkeypatch):
                                timeout=120)
             assert r.returncode == 0 and r.stdout.strip() == f"cnnlab {__version__}", (r.stdout, r.stderr)
             continue
-        code, out = run_in_process(args)
-        assert code == 0, (cmd, out[-4000:])
+        r = run_cli(*args)  # in this process, through the CLI's own main (each start-up costs ~3 s)
+        assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
     assert (tmp_path / "runs" / "cifar10-convnet" / "report.html").is_file()

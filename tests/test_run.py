@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cnnlab
+from inproc import run_cli
 
 FAST = ["train.epochs=3", "train.progress=off", "output.report=false"]
 
@@ -85,7 +86,7 @@ def test_early_stopping_stops_after_patience(tmp_path):
 
 def test_eval_command_re_evaluates_without_overwriting(cli_run):
     run_dir, _ = cli_run
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "eval", str(run_dir)], capture_output=True, text=True, timeout=120)
+    r = run_cli("eval", run_dir)  # in this process (tests/inproc.py); the training above is a real process
     assert r.returncode == 0, r.stderr
     m = json.loads((run_dir / "evals/1/metrics.json").read_text())
     orig = json.loads((run_dir / "metrics.json").read_text())
@@ -93,8 +94,7 @@ def test_eval_command_re_evaluates_without_overwriting(cli_run):
 
 
 def test_unknown_dataset_root_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", "data.name=folder",
-                        f"data.root={tmp_path}/nope", f"output.dir={tmp_path}/runs"], capture_output=True, text=True,
-                       timeout=120)
+    r = run_cli("train", "examples/quickstart.yaml", "data.name=folder", f"data.root={tmp_path}/nope",
+                f"output.dir={tmp_path}/runs")
     assert r.returncode == 2 and "nope" in r.stderr and "does not exist" in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder left

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from inproc import run_cli
 from test_data_builders import CHOSEN, coco  # noqa: F401  (the fixture: a small COCO instances file)
 from test_data_official import write_cifar10, write_stl10
 
@@ -118,7 +119,7 @@ def test_every_seed_example_trains_one_short_epoch(tmp_path, example, coco):  # 
         if "train.epochs" in ov:
             ov["train.epochs"] = 1
     short.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    r = _cli("train", str(short), *small, cwd=tmp_path)
+    r = run_cli("train", str(short), *small, cwd=tmp_path)  # in this process (tests/inproc.py)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.parent for p in (tmp_path / "runs").rglob("metrics.json"))
     expected = len(cfg.get("variations") or {}) or 1

@@ -383,21 +383,24 @@ def _file_size_limit():
 
 
 @pytest.mark.parametrize("how", ["full", "unwritable"])
-def test_cache_disk_failure_trains_without_the_cache(tmp_path, how):
+def test_cache_disk_failure_trains_without_the_cache(main, tmp_path, how):
     root = write_images(tmp_path / "ds", per_class=60, size=(16, 16))  # 120 x 768 B decoded > the 64 kB limit
     cache = tmp_path / "cache"
     if how == "unwritable":
         cache.write_text("a file where the cache folder should be\n")
     cfg = write_config(tmp_path, train={"batch_size": 32})
-    r = cnnlab("train", cfg, f"data.root={root}", cwd=tmp_path, env={"CNNLAB_CACHE": str(cache)},
-               preexec_fn=_file_size_limit if how == "full" else None)
+    if how == "full":  # a file size limit is the process's own: a real process
+        r = cnnlab("train", cfg, f"data.root={root}", cwd=tmp_path, env={"CNNLAB_CACHE": str(cache)},
+                   preexec_fn=_file_size_limit)
+    else:
+        r = main("train", cfg, f"data.root={root}", cwd=tmp_path, env={"CNNLAB_CACHE": str(cache)})
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "warning" in r.stderr and "cache" in r.stderr and str(cache) in r.stderr, r.stderr
     assert (tmp_path / "runs" / "exp" / "metrics.json").is_file()
     if how == "full":
         entries = sorted(p.name for p in (cache / "decoded").iterdir())
         assert len(entries) == 1 and entries[0].endswith(".pt"), entries  # the small val split's; no temp file
-        r = cnnlab("train", cfg, f"data.root={root}", cwd=tmp_path, env={"CNNLAB_CACHE": str(cache)})
+        r = main("train", cfg, f"data.root={root}", cwd=tmp_path, env={"CNNLAB_CACHE": str(cache)})
         assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]  # a later run caches fine
         assert len(list((cache / "decoded").iterdir())) == 2
 
