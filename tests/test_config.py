@@ -79,7 +79,7 @@ def test_bad_values_name_key_and_value(override, words):
     (["model.name=lenet"], ["model.name", "lenet", "lenet5"]),
 ])
 def test_unknown_names_are_refused_where_things_are_built(override, words):
-    """config.py checks values; the registries' names are checked by data/catalog and models/build
+    """cnnlab.config checks values; the registries' names are checked by data/catalog and models/build
     (experiment.check_names runs both before any work), with the key, the value and the closest names."""
     from cnnlab.training.experiment import check_names
 
@@ -135,3 +135,25 @@ def test_print_config_resolves_overrides():
     r = run_cli("train", "examples/quickstart.yaml", "optim.lr=0.123", "--print-config")
     assert r.returncode == 0, r.stderr
     assert "lr: 0.123" in r.stdout and "name: digits" in r.stdout
+
+
+def test_every_public_name_of_the_config_package_is_on_its_face():
+    """config/ is split by concern (schema, coerce, dotted, checks); `from cnnlab import config as C` reaches every
+    public name each part defines, the very object (ConfigError is one class, patched and caught as one)."""
+    import ast
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    parts = sorted(m.name for m in pkgutil.iter_modules(C.__path__))
+    assert parts == ["checks", "coerce", "dotted", "schema"]
+    seen = 0
+    for part in parts:
+        mod = importlib.import_module(f"cnnlab.config.{part}")
+        tree = ast.parse(Path(mod.__file__).read_text(encoding="utf-8"))
+        names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        for name in sorted(n for n in names if not n.startswith("_") and n != "build"):  # build: C._build
+            assert getattr(C, name, None) is getattr(mod, name), f"cnnlab.config.{part}.{name} is not C.{name}"
+            seen += 1
+    assert seen > 40 and C.ConfigError is importlib.import_module("cnnlab.config.schema").ConfigError

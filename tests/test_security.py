@@ -92,8 +92,15 @@ def test_every_torch_load_in_the_package_uses_weights_only():
 
 
 def test_config_loading_uses_safe_load():
-    text = (SRC / "config.py").read_text()
-    assert "yaml.safe_load" in text and not re.search(r"yaml\.(load|unsafe_load|full_load)\(", text)
+    import yaml
+
+    from cnnlab.config import dotted
+
+    texts = {f.name: f.read_text() for f in (SRC / "config").glob("*.py")}  # the config package (config/)
+    assert {"__init__.py", "dotted.py"} <= set(texts)
+    assert "yaml.safe_load" in texts["dotted.py"]  # its YAML loaders
+    assert not any(re.search(r"yaml\.(load|unsafe_load|full_load)\(", t) for t in texts.values())
+    assert issubclass(dotted._Loader, yaml.SafeLoader) and issubclass(dotted._UniqueKeyLoader, dotted._Loader)
 
 
 def test_pyproject_requires_torch_2_6():

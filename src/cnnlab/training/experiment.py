@@ -302,7 +302,7 @@ def _remove_if_untrained(run_dir: Path) -> None:
 
 def check_names(cfg: C.Config) -> None:
     """The data set and the model the config names exist: checked where they are built (data/catalog,
-    models/build), with "did you mean", naming data.name / model.name (config.py checks values only)."""
+    models/build), with "did you mean", naming data.name / model.name (cnnlab.config checks values only)."""
     from cnnlab.data.catalog import check_name as check_data
     from cnnlab.models.build import check_name as check_model
     from cnnlab.training.optim import check as check_optimizer

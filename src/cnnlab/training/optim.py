@@ -43,7 +43,7 @@ _OWN_KEYS = {"sgd": lambda o: {"momentum": o.momentum, "nesterov": o.nesterov},
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """torch.optim's class for optim.name (case-insensitive: rmsprop -> RMSprop); config.py has refused others."""
+    """torch.optim's class for optim.name (case-insensitive: rmsprop -> RMSprop); config/checks.py refused others."""
     from cnnlab.config import torch_optimizers
 
     return getattr(torch.optim, {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}.get(name) or torch_optimizers()[name.lower()])
