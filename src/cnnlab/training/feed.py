@@ -9,8 +9,10 @@ torchvision policy is set, the only augmentation costing real time) the applicat
 of batch i+1 run in a background thread while the model trains on batch i (PyTorch's ops release the
 GIL), giving bit for bit the batches of the synchronous path. The thread is joined when the epoch ends,
 stops early or fails; each DDP rank has its own. It runs its ops with the process's intra-op thread count
-(`train.threads`), like the training thread: limiting it to one thread was 4x slower in
-benchmarks/throughput.py --policy on the 2-core machine (README, Speed).
+(`train.threads`), like the training thread: limited to one thread (torch.set_num_threads(1) in it) the
+training ran 4x slower in benchmarks/throughput.py --policy on the 2-core machine, about as slow as
+without the thread, which fits libgomp's spin-waiting (its idle workers spin unless it runs more threads
+than cores, which a second team of threads brings about); README, Speed.
 """
 from __future__ import annotations
 
