@@ -85,15 +85,26 @@ def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normali
         return mb
 
     items = islice(batches.iterate(order, start_batch=start_batch, images=images), max(0, limit - start_batch))
-    use = prefetching(cfg) if prefetch is None else prefetch
-    yield from (one_ahead if use else map)(applied, drawn(items))
+    if not (prefetching(cfg) if prefetch is None else prefetch):
+        yield from map(applied, drawn(items))
+        return
+    yield from one_ahead(applied, drawn(items), device=dev)
 
 
-def one_ahead(work: Callable, items: Iterable) -> Iterator:
+def one_ahead(work: Callable, items: Iterable, *, device: torch.device | None = None) -> Iterator:
     """`map(work, items)` with `work` on item k+1 running in a background thread while the caller handles
     result k; `items` is advanced on the calling thread. The thread is joined when the results end, when
-    the caller stops early (closing this generator) or when `work` raises (the error comes out here)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed")
+    the caller stops early (closing this generator) or when `work` raises (the error comes out here).
+    On a GPU the thread takes `device` (or the calling thread's current device) as its own current device."""
+    init = None
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index  # the calling thread's
+
+        def init():
+            torch.cuda.set_device(index)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed", initializer=init)
     try:
         pending: Future | None = None
         for item in items:
