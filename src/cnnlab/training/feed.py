@@ -9,8 +9,10 @@ torchvision policy is set, the only augmentation costing real time) the applicat
 of batch i+1 run in a background thread while the model trains on batch i (PyTorch's ops release the
 GIL), giving bit for bit the batches of the synchronous path. The thread is joined when the epoch ends,
 stops early or fails; each DDP rank has its own. It runs its ops with the process's intra-op thread count
-(`train.threads`), like the training thread: limiting it to one thread was 4x slower in
-benchmarks/throughput.py --policy on the 2-core machine (README, Speed).
+(`train.threads`), like the training thread: limited to one thread (torch.set_num_threads(1) in it) the
+training ran 4x slower in benchmarks/throughput.py --policy on the 2-core machine, about as slow as
+without the thread, which fits libgomp's spin-waiting (its idle workers spin unless it runs more threads
+than cores, which a second team of threads brings about); README, Speed.
 """
 from __future__ import annotations
 
@@ -83,15 +85,26 @@ def micro_batches(batches: Batches, order: torch.Tensor, *, cfg: Config, normali
         return mb
 
     items = islice(batches.iterate(order, start_batch=start_batch, images=images), max(0, limit - start_batch))
-    use = prefetching(cfg) if prefetch is None else prefetch
-    yield from (one_ahead if use else map)(applied, drawn(items))
+    if not (prefetching(cfg) if prefetch is None else prefetch):
+        yield from map(applied, drawn(items))
+        return
+    yield from one_ahead(applied, drawn(items), device=dev)
 
 
-def one_ahead(work: Callable, items: Iterable) -> Iterator:
+def one_ahead(work: Callable, items: Iterable, *, device: torch.device | None = None) -> Iterator:
     """`map(work, items)` with `work` on item k+1 running in a background thread while the caller handles
     result k; `items` is advanced on the calling thread. The thread is joined when the results end, when
-    the caller stops early (closing this generator) or when `work` raises (the error comes out here)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed")
+    the caller stops early (closing this generator) or when `work` raises (the error comes out here).
+    On a GPU the thread takes `device` (or the calling thread's current device) as its own current device."""
+    init = None
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index  # the calling thread's
+
+        def init():
+            torch.cuda.set_device(index)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cnnlab-feed", initializer=init)
     try:
         pending: Future | None = None
         for item in items:
