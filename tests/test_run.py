@@ -21,14 +21,14 @@ def _history(run_dir):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    r = subprocess.run([sys.executable, "-m", "cnnlab", "train", "examples/quickstart.yaml", *FAST,
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "cnnlab", "train", "examples/quickstart.yaml", *FAST,
                         f"output.dir={out}"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return out / "quickstart", r.stdout
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "quickstart", r.stdout, r.stderr
 
 
 def test_cli_run_folder_holds_every_file(cli_run):
-    run_dir, stdout = cli_run
+    run_dir, stdout, _ = cli_run
     for name in ["config.yaml", "env.json", "data.json", "model.json", "history.csv", "steps.csv", "metrics.json",
                  "predictions.csv", "predictions.npz", "samples.npz", "splits.npz",
                  "checkpoints/best.pt", "checkpoints/last.pt"]:
@@ -41,11 +41,19 @@ def test_cli_run_folder_holds_every_file(cli_run):
     assert len(_history(run_dir)) == 3
 
 
+def test_a_run_without_augmentation_policies_never_imports_torchvision(cli_run):
+    """torchvision's import loads torch._dynamo (~2 s of CPU); eval, predict and report never need it, and a
+    run needs it only for the v2 policies or MixUp/CutMix (data/augment.py imports it then)."""
+    _, _, stderr = cli_run
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in stderr.splitlines() if ln.startswith("import time:")}
+    assert "cnnlab.training.experiment" in imported and "torchvision" not in imported
+
+
 def test_tensorboard_scalars_are_written_while_training(cli_run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = cli_run
+    run_dir, _, _ = cli_run
     ea = EventAccumulator(str(run_dir / "tensorboard"))
     ea.Reload()
     tags = ea.Tags()["scalars"]
@@ -56,7 +64,7 @@ def test_tensorboard_scalars_are_written_while_training(cli_run):
 
 
 def test_best_and_last_checkpoints(cli_run):
-    run_dir, _ = cli_run
+    run_dir, _, _ = cli_run
     hist = _history(run_dir)
     accs = [float(r["val_acc"]) for r in hist]
     best_epoch = 1 + accs.index(max(accs))  # first epoch reaching the maximum
@@ -85,7 +93,7 @@ def test_early_stopping_stops_after_patience(tmp_path):
 
 
 def test_eval_command_re_evaluates_without_overwriting(cli_run):
-    run_dir, _ = cli_run
+    run_dir, _, _ = cli_run
     r = run_cli("eval", run_dir)  # in this process (tests/inproc.py); the training above is a real process
     assert r.returncode == 0, r.stderr
     m = json.loads((run_dir / "evals/1/metrics.json").read_text())
