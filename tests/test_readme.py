@@ -99,3 +99,18 @@ def test_every_everyday_command_runs(tmp_path, monkeypatch):
         r = run_cli(*args)  # in this process, through the CLI's own main (each start-up costs ~3 s)
         assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
     assert (tmp_path / "runs" / "cifar10-convnet" / "report.html").is_file()
+
+
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run tests exactly as the README's quick start tells a user to; pyproject's addopts add
+    `--dist loadgroup`, which keeps each xdist_group (the torchrun tests, the Ray tests) on one worker."""
+    import tomllib
+
+    def pytest_part(text: str) -> str:
+        return re.search(r"(?m)\.venv/bin/pytest[^\n]*$", text).group(0).strip()
+
+    after = README[README.index("## Quick start"):README.index("## Everyday use")]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert pytest_part(after) == pytest_part(ci) == ".venv/bin/pytest -q -n 2"
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "--dist loadgroup" in addopts

@@ -156,14 +156,10 @@ def test_jobs_2_share_one_storage_without_lost_or_duplicated_trials(tmp_path):
     assert [r["trial"] for r in R.read_csv(root / "search.csv")] != []
 
 
-def test_ray_executor_reports_to_the_storage(tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'cnnlab[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = C.load(tree(tmp_path, "ray", trials=2, pruner="none"), ["train.epochs=2"])
-        study.run_study(cfg, executor="ray", jobs=2, quiet=True)
-    finally:
-        ray.shutdown()
+@pytest.mark.xdist_group("ray")
+def test_ray_executor_reports_to_the_storage(tmp_path, ray_local):  # conftest: the shared local instance
+    cfg = C.load(tree(tmp_path, "ray", trials=2, pruner="none"), ["train.epochs=2"])
+    study.run_study(cfg, executor="ray", jobs=2, quiet=True)
     root = tmp_path / "ray"
     trials = stored(root)
     assert sorted(t.number for t in trials) == [0, 1] and {t.state.name for t in trials} == {"COMPLETE"}

@@ -223,14 +223,10 @@ def test_jobs_run_parallel_subprocesses(tmp_path):
     assert (root / "study.html").is_file()
 
 
-def test_ray_executor_on_a_local_instance(tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'cnnlab[ray]')")
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)  # GPUs as Ray resources only
-    try:
-        cfg = C.load(tiny(tmp_path, name="ray", variations={"main": {}, "fast": {"optim.lr": 0.03}}))
-        st = study.run_study(cfg, executor="ray", jobs=2, quiet=True)
-    finally:
-        ray.shutdown()
+@pytest.mark.xdist_group("ray")
+def test_ray_executor_on_a_local_instance(tmp_path, ray_local):  # conftest: 2 CPUs, 2 GPUs as Ray resources only
+    cfg = C.load(tiny(tmp_path, name="ray", variations={"main": {}, "fast": {"optim.lr": 0.03}}))
+    st = study.run_study(cfg, executor="ray", jobs=2, quiet=True)
     root = tmp_path / "ray"
     assert set(st.status.values()) == {"done"}
     # a cluster with GPUs gives each trial one (Ray hides GPUs from tasks that do not ask: they trained on CPUs)
