@@ -95,8 +95,8 @@ def after_policy_transforms(aug: AugmentConfig) -> list[tuple[str, v2.Transform]
 
 
 def library_pipeline(aug: AugmentConfig, size: tuple[int, int]) -> list[tuple[str, v2.Transform]]:
-    """Every per-image transform `apply_policies` runs, in its order (the reference for tests and the
-    benchmark's plain pipeline)."""
+    """Every per-image transform `draw_policies` draws for and `apply_drawn` applies, in their order (the
+    reference for tests and the benchmark's plain pipeline)."""
     policy = _policy(aug)
     return per_image_transforms(aug, size) + ([("policy", policy)] if policy else []) + after_policy_transforms(aug)
 
@@ -198,7 +198,7 @@ def has_policies(aug: AugmentConfig) -> bool:
 
 def draw_policies(aug: AugmentConfig, shape: tuple[int, int, int], gen: torch.Generator, *, mine: slice,
                   total: int) -> list[tuple[v2.Transform, list]]:
-    """Every draw of `apply_policies` for images of (C, H, W) `shape`: [(transform, per-image draws), ...]
+    """Every draw of the v2 transforms for images of (C, H, W) `shape`: [(transform, per-image draws), ...]
     in the order they apply, for `apply_drawn`."""
     policy = _policy(aug)
     steps = [t for _, t in per_image_transforms(aug, (int(shape[-2]), int(shape[-1])))]
