@@ -231,6 +231,33 @@ def test_cache_sees_a_change_to_any_single_file(tmp_path, monkeypatch):
         assert torch.equal(got, fresh_decode(files))
 
 
+def test_a_zip_replaced_at_the_same_path_is_read_anew(tmp_path):
+    """In one process (the Python API, a notebook) the archive's handle was cached by path alone: after the
+    zip was replaced, members were still read from the file it replaced (stale pixels)."""
+    import io
+    import os
+    import zipfile
+
+    from PIL import Image
+
+    from cnnlab.data.base import open_image
+
+    archive = tmp_path / "photos.zip"
+
+    def write(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), colour).save(buf, format="PNG")
+        tmp = tmp_path / "new.zip"
+        with zipfile.ZipFile(tmp, "w") as z:
+            z.writestr("cat/0.png", buf.getvalue())
+        os.replace(tmp, archive)  # as a download or a re-export replaces a file
+
+    write((255, 0, 0))
+    assert open_image(f"{archive}::cat/0.png").getpixel((0, 0)) == (255, 0, 0)
+    write((0, 0, 255))
+    assert open_image(f"{archive}::cat/0.png").getpixel((0, 0)) == (0, 0, 255)
+
+
 def test_cache_rebuilds_corrupted_entries(tmp_path, monkeypatch, capsys):
     from cnnlab.data.pipeline import decode_all
 

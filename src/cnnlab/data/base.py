@@ -91,13 +91,28 @@ class DataSource:
     description: str = ""
 
 
-@lru_cache(maxsize=16)
 def _open_zip(path: str) -> zipfile.ZipFile:
+    """The archive at `path`, opened once per version of the file: cached by path and the file's identity
+    (inode, size, modification time), so a zip replaced at the same path is read anew, never through the
+    handle of the file it replaced (a long-lived process: the Python API, a notebook, a study)."""
+    try:
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None  # zipfile raises the error naming the path
+    return _open_zip_version(path, stamp)
+
+
+@lru_cache(maxsize=16)
+def _open_zip_version(path: str, stamp) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:  # not a zip, empty, truncated
         raise DataFileError(f"{path}: not a readable zip archive ({e}); is it complete? "
                             "(`unzip -t` tests it)") from None
+
+
+_open_zip.cache_clear = _open_zip_version.cache_clear  # type: ignore[attr-defined]
 
 
 MAX_MEMBER_BYTES = 1 << 30  # no image file needs more (Pillow's pixel limit is ~270 MB of RGB)
