@@ -2,10 +2,9 @@
 shared with other programs slows a run in proportion to the load rather than fivefold.
 
 Measured by benchmarks/contention.py (the quickstart alone and beside two PyTorch processes that
-multiply matrices): with PyTorch's defaults (OpenMP threads spin while they wait, one thread per
-core whatever else runs) the quickstart slowed 4.4x beside them (3.9-6.0x); with waiting threads that
-sleep (OMP_WAIT_POLICY=PASSIVE) and one thread per core left free, 2.9x (2.5-3.8x), on a machine
-that others were loading too (README, Speed).
+multiply matrices): with PyTorch's defaults (OpenMP threads spin while they wait, one thread per core
+whatever else runs) the quickstart slowed 4.2x beside them; with waiting threads that sleep
+(OMP_WAIT_POLICY=PASSIVE) and one thread per core not busy at that moment, 2.7x (README, Speed).
 `prefer_passive_wait` must run before torch is imported (OpenMP reads its environment when it loads):
 the entry points (`cnnlab`, `python -m cnnlab`) call it first. `apply` runs where the process is set up.
 """
