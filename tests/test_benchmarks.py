@@ -7,6 +7,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,12 +40,51 @@ def test_gpu_benchmark_tiny_runs_on_the_cpu(capsys):
 
 
 def gpu_module():
+    return bench_module("gpu")
+
+
+def bench_module(name: str):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import gpu
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return gpu
+
+
+def test_throughput_of_the_fast_net_runs_end_to_end_on_a_small_zip(tmp_path, monkeypatch, capsys):
+    """`benchmarks/throughput.py --model fastnet` on a zip in the CIFAR-10 zip's layout: the plain pipeline,
+    the fast recipe and the recipe before issue #16's details are each timed, and the ratios printed."""
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from cnnlab import config as C
+    from cnnlab.data.pipeline import prepare
+
+    rng = np.random.default_rng(0)
+    zpath = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for c in range(10):
+            for i in range(42):  # 420 images: 5 training batches of 64 (3 warm-up + 2 timed) and 100 for val
+                img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+                with z.open(f"train/class{c}/{i:04d}.jpg", "w") as f:
+                    img.save(f, format="JPEG")
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    tp, common = bench_module("throughput"), bench_module("common")
+    monkeypatch.setattr(common, "ZIP", zpath)
+    splits = prepare(C.load(None, ["data.name=folder", f"data.root={zpath}", "data.val_split=100"]).data)
+    n = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        tp.main_fast(SimpleNamespace(widths=[8, 8, 8], batches=2, rounds=1, batch=64), splits)
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert re.search(r"round 1: plain \d+ img/s, cnnlab fast recipe \d+ img/s, the recipe before #16's details "
+                     r"\d+ img/s", out), out
+    assert re.search(r"ratio cnnlab/plain = \d+\.\d\dx \(before: \d+\.\d\dx\); now/before \d+\.\d\dx "
+                     r"\(fast net 8/8/8, batch 64, fp32\)", out), out
 
 
 def test_the_benchmark_trains_exactly_what_cnnlab_train_trains(tmp_path):
