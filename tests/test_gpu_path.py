@@ -22,6 +22,7 @@ from cnnlab.data.pipeline import prepare
 from cnnlab.training import loss as loss_mod
 from cnnlab.training import loop as T
 from cnnlab.training.state import NonFiniteLossError, TrainState
+from planted import NanAt
 
 CPU = torch.device("cpu")
 TINY = {"data.name": "digits", "data.val_split": 0.15, "data.augment.hflip": True, "data.augment.crop_padding": 1,
@@ -114,29 +115,12 @@ def test_device_side_epoch_statistics_equal_the_per_step_host_reads(setup):
     assert [(s, loss, acc) for s, loss, acc, _ in new_epoch(cfg, ts, b, normalize, weights, order, None)] == steps
 
 
-class NanAt(nn.Module):
-    """A tiny net whose `at`-th training forward returns NaN."""
-
-    def __init__(self, at: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-        self.at, self.calls = at, 0
-
-    def forward(self, x):
-        out = self.net(x)
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                return out * float("nan")
-        return out
-
-
 def test_a_nan_at_step_k_of_epoch_e_read_later_is_reported_as_step_k_epoch_e(setup):
     cfg, splits = setup
     cfg = C.load(None, {**TINY, "train.accumulate": 1, "train.class_weights": "none"})
     per_epoch = Batches(splits.train, batch_size=64, device=CPU, channels=1, size=8, drop_last=True).num_batches()
     k = per_epoch + 5  # the 5th step of epoch 2
-    ts, b, normalize, weights = fresh(cfg, splits, NanAt(at=k))
+    ts, b, normalize, weights = fresh(cfg, splits, NanAt(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), at=k))
     seen = []
     for step, loss, _, _ in new_epoch(cfg, ts, b, normalize, weights, epoch_order(len(b.s), 3, 0), None):
         seen.append(step)

@@ -30,6 +30,7 @@ from cnnlab.training import checkpoint as ckpt
 from cnnlab import cli
 from cnnlab.training import loop as T
 from cnnlab.models import MODELS
+from planted import NanAt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -398,28 +399,12 @@ def test_too_little_disk_space_refuses_to_start(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs" / "tiny" / "history.csv").exists()  # nothing trained
 
 
-class NanAt(nn.Module):
-    """A tiny CNN whose forward returns NaN at its `at`-th training call (test-only, registered below)."""
-
-    def __init__(self, num_classes: int, in_channels: int, input_size: int, at: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                                 nn.Linear(8 * input_size * input_size, num_classes))
-        self.at, self.calls = at, 0
-
-    def forward(self, x):
-        out = self.net(x)
-        if self.training:
-            self.calls += 1
-            if self.calls == self.at:
-                return out * float("nan")
-        return out
-
-
 if "planted_nan" not in MODELS:
     @MODELS.register("planted_nan")
     def _planted_nan(*, num_classes: int, in_channels: int, input_size: int, at: int = 1) -> nn.Module:
-        return NanAt(num_classes, in_channels, input_size, at)
+        # a tiny CNN whose forward returns NaN at its `at`-th training call
+        return NanAt(nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(8 * input_size * input_size, num_classes)), at)
 
 
 def test_nan_at_step_k_stops_there_and_keeps_what_was_written(tmp_path, capsys):
