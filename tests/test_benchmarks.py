@@ -126,3 +126,30 @@ def test_the_airbench_result_is_read_from_airbench_s_own_printed_table(capsys):
     assert gpu.parse_airbench(capsys.readouterr().out) == (3.8312, 0.9412)
     with pytest.raises(SystemExit, match="cannot read airbench's final row"):
         gpu.parse_airbench("| 0 | 1 |\n")
+
+
+def test_tta_benchmark_reads_a_run_and_agrees_with_its_final_evaluation(tmp_path, capsys):
+    """`benchmarks/tta.py RUN`: the accuracy under the run's own TTA (flip) is the one its final evaluation wrote
+    to metrics.json, and without TTA the one its epoch's validation (no TTA) wrote to history.csv: the same
+    weights under each mode."""
+    import json
+
+    import cnnlab
+
+    overrides = [*bench_module("gpu").TINY, "train.device=cpu", "train.progress=off", "train.threads=1",
+                 "train.epochs=1", "train.tta=flip", f"output.dir={tmp_path}", "output.report=false"]
+    n = torch.get_num_threads()
+    try:
+        run = cnnlab.train(str(ROOT / "examples" / "cifar10-fast.yaml"), overrides, quiet=True)
+        capsys.readouterr()
+        bench_module("tta").main([str(run.dir)])
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    m = re.fullmatch(rf"{re.escape(str(run.dir))} none (\d\.\d{{4}}) flip (\d\.\d{{4}}) airbench (\d\.\d{{4}})\n", out)
+    assert m, out
+    final = json.loads((run.dir / "metrics.json").read_text())["test"]["accuracy"]
+    epoch = float((run.dir / "history.csv").read_text().splitlines()[1].split(",")[4])  # val_acc, no TTA
+    none, flip = float(m.group(1)), float(m.group(2))
+    assert flip == pytest.approx(final, abs=5e-5) and none == pytest.approx(epoch, abs=5e-5)
+    assert none != flip  # (so the two checks above tell the modes apart)
