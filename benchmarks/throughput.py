@@ -61,14 +61,14 @@ def fast_cfg(widths, batches: int, extra=(), batch: int | None = None):
 
 
 def make_fastnet(cfg, splits):
-    """The fast net, seeded, its whitening stem fitted to 5,000 training images as `cnnlab train` does."""
+    """The fast net, seeded, its whitening stem fitted to the sample `cnnlab train` fits it to."""
     from cnnlab.data.loader import Normalizer
     from cnnlab.models import build_model, hooks
+    from cnnlab.training import loop as T
 
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=10, in_channels=3, input_size=32)
-    idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:5000]
-    hooks.init_from_data(model, Normalizer(splits.mean, splits.std, "cpu")(splits.train.images[idx]))
+    hooks.init_from_data(model, Normalizer(splits.mean, splits.std, "cpu")(T._init_sample(splits, None, 0)))
     return model
 
 

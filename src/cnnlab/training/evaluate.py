@@ -53,7 +53,8 @@ def parse_splits(text: str | None) -> list[str | None]:
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, which: str = "best",
-                 split: str | None = None) -> dict:
+                 split: str | None = None, tta: str | None = None) -> dict:
+    """`tta` (none | flip | airbench) evaluates under that test-time augmentation; None = the run's own."""
     from cnnlab.training import experiment
     from cnnlab.training import loop as training
     from cnnlab.data.pipeline import prepare
@@ -68,7 +69,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, *, whi
     cfg = C.load(run_dir / R.CONFIG, overrides)
     saved = json.loads((run_dir / R.DATA).read_text())
     # evaluate with the training run's normalisation, not the new data's statistics
-    cfg = C.replace(cfg, {"data.mean": saved["mean"], "data.std": saved["std"], "data.check": False})
+    cfg = C.replace(cfg, {"data.mean": saved["mean"], "data.std": saved["std"], "data.check": False,
+                          **({"train.tta": tta, "train.tta_flip": False} if tta is not None else {})})
     splits = prepare(cfg.data, split_seed=cfg.data.split_seed)
     data_classes = splits.classes
     splits = map_classes(splits, saved["classes"])
