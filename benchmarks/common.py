@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,3 @@ def machine() -> str:
 
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
-
-def extract_plain(zip_path: Path, dest: Path) -> None:  # pragma: no cover - fallback without cnnlab.data.download
-    with zipfile.ZipFile(zip_path) as z:
-        z.extractall(dest)

@@ -3,8 +3,12 @@ CIFAR-10 training zip (45,000 train / 5,000 val), against the plain pipeline tra
 net to its best, both measured in this run.
 
     python benchmarks/time_to_accuracy.py [--fast-epochs 10] [--plain-epochs 15] [--skip-plain] [KEY=VALUE ...]
+    python benchmarks/time_to_accuracy.py --runs RUN_DIR [RUN_DIR ...]
 
 KEY=VALUE overrides go to the fast recipe, e.g. "model.options.widths=[32,128,128]" for a narrower net.
+--runs reads runs already trained (e.g. the seeds of `cnnlab train ... repeats=3`) instead of training:
+for each run the epoch and the time at which its per-epoch validation first reached each target, then
+over the runs the mean time with its 95% interval (where every run reached the target).
 
 Time counts training and the per-epoch validation, not the one-off JPEG decode (cached on disk
 after the first run) — the plain pipeline's decode is inside its epochs, as it is for its users.
@@ -36,12 +40,43 @@ def run_fast(epochs: int, out: str, overrides: list[str]) -> list[tuple[float, f
     run = cnnlab.train(ROOT / "examples" / "cifar10-fast.yaml",
                        ["data.name=folder", f"data.root={cifar_zip()}", "data.val_split=5000", f"train.epochs={epochs}",
                         f"output.dir={out}", "output.report=false", "train.progress=lines", *overrides])
+    return history(run.dir)
+
+
+def history(run_dir: Path) -> list[tuple[float, float]]:
+    """A run's (cumulative seconds, val acc) per epoch, from its history.csv (training and per-epoch validation
+    time; the final evaluation and the report are not in it)."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        raise SystemExit(f"{run_dir}: no history.csv (not a cnnlab run folder, or no epoch finished)")
     total, rows = 0.0, []
-    with open(run.dir / "history.csv") as f:
+    with open(path) as f:
         for r in csv.DictReader(f):
             total += float(r["seconds"])
             rows.append((total, float(r["val_acc"])))
     return rows
+
+
+def report_runs(runs: list[Path]) -> None:
+    from cnnlab.analysis.stats import describe
+
+    reached: dict[float, list[float]] = {t: [] for t in TARGETS}
+    for run in runs:
+        rows = history(run)
+        parts = []
+        for t in TARGETS:
+            i = next((i for i, (_, a) in enumerate(rows) if a >= t), None)
+            if i is not None:
+                reached[t].append(rows[i][0])
+            parts.append(f"{t:.0%} " + (f"epoch {i + 1} at {rows[i][0] / 60:.1f} min" if i is not None else "not reached"))
+        best = max(a for _, a in rows)
+        print(f"{run}: {', '.join(parts)}; best {best:.4f} of {len(rows)} epochs in {rows[-1][0] / 60:.1f} min")
+    for t, secs in reached.items():
+        if len(secs) == len(runs) and len(runs) > 1:
+            d = describe([s / 60 for s in secs])
+            print(f"{t:.0%}: n={d['n']}  mean {d['mean']:.1f} min (95% CI {d['lo']:.1f} to {d['hi']:.1f})")
+        elif len(runs) > 1:
+            print(f"{t:.0%}: reached by {len(secs)} of {len(runs)} runs")
 
 
 def run_plain(epochs: int) -> list[tuple[float, float]]:
@@ -87,15 +122,18 @@ def run_plain(epochs: int) -> list[tuple[float, float]]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast-epochs", type=int, default=10)
     ap.add_argument("--plain-epochs", type=int, default=15)
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--skip-fast", action="store_true", help="only the plain pipeline")
     ap.add_argument("--out", default="/tmp/cnnlab-bench")
+    ap.add_argument("--runs", nargs="+", type=Path, metavar="RUN_DIR", help="read these trained runs instead of training")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of examples/cifar10-fast.yaml")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.runs:
+        return report_runs(a.runs)
     print(f"machine: {machine()}")
     fast = [] if a.skip_fast else run_fast(a.fast_epochs, a.out, a.overrides)
     if fast:

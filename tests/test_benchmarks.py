@@ -153,3 +153,37 @@ def test_tta_benchmark_reads_a_run_and_agrees_with_its_final_evaluation(tmp_path
     none, flip = float(m.group(1)), float(m.group(2))
     assert flip == pytest.approx(final, abs=5e-5) and none == pytest.approx(epoch, abs=5e-5)
     assert none != flip  # (so the two checks above tell the modes apart)
+
+
+def test_time_to_accuracy_reads_trained_runs_and_times_each_target_from_their_history(tmp_path, capsys, monkeypatch):
+    """`benchmarks/time_to_accuracy.py --runs RUN...`: per run, the first epoch whose validation reached each target
+    and the training time summed up to it from history.csv; over the runs, the mean time where all reached it."""
+    import csv
+
+    import cnnlab
+
+    overrides = [*bench_module("gpu").TINY, "train.device=cpu", "train.progress=off", "train.threads=1",
+                 "train.epochs=2", f"output.dir={tmp_path}", "output.report=false"]
+    n = torch.get_num_threads()
+    try:
+        run = cnnlab.train(str(ROOT / "examples" / "cifar10-fast.yaml"), overrides, quiet=True)
+    finally:
+        torch.set_num_threads(n)
+    rows = list(csv.DictReader(open(run.dir / "history.csv")))
+    acc = [float(r["val_acc"]) for r in rows]
+    secs = [float(r["seconds"]) for r in rows]
+    tta = bench_module("time_to_accuracy")
+    # the second epoch's accuracy as a target: reached at epoch 2 unless epoch 1 was already as good
+    first = 1 if acc[0] >= acc[1] else 2
+    monkeypatch.setattr(tta, "TARGETS", (acc[1], 1.5))
+    capsys.readouterr()
+    tta.main(["--runs", str(run.dir), str(run.dir)])
+    out = capsys.readouterr().out.splitlines()
+    at = sum(secs[:first]) / 60
+    line = (f"{run.dir}: {acc[1]:.0%} epoch {first} at {at:.1f} min, 150% not reached; "
+            f"best {max(acc):.4f} of 2 epochs in {sum(secs) / 60:.1f} min")
+    assert out[:2] == [line, line], out
+    assert out[2].startswith(f"{acc[1]:.0%}: n=2  mean {at:.1f} min (95% CI "), out
+    assert out[3] == "150%: reached by 0 of 2 runs", out
+    with pytest.raises(SystemExit, match="no history.csv"):
+        tta.main(["--runs", str(tmp_path)])
