@@ -57,6 +57,20 @@ def history(run_dir: Path) -> list[tuple[float, float]]:
     return rows
 
 
+def final_evaluation(run: Path) -> str:
+    """'; final evaluation ACC (TTA mode)' from the run's metrics.json and config.yaml, or '' before it ran. Its time
+    (one pass over the evaluation split per TTA view) is not in history.csv."""
+    import json
+
+    import yaml
+
+    metrics = Path(run) / "metrics.json"
+    if not metrics.is_file() or "test" not in (m := json.loads(metrics.read_text())):
+        return ""
+    tta = (yaml.safe_load((Path(run) / "config.yaml").read_text()).get("train") or {}).get("tta", "none")
+    return f"; final evaluation {m['test']['accuracy']:.4f} (tta {tta})"
+
+
 def report_runs(runs: list[Path]) -> None:
     from cnnlab.analysis.stats import describe
 
@@ -70,7 +84,8 @@ def report_runs(runs: list[Path]) -> None:
                 reached[t].append(rows[i][0])
             parts.append(f"{t:.0%} " + (f"epoch {i + 1} at {rows[i][0] / 60:.1f} min" if i is not None else "not reached"))
         best = max(a for _, a in rows)
-        print(f"{run}: {', '.join(parts)}; best {best:.4f} of {len(rows)} epochs in {rows[-1][0] / 60:.1f} min")
+        print(f"{run}: {', '.join(parts)}; best {best:.4f} of {len(rows)} epochs in {rows[-1][0] / 60:.1f} min"
+              + final_evaluation(run))
     for t, secs in reached.items():
         if len(secs) == len(runs) and len(runs) > 1:
             d = describe([s / 60 for s in secs])
