@@ -29,9 +29,14 @@ TARGETS = (0.80, 0.90, 0.93)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def first_epoch(rows: list[tuple[float, float]], target: float) -> int | None:
+    """The index of the first of rows (cumulative seconds, val acc) at or above target, or None."""
+    return next((i for i, (_, a) in enumerate(rows) if a >= target), None)
+
+
 def first_reach(rows: list[tuple[float, float]]) -> dict:
     """rows of (cumulative seconds, val acc) -> {target: seconds or None}."""
-    return {t: next((s for s, a in rows if a >= t), None) for t in TARGETS}
+    return {t: None if (i := first_epoch(rows, t)) is None else rows[i][0] for t in TARGETS}
 
 
 def run_fast(epochs: int, out: str, overrides: list[str]) -> list[tuple[float, float]]:
@@ -58,16 +63,17 @@ def history(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def final_evaluation(run: Path) -> str:
-    """'; final evaluation ACC (TTA mode)' from the run's metrics.json and config.yaml, or '' before it ran. Its time
+    """'; final evaluation ACC (tta MODE)' from the run's metrics.json and config.yaml, or '' before it ran. Its time
     (one pass over the evaluation split per TTA view) is not in history.csv."""
     import json
 
-    import yaml
+    from cnnlab import config as C
+    from cnnlab.config.checks import tta_mode
 
     metrics = Path(run) / "metrics.json"
     if not metrics.is_file() or "test" not in (m := json.loads(metrics.read_text())):
         return ""
-    tta = (yaml.safe_load((Path(run) / "config.yaml").read_text()).get("train") or {}).get("tta", "none")
+    tta = tta_mode(C.load(str(Path(run) / "config.yaml"), []).train)
     return f"; final evaluation {m['test']['accuracy']:.4f} (tta {tta})"
 
 
@@ -79,7 +85,7 @@ def report_runs(runs: list[Path]) -> None:
         rows = history(run)
         parts = []
         for t in TARGETS:
-            i = next((i for i, (_, a) in enumerate(rows) if a >= t), None)
+            i = first_epoch(rows, t)
             if i is not None:
                 reached[t].append(rows[i][0])
             parts.append(f"{t:.0%} " + (f"epoch {i + 1} at {rows[i][0] / 60:.1f} min" if i is not None else "not reached"))

@@ -174,12 +174,12 @@ def test_time_to_accuracy_reads_trained_runs_and_times_each_target_from_their_hi
     rows = list(csv.DictReader(open(run.dir / "history.csv")))
     acc = [float(r["val_acc"]) for r in rows]
     secs = [float(r["seconds"]) for r in rows]
-    tta = bench_module("time_to_accuracy")
+    bench = bench_module("time_to_accuracy")
     # the second epoch's accuracy as a target: reached at epoch 2 unless epoch 1 was already as good
     first = 1 if acc[0] >= acc[1] else 2
-    monkeypatch.setattr(tta, "TARGETS", (acc[1], 1.5))
+    monkeypatch.setattr(bench, "TARGETS", (acc[1], 1.5))
     capsys.readouterr()
-    tta.main(["--runs", str(run.dir), str(run.dir)])
+    bench.main(["--runs", str(run.dir), str(run.dir)])
     out = capsys.readouterr().out.splitlines()
     at = sum(secs[:first]) / 60
     final = json.loads((run.dir / "metrics.json").read_text())["test"]["accuracy"]
@@ -189,4 +189,4 @@ def test_time_to_accuracy_reads_trained_runs_and_times_each_target_from_their_hi
     assert out[2].startswith(f"{acc[1]:.0%}: n=2  mean {at:.1f} min (95% CI "), out
     assert out[3] == "150%: reached by 0 of 2 runs", out
     with pytest.raises(SystemExit, match="no history.csv"):
-        tta.main(["--runs", str(tmp_path)])
+        bench.main(["--runs", str(tmp_path)])
